@@ -1,0 +1,101 @@
+"""Callbacks the recipes switch on by name."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from composer.core import Callback, State
+from composer.loggers import Logger
+from composer.utils import dist
+
+from composer_growth.registry import register_callback
+
+
+@register_callback("run_summary")
+class RunSummary(Callback):
+    """Keeps each eval's loss and, at the end of ``fit``, prints a one-screen summary.
+
+    Its record (evals, wall time) is saved in checkpoints, so a resumed run reports the
+    whole run. ``path`` also writes the summary as JSON (rank 0).
+    """
+
+    def __init__(self, path: str | None = None, eval_label: str = "eval", metric: str = "LanguageCrossEntropy"):
+        self.path = path
+        self.eval_label = eval_label
+        self.metric = metric
+        self.evals: list[dict[str, float]] = []
+        self.wall_seconds = 0.0
+        self._t0: float | None = None
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        self._t0 = time.perf_counter()
+
+    def eval_end(self, state: State, logger: Logger) -> None:
+        metrics = state.eval_metrics.get(self.eval_label, {})
+        if self.metric not in metrics:
+            return
+        loss = float(metrics[self.metric].compute())
+        entry = {"batch": int(state.timestamp.batch), "tokens": int(state.timestamp.token), "loss": loss}
+        if self.evals and self.evals[-1]["batch"] == entry["batch"]:
+            self.evals[-1] = entry
+        else:
+            self.evals.append(entry)
+
+    def _elapsed(self) -> float:
+        return self.wall_seconds + (time.perf_counter() - self._t0 if self._t0 is not None else 0.0)
+
+    def summary(self, state: State) -> dict[str, Any]:
+        first = self.evals[0]["loss"] if self.evals else None
+        last = self.evals[-1]["loss"] if self.evals else None
+        return {
+            "run_name": state.run_name,
+            "batches": int(state.timestamp.batch),
+            "samples": int(state.timestamp.sample),
+            "tokens_trained": int(state.timestamp.token),
+            "wall_seconds": round(self._elapsed(), 2),
+            "first_eval_loss": first,
+            "last_eval_loss": last,
+            "evals": list(self.evals),
+            "train_loss": {k: float(v) for k, v in (state.total_loss_dict or {}).items()},
+        }
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        info = self.summary(state)
+        rank = dist.get_global_rank()
+        if self.path and "{rank}" in self.path:  # one file per rank, e.g. to compare ranks
+            self._write(self.path.format(rank=rank), info)
+        if rank != 0:
+            return
+        lines = [
+            "",
+            f"== composer-growth run summary: {info['run_name']} ==",
+            f"  batches trained   {info['batches']}",
+            f"  tokens trained    {info['tokens_trained']:,}",
+            f"  wall time         {info['wall_seconds']:.1f} s",
+        ]
+        if info["first_eval_loss"] is not None:
+            lines += [
+                f"  first eval loss   {info['first_eval_loss']:.4f}  (batch {self.evals[0]['batch']})",
+                f"  last eval loss    {info['last_eval_loss']:.4f}  (batch {self.evals[-1]['batch']})",
+                f"  improvement       {info['first_eval_loss'] - info['last_eval_loss']:.4f} nats",
+            ]
+        print("\n".join(lines), flush=True)
+        if self.path and "{rank}" not in self.path:
+            self._write(self.path, info)
+
+    @staticmethod
+    def _write(path: str, info: dict[str, Any]) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(info, f, indent=2)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"evals": [dict(e) for e in self.evals], "wall_seconds": self._elapsed()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.evals = [dict(e) for e in state.get("evals", [])]
+        self.wall_seconds = float(state.get("wall_seconds", 0.0))
+        self._t0 = None

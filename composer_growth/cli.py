@@ -1,0 +1,74 @@
+"""``composer-growth prepare-data | train | validate``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from composer_growth.errors import ConfigError
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from composer_growth.data.prepare import prepare_dataset
+
+    manifest = prepare_dataset(
+        args.out, source=args.source, seq_len=args.seq_len, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
+        max_bytes=args.max_bytes, val_percent=args.val_percent, files=args.files, hub_name=args.hub_name,
+        hub_split=args.hub_split, text_field=args.text_field, overwrite=args.overwrite,
+    )
+    for name, stats in manifest["splits"].items():
+        print(f"{name:>6}: {stats['documents']:>7} documents {stats['sequences']:>8} sequences "
+              f"{stats['tokens']:>11,} tokens")
+    return 0
+
+
+def _validate(args: argparse.Namespace):
+    from composer_growth.recipe import load_recipe, validate
+
+    return validate(load_recipe(args.recipe, args.overrides))
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = argparse.ArgumentParser(prog="composer-growth", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("prepare-data", help="build a tokenizer and MDS shards from a corpus")
+    p.add_argument("--out", default="./data/python-source")
+    p.add_argument("--source", default="python-source", choices=["python-source", "files", "hub"])
+    p.add_argument("--files", nargs="*", default=None, help="text or JSONL files (source=files)")
+    p.add_argument("--hub-name", default=None)
+    p.add_argument("--hub-split", default="train")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--tokenizer", default=None, help="AutoTokenizer name or path; default: train a BPE here")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--max-bytes", type=int, default=8_000_000)
+    p.add_argument("--val-percent", type=float, default=5.0)
+    p.add_argument("--overwrite", action="store_true")
+
+    for name, text in (("train", "validate a recipe and train"), ("validate", "only validate a recipe")):
+        q = sub.add_parser(name, help=text)
+        q.add_argument("recipe")
+        q.add_argument("overrides", nargs="*", help="key=value overrides (omegaconf dotlist)")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "prepare-data":
+            return _prepare(args)
+        plan = _validate(args)
+        if args.cmd == "validate":
+            print(f"{args.recipe}: ok ({len(plan.algorithms)} algorithms, max_duration {plan.recipe.max_duration})")
+            return 0
+        from composer_growth.recipe import run
+
+        run(plan)
+        return 0
+    except ConfigError as e:
+        print(f"composer-growth: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

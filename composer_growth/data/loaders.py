@@ -1,0 +1,40 @@
+"""Loaders over the MDS shards written by :mod:`composer_growth.data.prepare`."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+
+def lm_collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack packed sequences into a causal-LM batch (labels = inputs; the model shifts them)."""
+    ids = torch.from_numpy(np.stack([np.asarray(s["input_ids"], dtype=np.int64) for s in samples]))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def build_lm_dataloader(path: str, split: str, device_batch_size: int, shuffle: bool = True, seed: int = 17,
+                        num_workers: int = 0, remote: str | None = None, drop_last: bool = True,
+                        cache_dir: str | None = None) -> DataLoader:
+    """A ``DataLoader`` over ``<path>/<split>`` (or ``<remote>/<split>`` cached under ``path``).
+
+    ``StreamingDataset`` partitions samples across ranks itself (and restores its position
+    from Composer checkpoints), so no distributed sampler is added.
+    """
+    from streaming import StreamingDataset
+
+    local = os.path.join(cache_dir or path, split)
+    dataset = StreamingDataset(
+        local=local,
+        remote=None if remote is None else f"{remote.rstrip('/')}/{split}",
+        split=None,
+        shuffle=shuffle,
+        shuffle_seed=seed,
+        batch_size=device_batch_size,
+        allow_unsafe_types=False,
+    )
+    return DataLoader(dataset, batch_size=device_batch_size, collate_fn=lm_collate, num_workers=num_workers,
+                      drop_last=drop_last, persistent_workers=num_workers > 0)

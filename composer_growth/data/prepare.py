@@ -1,0 +1,265 @@
+"""Build a training dataset: documents -> (trained or given) tokenizer -> packed MDS shards.
+
+Layout of ``out_dir``::
+
+    tokenizer/      a transformers fast-tokenizer directory with an EOS token
+    train/ val/     MDS shards; each sample is ``input_ids``: ``seq_len`` token ids,
+                    documents packed back to back, separated by EOS
+    manifest.json   source, arguments, sizes and token counts
+
+Re-running with the same arguments reuses what is there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sysconfig
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from composer_growth.errors import ConfigError
+
+SOURCES = ("python-source", "files", "hub")
+EOS = "<|endoftext|>"
+MANIFEST = "manifest.json"
+_MAX_FILE_BYTES = 512 * 1024  # generated giants (tables, vendored bundles) are skipped
+
+
+def _hash(text: str, salt: str) -> int:
+    return int.from_bytes(hashlib.sha1(f"{salt}:{text}".encode()).digest()[:8], "big")
+
+
+def is_val(doc_id: str, val_percent: float) -> bool:
+    """Deterministic train/validation split by a hash of the document's id."""
+    return (_hash(doc_id, "split") % 10_000) < val_percent * 100
+
+
+def python_source_roots() -> list[tuple[str, str]]:
+    """(label, directory) of the running Python's standard library and site-packages."""
+    paths = sysconfig.get_paths()
+    roots: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for label, key in (("stdlib", "stdlib"), ("site", "purelib"), ("site", "platlib")):
+        path = os.path.realpath(paths.get(key, ""))
+        if path and os.path.isdir(path) and path not in seen:
+            seen.add(path)
+            roots.append((label, path))
+    return roots
+
+
+def _python_source_docs(max_bytes: int) -> list[tuple[str, str]]:
+    """(doc_id, path) of .py files, in a fixed pseudo-random order, capped at ``max_bytes``."""
+    candidates: list[tuple[int, str, str, int]] = []
+    for label, root in python_source_roots():
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if d != "__pycache__" and not d.startswith("."))
+            for name in filenames:
+                if not name.endswith(".py"):
+                    continue
+                path = os.path.join(dirpath, name)
+                try:
+                    size = os.path.getsize(path)
+                except OSError:
+                    continue
+                if 0 < size <= _MAX_FILE_BYTES:
+                    doc_id = f"{label}/{os.path.relpath(path, root)}"
+                    candidates.append((_hash(doc_id, "order"), doc_id, path, size))
+    candidates.sort()
+    chosen, total = [], 0
+    for _, doc_id, path, size in candidates:
+        if total >= max_bytes:
+            break
+        chosen.append((doc_id, path))
+        total += size
+    return chosen
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (UnicodeDecodeError, OSError):
+        return None
+
+
+def iter_documents(source: str, files: list[str] | None, hub_name: str | None, hub_split: str,
+                   text_field: str, max_bytes: int) -> Iterator[tuple[str, str]]:
+    """Yield (doc_id, text) for a source; ids are stable across machines for a given input."""
+    if source == "python-source":
+        docs = _python_source_docs(max_bytes)
+        for doc_id, path in tqdm(docs, desc="reading python source", unit="file", mininterval=1.0):
+            text = _read(path)
+            if text:
+                yield doc_id, text
+    elif source == "files":
+        total = 0
+        for path in sorted(files or []):
+            if path.endswith((".jsonl", ".json")):
+                with open(path, encoding="utf-8") as f:
+                    for i, line in enumerate(f):
+                        if line.strip():
+                            text = json.loads(line)[text_field]
+                            total += len(text)
+                            yield f"{path}:{i}", text
+                            if total >= max_bytes:
+                                return
+            else:
+                text = _read(path)
+                if text:
+                    total += len(text)
+                    yield path, text
+            if total >= max_bytes:
+                return
+    elif source == "hub":
+        import datasets  # only reachable with a hub connection
+
+        ds = datasets.load_dataset(hub_name, split=hub_split, streaming=True)
+        total = 0
+        for i, row in enumerate(ds):
+            text = row[text_field]
+            total += len(text)
+            yield f"{hub_name}:{i}", text
+            if total >= max_bytes:
+                return
+    else:
+        raise ConfigError("data.source", source, f"one of {', '.join(SOURCES)}")
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, out_dir: str):
+    """Byte-level BPE trained here, saved as a transformers fast tokenizer with an EOS token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS,
+                                   unk_token=EOS)
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name_or_path)
+    if tok.eos_token_id is None:
+        raise ConfigError("data.tokenizer", name_or_path, "the tokenizer must define an EOS token")
+    return tok
+
+
+def _write_split(texts: list[str], tokenizer, seq_len: int, out_dir: str, desc: str) -> dict[str, int]:
+    from streaming import MDSWriter
+
+    dtype = "uint16" if len(tokenizer) <= 65535 else "uint32"
+    eos = tokenizer.eos_token_id
+    buf = np.empty(0, dtype=np.int64)
+    n_seq = n_tok = 0
+    batch = 256
+    with MDSWriter(out=out_dir, columns={"input_ids": f"ndarray:{dtype}"}, size_limit="32mb") as writer:
+        for start in tqdm(range(0, len(texts), batch), desc=desc, unit="chunk", mininterval=1.0):
+            enc = tokenizer(texts[start:start + batch], add_special_tokens=False)["input_ids"]
+            parts = [buf]
+            for ids in enc:
+                parts.append(np.asarray(ids, dtype=np.int64))
+                parts.append(np.asarray([eos], dtype=np.int64))
+            buf = np.concatenate(parts)
+            n_full = len(buf) // seq_len
+            for i in range(n_full):
+                writer.write({"input_ids": buf[i * seq_len:(i + 1) * seq_len].astype(dtype)})
+            n_seq += n_full
+            buf = buf[n_full * seq_len:]
+    n_tok = n_seq * seq_len
+    return {"documents": len(texts), "sequences": n_seq, "tokens": n_tok, "dropped_tokens": int(len(buf))}
+
+
+def prepare_dataset(out_dir: str, source: str = "python-source", seq_len: int = 256, vocab_size: int = 4096,
+                    tokenizer: str | None = None, max_bytes: int = 8_000_000, val_percent: float = 5.0,
+                    files: list[str] | None = None, hub_name: str | None = None, hub_split: str = "train",
+                    text_field: str = "text", tokenizer_max_bytes: int = 20_000_000,
+                    overwrite: bool = False) -> dict[str, Any]:
+    """Build (or reuse) a dataset in ``out_dir`` and return its manifest."""
+    if source not in SOURCES:
+        raise ConfigError("source", source, f"one of {', '.join(SOURCES)}")
+    if seq_len < 2:
+        raise ConfigError("seq_len", seq_len, "an integer >= 2")
+    if tokenizer is None and not 256 < vocab_size <= 65535 * 4:
+        raise ConfigError("vocab_size", vocab_size, "an integer > 256 for a trained byte-level BPE")
+    if not 0 < val_percent < 100:
+        raise ConfigError("val_percent", val_percent, "a number in (0, 100)")
+    if source == "files" and not files:
+        raise ConfigError("files", files, "a list of text or JSONL files when source is 'files'")
+    if source == "hub" and not hub_name:
+        raise ConfigError("hub_name", hub_name, "a datasets hub name when source is 'hub'")
+    args = dict(source=source, seq_len=seq_len, vocab_size=vocab_size if tokenizer is None else None,
+                tokenizer=tokenizer, max_bytes=max_bytes, val_percent=val_percent,
+                files=sorted(files) if files else None, hub_name=hub_name, hub_split=hub_split,
+                text_field=text_field, tokenizer_max_bytes=tokenizer_max_bytes)
+    manifest_path = os.path.join(out_dir, MANIFEST)
+    if not overwrite and os.path.exists(manifest_path):
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+        if manifest.get("args") == args:
+            print(f"composer-growth: reusing dataset at {out_dir}")
+            return manifest
+    for sub in ("train", "val", "tokenizer"):
+        shutil.rmtree(os.path.join(out_dir, sub), ignore_errors=True)
+    if os.path.exists(manifest_path):
+        os.remove(manifest_path)
+    os.makedirs(out_dir, exist_ok=True)
+
+    train_texts, val_texts, n_bytes = [], [], 0
+    for doc_id, text in iter_documents(source, files, hub_name, hub_split, text_field, max_bytes):
+        (val_texts if is_val(doc_id, val_percent) else train_texts).append(text)
+        n_bytes += len(text.encode("utf-8", errors="ignore"))
+    if not train_texts or not val_texts:
+        raise ConfigError("max_bytes", max_bytes, "too small: the train or validation split is empty")
+
+    tok_dir = os.path.join(out_dir, "tokenizer")
+    if tokenizer is None:
+        budget, sample = tokenizer_max_bytes, []
+        for text in train_texts:
+            if budget <= 0:
+                break
+            sample.append(text)
+            budget -= len(text)
+        print(f"composer-growth: training a {vocab_size}-token byte-level BPE on {len(sample)} documents")
+        tok = train_tokenizer(sample, vocab_size, tok_dir)
+    else:
+        tok = load_tokenizer(tokenizer)
+        tok.save_pretrained(tok_dir)
+
+    splits = {
+        "train": _write_split(train_texts, tok, seq_len, os.path.join(out_dir, "train"), "tokenizing train"),
+        "val": _write_split(val_texts, tok, seq_len, os.path.join(out_dir, "val"), "tokenizing val"),
+    }
+    for name, stats in splits.items():
+        if stats["sequences"] == 0:
+            raise ConfigError("max_bytes", max_bytes, f"too small: split '{name}' holds no full sequence")
+    manifest = {
+        "args": args, "source": source, "bytes": n_bytes, "seq_len": seq_len, "vocab_size": len(tok),
+        "eos_token_id": tok.eos_token_id, "tokenizer": "tokenizer", "splits": splits,
+    }
+    with open(manifest_path + ".tmp", "w") as f:
+        json.dump(manifest, f, indent=2)
+    os.replace(manifest_path + ".tmp", manifest_path)
+    return manifest
+
+
+def read_manifest(path: str) -> dict[str, Any] | None:
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None

@@ -1,0 +1,44 @@
+"""Name -> constructor tables for what a recipe can switch on: algorithms, callbacks, loggers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+ALGORITHMS: dict[str, Callable[..., Any]] = {}
+CALLBACKS: dict[str, Callable[..., Any]] = {}
+LOGGERS: dict[str, Callable[..., Any]] = {}
+
+
+def register_algorithm(name: str):
+    def deco(cls):
+        ALGORITHMS[name] = cls
+        return cls
+    return deco
+
+
+def register_callback(name: str):
+    def deco(cls):
+        CALLBACKS[name] = cls
+        return cls
+    return deco
+
+
+def _register_composer_builtins() -> None:
+    from composer.algorithms import EMA, GradientClipping
+    from composer.callbacks import LRMonitor, MemoryMonitor, OptimizerMonitor, RuntimeEstimator, SpeedMonitor
+    from composer.loggers import FileLogger, TensorboardLogger
+
+    ALGORITHMS.setdefault("gradient_clipping", GradientClipping)
+    ALGORITHMS.setdefault("ema", EMA)
+    CALLBACKS.update(lr_monitor=LRMonitor, memory_monitor=MemoryMonitor, optimizer_monitor=OptimizerMonitor,
+                     speed_monitor=SpeedMonitor, runtime_estimator=RuntimeEstimator)
+    LOGGERS.update(tensorboard=TensorboardLogger, file=FileLogger)
+
+
+def load_all() -> None:
+    """Import every module that registers something (idempotent)."""
+    import composer_growth.algorithms  # noqa: F401
+    import composer_growth.callbacks  # noqa: F401
+
+    _register_composer_builtins()
