@@ -1,0 +1,51 @@
+"""Shared fixtures: one tiny real dataset per session, and a tiny recipe over it."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_MODEL = {
+    "family": "llama",
+    "config": {
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "num_key_value_heads": 2, "max_position_embeddings": 64,
+    },
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> str:
+    """MDS shards of 32-token sequences of this machine's Python source, with a 512-token BPE."""
+    from composer_growth.data import prepare_dataset
+
+    out = str(tmp_path_factory.mktemp("data") / "tiny")
+    prepare_dataset(out, source="python-source", seq_len=32, vocab_size=512, max_bytes=600_000, val_percent=10)
+    return out
+
+
+@pytest.fixture
+def tiny_recipe(tiny_data, tmp_path) -> dict:
+    return copy.deepcopy({
+        "run_name": "tiny",
+        "seed": 7,
+        "data": {"path": tiny_data},
+        "model": TINY_MODEL,
+        "optimizer": {"name": "decoupled_adamw", "lr": 3e-3},
+        "scheduler": {"name": "cosine_with_warmup", "t_warmup": "2ba", "alpha_f": 0.1},
+        "global_train_batch_size": 8,
+        "device_train_microbatch_size": 4,
+        "device_eval_batch_size": 16,
+        "max_duration": "8ba",
+        "eval_interval": "4ba",
+        "eval_subset_num_batches": 2,
+        "progress_bar": False,
+        "save_folder": str(tmp_path / "ckpt"),
+        "save_interval": "4ba",
+        "save_num_checkpoints_to_keep": -1,
+        "summary_file": str(tmp_path / "summary.json"),
+    })
