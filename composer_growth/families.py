@@ -30,6 +30,7 @@ class Family:
     residual_out: tuple[str, ...]  # projections writing into the residual stream, from a block
     rotary: str | None          # rotary embedding module from the causal LM; None: learned positions
     max_positions_key: str      # config key holding the position table / context size
+    rope_theta_keys: tuple[str, ...] = ()  # config keys holding the rotary base (all are set together)
 
     def intermediate_size(self, config: Any) -> int:
         size = getattr(config, self.intermediate_key, None)
@@ -43,7 +44,7 @@ _SWIGLU = dict(
     mlp_in=("gate_proj", "up_proj"), mlp_out="down_proj", conv1d=False,
     intermediate_key="intermediate_size", attn="self_attn",
     residual_out=("self_attn.o_proj", "mlp.down_proj"), rotary="model.rotary_emb",
-    max_positions_key="max_position_embeddings",
+    max_positions_key="max_position_embeddings", rope_theta_keys=("rope_theta",),
 )
 
 FAMILIES: dict[str, Family] = {
@@ -60,25 +61,25 @@ FAMILIES: dict[str, Family] = {
         hidden_key="hidden_size", mlp="mlp", mlp_in=("dense_h_to_4h",), mlp_out="dense_4h_to_h",
         conv1d=False, intermediate_key="intermediate_size", attn="attention",
         residual_out=("attention.dense", "mlp.dense_4h_to_h"), rotary="gpt_neox.rotary_emb",
-        max_positions_key="max_position_embeddings",
+        max_positions_key="max_position_embeddings", rope_theta_keys=("rope_theta", "rotary_emb_base"),
     ),
 }
 
 
 def unwrap_hf(model: nn.Module) -> nn.Module:
     """The transformers ``PreTrainedModel`` inside Composer / DDP / peft / compile wrappers."""
-    seen = 0
-    while seen < 8:
-        seen += 1
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP
-            model = model.module
+    from transformers import PreTrainedModel
+
+    for _ in range(8):
+        if isinstance(model, PreTrainedModel):
+            return model
+        if hasattr(model, "get_base_model"):  # peft
+            model = model.get_base_model()
         elif hasattr(model, "_orig_mod"):  # torch.compile
             model = model._orig_mod
-        elif hasattr(model, "config") and hasattr(model.config, "model_type") and not hasattr(model, "get_base_model"):
-            return model
-        elif hasattr(model, "get_base_model"):  # peft
-            model = model.get_base_model()
-        elif hasattr(model, "model") and isinstance(model.model, nn.Module):  # Composer HuggingFaceModel
+        elif isinstance(getattr(model, "module", None), nn.Module):  # DDP
+            model = model.module
+        elif isinstance(getattr(model, "model", None), nn.Module):  # Composer HuggingFaceModel
             model = model.model
         else:
             break

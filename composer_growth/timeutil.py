@@ -52,6 +52,9 @@ def elapsed(state: State, unit: TimeUnit) -> float:
     if unit == TimeUnit.DURATION:
         frac = state.get_elapsed_duration()
         return 0.0 if frac is None else float(frac.value)
+    if unit == TimeUnit.EPOCH and state.dataloader_len is not None and int(state.dataloader_len) > 0:
+        # fractional epochs, so an epoch-long schedule moves every batch
+        return int(state.timestamp.epoch) + int(state.timestamp.batch_in_epoch) / int(state.dataloader_len)
     return float(state.timestamp.get(unit).value)
 
 

@@ -1,3 +1,5 @@
 """Composer algorithms: when to act, and the state to resume from."""
 
-__all__: list[str] = []
+from composer_growth.algorithms.seq_length_warmup import SeqLengthWarmup
+
+__all__ = ["SeqLengthWarmup"]

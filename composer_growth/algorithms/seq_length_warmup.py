@@ -1,0 +1,240 @@
+"""Sequence-length warmup: train on short sequences first, growing to full length.
+
+The batch op lives in :mod:`composer_growth.functional.batch`; this Algorithm decides the
+length from the run's progress, keeps Composer's token count equal to the tokens trained,
+keeps tokens per microbatch constant in reshape mode, and pre-allocates memory once at the
+longest length without drawing data or random numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+from composer.core import Algorithm, Event, State, Time, TimeUnit
+from composer.core.precision import get_precision_context
+from composer.loggers import Logger
+from composer.utils import dist, ensure_tuple
+
+from composer_growth.errors import ConfigError, check
+from composer_growth.functional.batch import MODES, batch_seq_length, set_batch_sequence_length
+from composer_growth.registry import register_algorithm
+from composer_growth.timeutil import elapsed, parse_time, to_duration_fraction
+
+SCHEDULES = ("linear", "root")
+
+
+def _warmup_length(p: float, min_len: int, max_len: int, step: int, schedule: str, degree: float) -> int:
+    """Length at share ``p`` of the warmup (DeepSpeed's fixed_linear / fixed_root, rounded down to ``step``)."""
+    if p >= 1.0:
+        return max_len
+    frac = p if schedule == "linear" else p ** (1.0 / degree)
+    length = min_len + math.floor(frac * (max_len - min_len) / step) * step
+    return max(min_len, min(max_len, length))
+
+
+@register_algorithm("seq_length_warmup")
+class SeqLengthWarmup(Algorithm):
+    """Grow the training sequence length from ``min_seq_length`` to ``max_seq_length``.
+
+    Args:
+        min_seq_length: length at the start.
+        max_seq_length: length once the warmup is over.
+        step_size: lengths move in multiples of this (a multiple of 8 suits tensor cores).
+        duration: Composer time the warmup lasts (``"0.3dur"``, ``"2000ba"``, ``"5e7tok"``, ``"1ep"``,
+            ``"10000sp"``); token durations count tokens actually trained.
+        schedule: ``linear``, ``root`` (``root_degree``), or a list of ``[time, length]`` steps
+            (``[[0, 64], ["0.1dur", 256], ["0.2dur", 1024]]``): the length of the last step reached.
+        root_degree: the degree of the ``root`` schedule.
+        mode: ``truncate`` (drop the tail of each row) or ``reshape`` (cut rows into more, shorter rows,
+            keeping every token; rows per microbatch grow so tokens per microbatch stay constant).
+        preserve_end_of_sequence: in truncate mode, keep each row's last real token.
+        preallocate: one forward and backward at ``max_seq_length`` before the first step.
+        pad_token_id: fill for padded rows in reshape mode.
+    """
+
+    def __init__(self, min_seq_length: int = 64, max_seq_length: int = 1024, step_size: int = 64,
+                 duration: Any = "0.3dur", schedule: Any = "linear", root_degree: float = 2.0,
+                 mode: str = "truncate", preserve_end_of_sequence: bool = False, preallocate: bool = True,
+                 pad_token_id: int = 0):
+        check(isinstance(min_seq_length, int) and min_seq_length >= 1, "min_seq_length", min_seq_length,
+              "a positive integer")
+        check(isinstance(max_seq_length, int) and max_seq_length >= min_seq_length, "max_seq_length",
+              max_seq_length, f"an integer >= min_seq_length ({min_seq_length})")
+        check(isinstance(step_size, int) and step_size >= 1, "step_size", step_size, "a positive integer")
+        check(mode in MODES, "mode", mode, f"one of {', '.join(MODES)}")
+        check(isinstance(root_degree, (int, float)) and root_degree > 0, "root_degree", root_degree, "a number > 0")
+        self.min_seq_length, self.max_seq_length, self.step_size = min_seq_length, max_seq_length, step_size
+        self.duration = parse_time(duration, "duration")
+        self.mode, self.root_degree = mode, float(root_degree)
+        self.preserve_end_of_sequence, self.preallocate = preserve_end_of_sequence, preallocate
+        self.pad_token_id = pad_token_id
+        self.steps: list[tuple[Time, int]] | None = None
+        if isinstance(schedule, (list, tuple)):
+            self.schedule = "steps"
+            self.steps = self._parse_steps(schedule)
+        else:
+            check(schedule in SCHEDULES, "schedule", schedule, f"one of {', '.join(SCHEDULES)} or a list of [time, length]")
+            self.schedule = schedule
+        if step_size % 8:
+            warnings.warn(f"SeqLengthWarmup: step_size={step_size} is not a multiple of 8; "
+                          "lengths that are multiples of 8 run faster on tensor cores")
+        # run state
+        self.seq_len = min_seq_length
+        self._base_microbatch: int | None = None
+        self._set_microbatch: int | None = None
+        self._token_excess = 0
+        self._data_longer = False
+        self._preallocated = False
+
+    def _parse_steps(self, schedule) -> list[tuple[Time, int]]:
+        steps = []
+        for i, item in enumerate(schedule):
+            if not (isinstance(item, (list, tuple)) and len(item) == 2):
+                raise ConfigError(f"schedule[{i}]", item, "a [time, length] pair")
+            t = Time(0, TimeUnit.DURATION) if item[0] in (0, "0") else parse_time(item[0], f"schedule[{i}][0]")
+            length = item[1]
+            check(isinstance(length, int) and length >= 1, f"schedule[{i}][1]", length, "a positive integer length")
+            steps.append((t, length))
+        units = {t.unit for t, _ in steps if t.value != 0}
+        check(len(units) <= 1, "schedule", schedule, "every step time in one unit")
+        if units:
+            unit = units.pop()
+            steps = [(t if t.value else Time(0 if unit != TimeUnit.DURATION else 0.0, unit), n) for t, n in steps]
+        times = [float(t.value) for t, _ in steps]
+        check(times == sorted(times), "schedule", schedule, "step times in increasing order")
+        lengths = [n for _, n in steps]
+        check(lengths == sorted(lengths), "schedule", schedule, "lengths that do not decrease")
+        check(lengths[-1] == self.max_seq_length, "schedule", schedule,
+              f"a last step that reaches max_seq_length ({self.max_seq_length})")
+        return steps
+
+    @property
+    def end(self) -> Time:
+        """When the warmup is over."""
+        return self.steps[-1][0] if self.steps is not None else self.duration
+
+    # -- validation before training -----------------------------------------------------------
+    def validate_run(self, max_duration: Time, recipe: Any = None) -> None:
+        """Reject a warmup longer than the run, or longer than the data's sequences."""
+        end = self.end
+        frac = to_duration_fraction(end, max_duration)
+        if frac is not None and frac > 1:
+            key = "schedule" if self.steps is not None else "duration"
+            raise ConfigError(key, str(end), f"must end within max_duration ({max_duration})")
+        if recipe is not None:
+            from composer_growth.data.prepare import read_manifest
+
+            manifest = read_manifest(recipe.data.path)
+            if manifest is not None and manifest["seq_len"] < self.max_seq_length:
+                raise ConfigError("max_seq_length", self.max_seq_length,
+                                  f"at most the data's sequence length ({manifest['seq_len']} in {recipe.data.path})")
+
+    # -- schedule ---------------------------------------------------------------------------
+    def length_at(self, state: State) -> int:
+        if self.steps is not None:
+            length = self.steps[0][1]
+            for t, n in self.steps:
+                if t.value == 0 or elapsed(state, t.unit) >= float(t.value):
+                    length = n
+            return length
+        done = elapsed(state, self.duration.unit)
+        p = 1.0 if self.duration.value == 0 else done / float(self.duration.value)
+        return _warmup_length(p, self.min_seq_length, self.max_seq_length, self.step_size, self.schedule,
+                              self.root_degree)
+
+    # -- events -----------------------------------------------------------------------------
+    def match(self, event: Event, state: State) -> bool:
+        return event in (Event.FIT_START, Event.AFTER_DATALOADER, Event.BATCH_END)
+
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.FIT_START:
+            if state.max_duration is not None:
+                self.validate_run(state.max_duration)
+            mb = state.device_train_microbatch_size
+            self._base_microbatch = mb if isinstance(mb, int) else None
+        elif event == Event.AFTER_DATALOADER:
+            self._after_dataloader(state, logger)
+        elif event == Event.BATCH_END:
+            self._batch_end(state, logger)
+
+    def _after_dataloader(self, state: State, logger: Logger) -> None:
+        batch = state.batch
+        if not isinstance(batch, dict):
+            raise ValueError(f"SeqLengthWarmup needs a mapping batch of [batch, seq] tensors, got {type(batch).__name__}")
+        if self.mode == "reshape" and "input_ids" not in batch:
+            raise ValueError(f"SeqLengthWarmup(mode='reshape') needs batch['input_ids']; keys: {sorted(batch)}")
+        full = batch_seq_length(batch)
+        if full < self.max_seq_length:
+            raise ValueError(f"SeqLengthWarmup: max_seq_length={self.max_seq_length} exceeds the batch's "
+                             f"sequence length ({full})")
+        self._data_longer = full > self.max_seq_length
+        if self.preallocate and not self._preallocated:
+            self._preallocated = True
+            if self.length_at(state) < self.max_seq_length:
+                self._preallocate(state, batch)
+        self.seq_len = self.length_at(state)
+        before = _numel(batch)
+        if self.seq_len < full:
+            state.batch = set_batch_sequence_length(batch, self.seq_len, self.mode, self.preserve_end_of_sequence,
+                                                    self.pad_token_id)
+        self._token_excess = before - _numel(state.batch)
+        if self.mode == "reshape" and self._base_microbatch is not None and self.seq_len < full:
+            rows = max(1, self._base_microbatch * full // self.seq_len)
+            state.device_train_microbatch_size = rows
+            self._set_microbatch = rows
+        logger.log_metrics({"seq_len": self.seq_len})
+
+    def _batch_end(self, state: State, logger: Logger) -> None:
+        if self._set_microbatch is not None:
+            if state.device_train_microbatch_size != self._set_microbatch and self._base_microbatch:
+                # auto microbatching shrank our rows after an OOM: keep the new tokens per microbatch
+                ratio = self._set_microbatch / self._base_microbatch
+                self._base_microbatch = max(1, int(state.device_train_microbatch_size / ratio))
+            state.device_train_microbatch_size = self._base_microbatch
+            self._set_microbatch = None
+        # Composer counted the batch before it was shortened: count what was trained instead.
+        excess = self._token_excess
+        if self.seq_len < self.max_seq_length or self._data_longer:  # the same answer on every rank
+            t = state.device.tensor_to_device(torch.tensor([excess], dtype=torch.int64))
+            dist.all_reduce(t, reduce_operation="SUM")
+            excess = int(t.item())
+        if excess:
+            ts = state.timestamp
+            state.timestamp = ts.copy(token=int(ts.token) - excess, token_in_epoch=int(ts.token_in_epoch) - excess,
+                                      token_in_iteration=int(ts.token_in_iteration) - excess)
+        self._token_excess = 0
+        logger.log_metrics({"tokens/trained": int(state.timestamp.token)})
+
+    def _preallocate(self, state: State, batch: dict[str, torch.Tensor]) -> None:
+        """One forward and backward at max_seq_length on a copy of this batch; no data, no RNG drawn."""
+        rows = state.device_train_microbatch_size if isinstance(state.device_train_microbatch_size, int) else 1
+        sample = set_batch_sequence_length(batch, self.max_seq_length, "truncate")
+        sample = {k: v[:rows] for k, v in sample.items()}
+        model = state.model
+        unwrapped = model.module if hasattr(model, "module") else model
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            with get_precision_context(state.precision, state.precision_config):
+                outputs = model(sample)
+                loss = unwrapped.loss(outputs, sample)
+            for item in ensure_tuple(loss):
+                item.backward()
+        del outputs, loss, sample
+        for p in model.parameters():
+            p.grad = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seq_len": int(self.seq_len)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seq_len = int(state.get("seq_len", self.min_seq_length))
+
+
+def _numel(batch: dict[str, torch.Tensor]) -> int:
+    ids = batch.get("input_ids")
+    if ids is None:
+        ids = next(v for v in batch.values() if isinstance(v, torch.Tensor) and v.ndim > 1)
+    return int(ids.shape[0] * ids.shape[1])

@@ -1,0 +1,380 @@
+"""RoPE scaling: check a ``rope_scaling`` dict, and apply it to a live model in place.
+
+``rope_scaling`` is transformers' own dict (``{"rope_type": "yarn", "factor": 4.0, ...}``; the legacy
+``type`` key is accepted too), optionally with a ``rope_theta`` key that sets the config's RoPE base
+instead of staying inside ``rope_scaling``. Validation defers to transformers wherever it can: the
+rope types are those of ``ROPE_INIT_FUNCTIONS``, and ``rope_config_validation`` does the per-type checks.
+That function only *logs* most problems, so its warnings are captured here and raised as
+:class:`ConfigError` instead.
+
+:func:`apply_rope_scaling` edits the config and rebuilds every rotary embedding module through
+transformers' rope initialisation, so the model then computes what ``from_config(model.config)``
+with the same weights would compute (including the lazily updated dynamic / longrope frequencies,
+whose state starts fresh).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import numbers
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from types import SimpleNamespace
+from typing import Any
+
+import torch.nn as nn
+from transformers import modeling_rope_utils as hf_rope
+
+from composer_growth.errors import ConfigError
+from composer_growth.families import FAMILIES, Family, family_of, get_path, set_path, unwrap_hf
+
+#: Rope types this transformers build can initialise (read from its registry, never hard-coded).
+SUPPORTED_ROPE_TYPES: tuple[str, ...] = tuple(sorted(set(hf_rope.ROPE_INIT_FUNCTIONS) | {"default"}))
+
+_TYPE_KEYS = ("rope_type", "type")
+_INT_PARAMS = frozenset({"original_max_position_embeddings"})
+# transformers warnings that are information, not a problem with the dict.
+_BENIGN_WARNINGS = ("This model has set a `original_max_position_embeddings` field",)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate_rope_scaling(
+    rope_scaling: Mapping[str, Any] | None,
+    key: str = "rope_scaling",
+    family: Family | str | None = None,
+    max_position_embeddings: int | None = None,
+    original_max_position_embeddings: int | None = None,
+    config: Any = None,
+) -> dict[str, Any] | None:
+    """Check ``rope_scaling`` and return it normalised, or ``None`` for no scaling.
+
+    The result carries both ``rope_type`` and ``type``, numbers as float (int for
+    ``original_max_position_embeddings``), and ``rope_theta`` when one was given (for the caller to
+    put on the config: it is not a ``rope_scaling`` key). A dict without a rope type (only
+    ``rope_theta``, or empty) means the ``default`` rope.
+
+    ``family`` (a :class:`Family` or model type) rejects any scaling for a family without RoPE.
+    ``max_position_embeddings`` is the context the config will declare (transformers checks llama3's
+    ``original_max_position_embeddings`` against it); ``original_max_position_embeddings`` is a
+    config's top-level field of that name (Phi-3 style longrope), not the ``rope_scaling`` key.
+    ``config``, when given, supplies both of those defaults and the head size (longrope factor lengths).
+    """
+    family = _resolve_family(family, config)
+    if rope_scaling is None:
+        return None
+    if family is not None and family.rotary is None:
+        raise ConfigError(key, rope_scaling, f"{family.name} has learned positions, not RoPE: only null is allowed")
+    if not isinstance(rope_scaling, Mapping):
+        raise ConfigError(key, rope_scaling, "null or a mapping with rope_type and its parameters")
+
+    params = dict(rope_scaling)
+    rope_type = _pop_rope_type(params, key)
+    theta = params.pop("rope_theta", None)
+    params = {name: _coerce_param(value, f"{key}.{name}", name) for name, value in params.items()}
+    if params.get("factor") is not None and params["factor"] <= 0:
+        raise ConfigError(f"{key}.factor", params["factor"], "a number > 0")
+    clean = {"rope_type": rope_type, "type": rope_type, **params}
+
+    if max_position_embeddings is None and config is not None:
+        max_position_embeddings = getattr(config, _max_positions_key(family), None)
+    if original_max_position_embeddings is None and config is not None:
+        original_max_position_embeddings = getattr(config, "original_max_position_embeddings", None)
+    view = _validation_view(clean, config, max_position_embeddings, original_max_position_embeddings)
+    _validate_with_transformers(view, key, rope_scaling)
+
+    if theta is not None:
+        clean["rope_theta"] = _positive_number(theta, f"{key}.rope_theta")
+    return clean
+
+
+def _resolve_family(family: Family | str | None, config: Any) -> Family | None:
+    if isinstance(family, str):
+        return family_of(family, key="family")
+    if family is None and config is not None:
+        return FAMILIES.get(getattr(config, "model_type", None))
+    return family
+
+
+def _max_positions_key(family: Family | None) -> str:
+    return family.max_positions_key if family is not None else "max_position_embeddings"
+
+
+def _pop_rope_type(params: dict[str, Any], key: str) -> str:
+    """Remove ``rope_type`` / ``type`` from ``params`` and return the (supported) rope type."""
+    given = {k: params.pop(k) for k in _TYPE_KEYS if k in params}
+    if len(set(map(str, given.values()))) > 1:
+        raise ConfigError(key, given, "rope_type and type must name the same rope type")
+    if not given:
+        if any(name != "rope_theta" for name in params):
+            raise ConfigError(f"{key}.rope_type", None, f"required; one of: {', '.join(SUPPORTED_ROPE_TYPES)}")
+        return "default"
+    rope_type = next(iter(given.values()))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ConfigError(f"{key}.rope_type", rope_type, f"one of: {', '.join(SUPPORTED_ROPE_TYPES)}")
+    return rope_type
+
+
+def _coerce_param(value: Any, key: str, name: str) -> Any:
+    """A rope parameter as transformers expects it: float, int (positions) or a list of floats."""
+    if value is None:  # transformers reads None as "use the default" for optional keys
+        return None
+    if isinstance(value, (list, tuple)):
+        return [float(_real(v, key)) for v in value]
+    number = _real(value, key)
+    if name in _INT_PARAMS:
+        if number <= 0 or number != int(number):
+            raise ConfigError(key, value, "a positive integer")
+        return int(number)
+    return float(number)
+
+
+def _real(value: Any, key: str) -> numbers.Real:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ConfigError(key, value, "a finite number")
+    return value
+
+
+def _positive_number(value: Any, key: str) -> float:
+    if float(_real(value, key)) <= 0:
+        raise ConfigError(key, value, "a number > 0")
+    return float(value)
+
+
+def _validation_view(
+    rope_scaling: dict[str, Any], config: Any, max_positions: int | None, original_max_positions: int | None
+) -> SimpleNamespace:
+    """The config fields transformers' rope validators read, without touching any real config.
+
+    Without a config, longrope's factor lists are only checked against each other, and an unknown
+    ``max_position_embeddings`` bounds nothing.
+    """
+    view = SimpleNamespace(
+        rope_scaling=rope_scaling, max_position_embeddings=max_positions if max_positions is not None else math.inf
+    )
+    if config is not None and hasattr(config, "hidden_size") and hasattr(config, "num_attention_heads"):
+        view.hidden_size, view.num_attention_heads = config.hidden_size, config.num_attention_heads
+        view.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        view.partial_rotary_factor = getattr(config, "partial_rotary_factor", 1.0)
+    else:
+        view.head_dim = view.hidden_size = max(2, 2 * len(rope_scaling.get("short_factor") or ()))
+        view.num_attention_heads, view.partial_rotary_factor = 1, 1.0
+    if original_max_positions is not None:
+        view.original_max_position_embeddings = original_max_positions
+    return view
+
+
+def _validate_with_transformers(view: SimpleNamespace, key: str, shown: Any) -> None:
+    """Run ``rope_config_validation``; its exceptions and logged warnings become ConfigError."""
+    with _captured_warnings() as messages:
+        try:
+            hf_rope.rope_config_validation(view)
+        except KeyError as err:  # a missing required parameter; the message names it
+            raise ConfigError(key, shown, str(err.args[0])) from None
+        except (TypeError, ValueError, AttributeError) as err:
+            raise ConfigError(key, shown, f"rejected by transformers: {err}") from None
+    problems = [m for m in messages if not m.startswith(_BENIGN_WARNINGS)]
+    if problems:
+        raise ConfigError(key, shown, "; ".join(problems))
+
+
+class _Collect(logging.Filter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            self.messages.append(record.getMessage())
+        return False
+
+
+@contextmanager
+def _captured_warnings() -> Iterator[list[str]]:
+    """Collect (and silence) what transformers' rope module logs, whatever its verbosity is set to."""
+    logger = logging.getLogger(hf_rope.__name__)
+    collect, level = _Collect(), logger.level
+    logger.addFilter(collect)
+    logger.setLevel(logging.WARNING)
+    try:
+        yield collect.messages
+    finally:
+        logger.removeFilter(collect)
+        logger.setLevel(level)
+
+
+# --------------------------------------------------------------------------- reach
+
+
+def max_addressable_positions(config_like: Any) -> int | float:
+    """The longest sequence a config's positions are meant to address (``math.inf``: no bound).
+
+    ``config_like`` is a model (wrappers allowed), a config, or a mapping with the config's keys.
+    The result is the larger of the declared context (the family's ``max_positions_key``) and the
+    reach of its rope scaling:
+
+    * none / ``default``: the declared context;
+    * ``dynamic``: ``math.inf`` (frequencies are recomputed for any length);
+    * ``yarn`` with ``original_max_position_embeddings``: the declared context (transformers then
+      derives the factor as declared / original);
+    * otherwise (``linear``, ``yarn``, ``llama3``, ``longrope``, ...): ``factor`` times the original
+      context, i.e. ``rope_scaling["original_max_position_embeddings"]``, else the config's top-level
+      ``original_max_position_embeddings``, else the declared context.
+    """
+    config = _config_of(config_like)
+    family = FAMILIES.get(_field(config, "model_type"))
+    declared = _field(config, _max_positions_key(family))
+    scaling = _field(config, "rope_scaling") or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
+        return declared
+    if rope_type == "dynamic":
+        return math.inf
+    if rope_type == "yarn" and "original_max_position_embeddings" in scaling:
+        return declared
+    original = (
+        scaling.get("original_max_position_embeddings")
+        or _field(config, "original_max_position_embeddings")
+        or declared
+    )
+    return max(declared, int(original * (scaling.get("factor") or 1.0)))
+
+
+def _config_of(config_like: Any) -> Any:
+    if isinstance(config_like, nn.Module):
+        return unwrap_hf(config_like).config
+    return config_like
+
+
+def _field(config: Any, name: str) -> Any:
+    return config.get(name) if isinstance(config, Mapping) else getattr(config, name, None)
+
+
+# --------------------------------------------------------------------------- apply
+
+
+def apply_rope_scaling(
+    model: nn.Module,
+    rope_scaling: Mapping[str, Any] | None,
+    max_position_embeddings: int | None = None,
+    key: str = "rope_scaling",
+) -> dict[str, Any]:
+    """Set ``rope_scaling`` (and ``rope_theta`` / max positions when given) on a model, in place.
+
+    ``rope_scaling=None`` (or a ``default`` type) restores the plain rope; ``rope_theta`` keeps its
+    current value unless the dict names one. The config gets the normalised dict (both ``rope_type``
+    and ``type``); every rotary module of the family's rotary class is rebuilt from the updated
+    config by its own class (keeping the old buffers' device and dtype), so the model matches one
+    freshly built from its config. The new modules are built before anything is changed, so a
+    rejected setting leaves the model as it was. A config whose ``head_dim`` is ``None`` (mistral)
+    gets ``hidden_size // num_attention_heads``, the value its attention uses anyway, because
+    transformers' dynamic / yarn / longrope initialisers cannot read ``None``.
+
+    Returns ``{"family", "rotary_modules", "config_keys_set", "old_rope_scaling", "new_rope_scaling",
+    "old_rope_theta", "new_rope_theta", "old_max_positions", "new_max_positions",
+    "max_addressable_positions"}`` for logging.
+    """
+    hf = unwrap_hf(model)
+    family = family_of(hf)
+    config = hf.config
+    before = _rope_state(config, family)
+    max_positions = _check_max_positions(max_position_embeddings, family, before["max_positions"])
+    clean = validate_rope_scaling(rope_scaling, key, family, max_positions, config=config)
+
+    updates = _config_updates(clean, family, config, max_positions)
+    paths = _rotary_paths(hf, family)
+    trial = copy.deepcopy(config)
+    _set_fields(trial, updates)
+    rebuilt = {path: _rebuild(get_path(hf, path), trial, key, clean) for path in paths}
+
+    _set_fields(config, updates)
+    for path, module in rebuilt.items():
+        module.config = config  # the live config, as in a freshly built model
+        set_path(hf, path, module)
+    return _report(family, paths, updates, before, _rope_state(config, family), config)
+
+
+def _rope_state(config: Any, family: Family) -> dict[str, Any]:
+    return {
+        "rope_scaling": copy.deepcopy(getattr(config, "rope_scaling", None)),
+        "rope_theta": getattr(config, "rope_theta", None),
+        "max_positions": getattr(config, family.max_positions_key),
+    }
+
+
+def _check_max_positions(value: int | None, family: Family, current: int) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ConfigError("max_position_embeddings", value, "a positive integer")
+    if family.rotary is None and value != current:
+        raise ConfigError(
+            "max_position_embeddings", value,
+            f"{family.name} has a learned position table ({family.max_positions_key}={current}); "
+            "resizing it is not a rope change",
+        )
+    return int(value)
+
+
+def _config_updates(
+    clean: dict[str, Any] | None, family: Family, config: Any, max_positions: int | None
+) -> dict[str, Any]:
+    """The config fields to set: attribute name -> new value."""
+    if family.rotary is None:
+        return {}
+    clean = dict(clean or {"rope_type": "default"})
+    theta = clean.pop("rope_theta", None)
+    plain = clean["rope_type"] == "default" and set(clean) <= set(_TYPE_KEYS)
+    updates: dict[str, Any] = {"rope_scaling": None if plain else clean}
+    if theta is not None:
+        updates.update({name: theta for name in family.rope_theta_keys})
+    if max_positions is not None:
+        updates[family.max_positions_key] = max_positions
+    if hasattr(config, "head_dim") and config.head_dim is None:
+        updates["head_dim"] = getattr(config, family.hidden_key) // config.num_attention_heads
+    return updates
+
+
+def _set_fields(config: Any, updates: Mapping[str, Any]) -> None:
+    for name, value in updates.items():
+        setattr(config, name, copy.deepcopy(value))
+
+
+def _rotary_paths(hf: nn.Module, family: Family) -> list[str]:
+    """Every path (shared modules included) to a module of the family's rotary class."""
+    if family.rotary is None:
+        return []
+    rotary_cls = type(get_path(hf, family.rotary))
+    return [name for name, module in hf.named_modules(remove_duplicate=False) if type(module) is rotary_cls]
+
+
+def _rebuild(old: nn.Module, config: Any, key: str, shown: Any) -> nn.Module:
+    """A fresh module of ``old``'s class from ``config``, with ``old``'s buffer device and dtypes."""
+    reference = getattr(old, "inv_freq", None)
+    device = reference.device if reference is not None else None
+    try:
+        new = type(old)(config=config, device=device)
+    except (TypeError, ValueError, KeyError, ZeroDivisionError) as err:
+        raise ConfigError(key, shown, f"transformers could not build {type(old).__name__}: {err}") from None
+    for name, buffer in list(new.named_buffers(recurse=False)):
+        old_buffer = old._buffers.get(name)
+        if old_buffer is not None and buffer.is_floating_point():
+            setattr(new, name, buffer.to(dtype=old_buffer.dtype))
+    return new.train(old.training)
+
+
+def _report(
+    family: Family, paths: list[str], updates: dict[str, Any], before: dict[str, Any], after: dict[str, Any],
+    config: Any,
+) -> dict[str, Any]:
+    return {
+        "family": family.name,
+        "rotary_modules": paths,
+        "config_keys_set": sorted(updates),
+        **{f"old_{name}": value for name, value in before.items()},
+        **{f"new_{name}": value for name, value in after.items()},
+        "max_addressable_positions": max_addressable_positions(config),
+    }

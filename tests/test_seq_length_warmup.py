@@ -1,0 +1,297 @@
+"""SeqLengthWarmup: the batch op against Composer's, reshape properties, and real Trainer runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from composer import Trainer
+from composer.functional import set_batch_sequence_length as composer_set_length
+from composer.models import ComposerModel
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils.data import DataLoader
+
+from composer_growth import SeqLengthWarmup
+from composer_growth.errors import ConfigError
+from composer_growth.functional import set_batch_sequence_length
+from composer_growth.recipe import run, validate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# -- the batch op ------------------------------------------------------------------------------
+
+def _batch(rows, length, seed, padded=False):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 100, (rows, length), generator=g)
+    mask = torch.ones_like(ids)
+    if padded:
+        lens = torch.randint(0, length + 1, (rows,), generator=g)
+        mask = (torch.arange(length)[None, :] < lens[:, None]).long()
+        ids = ids * mask
+    labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 6), length=st.integers(2, 40), cut=st.integers(1, 40), seed=st.integers(0, 10_000),
+       preserve=st.booleans(), padded=st.booleans())
+def test_truncate_equals_composer(rows, length, cut, seed, preserve, padded):
+    batch = _batch(rows, length, seed, padded=padded)
+    if preserve and padded:  # Composer's end-of-sequence index needs at least one real token per row
+        batch["attention_mask"][:, 0] = 1
+    ours = set_batch_sequence_length(batch, cut, "truncate", preserve_end_of_sequence=preserve)
+    theirs = composer_set_length({k: v.clone() for k, v in batch.items()}, cut, truncate=True,
+                                 preserve_end_of_sequence=preserve)
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        assert torch.equal(ours[k], theirs[k]), k
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 6), length=st.integers(2, 40), cut=st.integers(1, 39), seed=st.integers(0, 10_000))
+def test_reshape_packed_keeps_every_token_that_fits(rows, length, cut, seed):
+    batch = _batch(rows, length, seed)
+    out = set_batch_sequence_length(batch, cut, "reshape")
+    if cut >= length:
+        assert torch.equal(out["input_ids"], batch["input_ids"])
+        return
+    keep = (rows * length // cut) * cut
+    assert out["input_ids"].shape == (rows * length // cut, cut)
+    for k in batch:
+        assert torch.equal(out[k].flatten(), batch[k].flatten()[:keep]), k
+    assert rows * length - keep < cut  # only less than one row is dropped
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 6), length=st.integers(2, 40), cut=st.integers(1, 39), seed=st.integers(0, 10_000))
+def test_reshape_padded_never_mixes_rows_or_padding(rows, length, cut, seed):
+    batch = _batch(rows, length, seed, padded=True)
+    if bool(batch["attention_mask"].all()):
+        batch["attention_mask"][0, -1] = 0
+        batch["input_ids"][0, -1] = 0
+        batch["labels"][0, -1] = -100
+    out = set_batch_sequence_length(batch, min(cut, length - 1), "reshape")
+    cut = min(cut, length - 1)
+    mask = out["attention_mask"].bool()
+    # each new row: real tokens first, then padding only
+    assert torch.equal(mask, mask.cummin(dim=1).values)
+    # alignment: labels and ids agree on real tokens, padding is ignored by the loss
+    assert torch.equal(out["labels"][mask], out["input_ids"][mask])
+    assert bool((out["labels"][~mask] == -100).all())
+    # every real token of every original row, in order, and new rows come from one row each
+    pieces = iter(range(out["input_ids"].shape[0]))
+    for r in range(batch["input_ids"].shape[0]):
+        real = batch["input_ids"][r][batch["attention_mask"][r].bool()]
+        got = []
+        for _ in range(-(-len(real) // cut)):
+            i = next(pieces)
+            got.append(out["input_ids"][i][mask[i]])
+        assert torch.equal(torch.cat(got) if got else real[:0], real)
+    assert next(pieces, None) is None
+
+
+def test_op_errors():
+    batch = _batch(2, 8, 0)
+    with pytest.raises(ValueError, match="mode='shuffle'"):
+        set_batch_sequence_length(batch, 4, "shuffle")
+    with pytest.raises(ValueError, match="needs batch\\['input_ids'\\]"):
+        set_batch_sequence_length({"tokens": batch["input_ids"]}, 4, "reshape")
+    with pytest.raises(ValueError, match="batch\\['weights'\\] has shape"):
+        set_batch_sequence_length({**batch, "weights": torch.ones(2)}, 4)
+
+
+# -- the algorithm on a real Trainer with a model that is not a HuggingFaceModel ----------------
+
+class TinyLM(ComposerModel):
+    def __init__(self, vocab: int = 64, dim: int = 16):
+        super().__init__()
+        self.emb, self.head = torch.nn.Embedding(vocab, dim), torch.nn.Linear(dim, vocab)
+        self.seen: list[tuple[int, int]] = []
+
+    def forward(self, batch):
+        self.seen.append(tuple(batch["input_ids"].shape))
+        return self.head(self.emb(batch["input_ids"]))
+
+    def loss(self, outputs, batch):
+        return F.cross_entropy(outputs[:, :-1].reshape(-1, outputs.shape[-1]), batch["labels"][:, 1:].reshape(-1),
+                               ignore_index=-100)
+
+
+def _loader(n=64, length=32, batch_size=8):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 64, (n, length), generator=g)
+    data = [{"input_ids": row, "labels": row.clone()} for row in ids]
+    return DataLoader(data, batch_size=batch_size, shuffle=False)
+
+
+def _fit(alg, max_duration="8ba", microbatch=8, seed=3, **kw):
+    torch.manual_seed(seed)
+    model = TinyLM()
+    trainer = Trainer(model=model, train_dataloader=_loader(**kw), max_duration=max_duration,
+                      algorithms=[alg] if alg else [], optimizers=torch.optim.SGD(model.parameters(), lr=0.1),
+                      device_train_microbatch_size=microbatch, seed=seed, progress_bar=False, log_to_console=False)
+    trainer.fit()
+    return trainer, model
+
+
+@pytest.mark.parametrize("duration, lengths", [
+    ("4ba", [8, 14, 20, 26, 32, 32, 32, 32]),
+    ("0.5dur", [8, 14, 20, 26, 32, 32, 32, 32]),
+    ("32sp", [8, 14, 20, 26, 32, 32, 32, 32]),
+    ("1ep", [8, 11, 14, 17, 20, 23, 26, 29]),
+])
+def test_duration_units_linear(duration, lengths):
+    alg = SeqLengthWarmup(min_seq_length=8, max_seq_length=32, step_size=1, duration=duration, preallocate=False)
+    _, model = _fit(alg, max_duration="8ba", microbatch=8, n=64)
+    assert [s[1] for s in model.seen] == lengths
+
+
+def test_token_duration_counts_trained_tokens():
+    # 64 tokens per row at full length; a warmup lasting 1024 trained tokens from length 16
+    alg = SeqLengthWarmup(min_seq_length=16, max_seq_length=64, step_size=16, duration="1024tok", preallocate=False)
+    trainer, model = _fit(alg, max_duration="3072tok", microbatch=8, n=256, length=64, batch_size=4)
+    trained = sum(r * n for r, n in model.seen)
+    assert int(trainer.state.timestamp.token) == trained
+    assert trained >= 3072 and trained - 4 * 64 < 3072  # stopped at the first batch reaching the budget
+    lengths = [n for _, n in model.seen]
+    assert lengths[0] == 16 and lengths[-1] == 64 and lengths == sorted(lengths)
+    assert int(trainer.state.timestamp.sample) == 4 * len(model.seen)  # samples still count loader rows
+
+
+def test_root_and_step_schedules():
+    root = SeqLengthWarmup(min_seq_length=8, max_seq_length=32, step_size=8, duration="4ba", schedule="root",
+                           root_degree=2, preallocate=False)
+    _, model = _fit(root, max_duration="6ba")
+    assert [s[1] for s in model.seen] == [8, 16, 24, 24, 32, 32]
+    steps = SeqLengthWarmup(min_seq_length=8, max_seq_length=32, schedule=[[0, 8], ["2ba", 16], ["5ba", 32]],
+                            preallocate=False)
+    _, model = _fit(steps, max_duration="6ba")
+    assert [s[1] for s in model.seen] == [8, 8, 16, 16, 16, 32]
+
+
+def test_reshape_keeps_tokens_per_microbatch():
+    alg = SeqLengthWarmup(min_seq_length=8, max_seq_length=32, step_size=8, duration="4ba", mode="reshape",
+                          preallocate=False)
+    trainer, model = _fit(alg, max_duration="6ba", microbatch=4)
+    # 8 rows x 32 tokens per batch; microbatches of 4 x 32 = 128 tokens at every length
+    # lengths 8, 8, 16, 24, 32, 32: two microbatches per batch, as at full length
+    assert model.seen == [(16, 8)] * 4 + [(8, 16)] * 2 + [(5, 24)] * 2 + [(4, 32)] * 4
+    assert int(trainer.state.timestamp.token) == 6 * 8 * 32 - 16  # only length 24 drops 256 % 24 tokens
+    assert trainer.state.device_train_microbatch_size == 4
+
+
+def test_preallocation_draws_no_data_or_randomness():
+    with_pre = SeqLengthWarmup(min_seq_length=8, max_seq_length=32, step_size=8, duration="4ba", preallocate=True)
+    without = SeqLengthWarmup(min_seq_length=8, max_seq_length=32, step_size=8, duration="4ba", preallocate=False)
+    t1, m1 = _fit(with_pre, max_duration="6ba")
+    t2, m2 = _fit(without, max_duration="6ba")
+    assert m1.seen[0] == (8, 32) and m1.seen[1:] == m2.seen  # one pass at full length, then the same batches
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(p1, p2)
+    assert t1.state.total_loss_dict == t2.state.total_loss_dict
+
+
+@pytest.mark.parametrize("kwargs, key", [
+    (dict(min_seq_length=64, max_seq_length=32), "max_seq_length"),
+    (dict(step_size=0), "step_size"),
+    (dict(mode="pack"), "mode"),
+    (dict(duration="3weeks"), "duration"),
+    (dict(schedule="cubic"), "schedule"),
+    (dict(schedule=[[0, 8], ["2ba", 16]], min_seq_length=8, max_seq_length=32), "schedule"),
+    (dict(schedule=[[0, 8], ["2ba", 32], ["1ba", 32]], min_seq_length=8, max_seq_length=32), "schedule"),
+])
+def test_bad_arguments(kwargs, key):
+    with pytest.raises(ConfigError, match=rf"^{key}="):
+        SeqLengthWarmup(**kwargs)
+
+
+def test_step_size_warning():
+    with pytest.warns(UserWarning, match="step_size=12 is not a multiple of 8"):
+        SeqLengthWarmup(min_seq_length=12, max_seq_length=48, step_size=12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SeqLengthWarmup(min_seq_length=8, max_seq_length=32, step_size=8)
+
+
+def test_duration_longer_than_run_fails_before_training():
+    alg = SeqLengthWarmup(min_seq_length=8, max_seq_length=32, step_size=8, duration="20ba")
+    with pytest.raises(ConfigError, match=r"^duration='20ba': must end within max_duration"):
+        _fit(alg, max_duration="8ba")
+
+
+def test_missing_batch_key_is_named():
+    alg = SeqLengthWarmup(min_seq_length=8, max_seq_length=32, step_size=8, mode="reshape", preallocate=False)
+    torch.manual_seed(0)
+
+    class NoIds(TinyLM):
+        def forward(self, batch):
+            return self.head(self.emb(batch["tokens"]))
+
+    data = [{"tokens": torch.randint(0, 64, (32,))} for _ in range(16)]
+    trainer = Trainer(model=NoIds(), train_dataloader=DataLoader(data, batch_size=8), max_duration="2ba",
+                      algorithms=[alg], progress_bar=False, log_to_console=False)
+    with pytest.raises(ValueError, match="needs batch\\['input_ids'\\]"):
+        trainer.fit()
+
+
+# -- the recipe path: registered name, validation against the data, resume, two ranks --------------
+
+def _warmup_recipe(tiny_recipe, **kw):
+    tiny_recipe["algorithms"] = {"seq_length_warmup": {"min_seq_length": 8, "max_seq_length": 32, "step_size": 8,
+                                                       "duration": "6ba", **kw}}
+    return tiny_recipe
+
+
+def test_recipe_validation_against_run_and_data(tiny_recipe):
+    with pytest.raises(ConfigError, match=r"^algorithms.seq_length_warmup.max_seq_length=64: at most the data"):
+        validate(_warmup_recipe(tiny_recipe, max_seq_length=64))
+    with pytest.raises(ConfigError, match=r"^algorithms.seq_length_warmup.step_size=0: a positive integer"):
+        validate(_warmup_recipe(tiny_recipe, step_size=0))
+    with pytest.raises(ConfigError, match=r"^algorithms.seq_length_warmup.duration='12ba': must end within"):
+        validate(_warmup_recipe(tiny_recipe, duration="12ba"))
+
+
+@pytest.mark.parametrize("mode", ["truncate", "reshape"])
+def test_resume_mid_warmup_matches_uninterrupted(tiny_recipe, tmp_path, mode):
+    full = _warmup_recipe(tiny_recipe, mode=mode)
+    run(validate(full))
+    with open(full["summary_file"]) as f:
+        uninterrupted = json.load(f)
+    assert uninterrupted["tokens_trained"] < 8 * 8 * 32 or mode == "reshape"
+
+    resumed = dict(full, save_folder=str(tmp_path / "resumed"), summary_file=str(tmp_path / "r.json"), autoresume=True)
+    os.makedirs(resumed["save_folder"])
+    shutil.copy(os.path.join(full["save_folder"], "ep0-ba4-rank0.pt"), resumed["save_folder"])
+    os.symlink("ep0-ba4-rank0.pt", os.path.join(resumed["save_folder"], "latest-rank0.pt"))
+    run(validate(resumed))
+    with open(resumed["summary_file"]) as f:
+        after = json.load(f)
+    assert after["tokens_trained"] == uninterrupted["tokens_trained"]
+    assert after["train_loss"] == pytest.approx(uninterrupted["train_loss"], rel=1e-5)
+    assert [e["loss"] for e in after["evals"]] == pytest.approx([e["loss"] for e in uninterrupted["evals"]], rel=1e-5)
+
+
+def test_two_ranks_count_trained_tokens(tiny_recipe, tmp_path):
+    recipe = _warmup_recipe(tiny_recipe, duration="4ba")
+    recipe.update(summary_file=str(tmp_path / "s-{rank}.json"), eval_first=False, max_duration="4ba",
+                  eval_interval="4ba")
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    proc = subprocess.run(
+        ["composer", "-n", "2", "--stdout", str(tmp_path / "o{rank}.txt"), "--stderr", str(tmp_path / "e{rank}.txt"),
+         os.path.join(ROOT, "scripts", "train.py"), str(path)],
+        capture_output=True, text=True, timeout=600, cwd=str(tmp_path), env=dict(os.environ))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    s0, s1 = (json.load(open(tmp_path / f"s-{r}.json")) for r in (0, 1))
+    # lengths 8, 14->8, 20->16, 26->24 for 4 batches of 8 global rows
+    assert s0["tokens_trained"] == s1["tokens_trained"] == 8 * (8 + 8 + 16 + 24)
+    assert s0["train_loss"] == s1["train_loss"]
