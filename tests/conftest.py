@@ -49,3 +49,22 @@ def tiny_recipe(tiny_data, tmp_path) -> dict:
         "save_num_checkpoints_to_keep": -1,
         "summary_file": str(tmp_path / "summary.json"),
     })
+
+
+def launch(script: str, args: list[str], workdir):
+    """Run ``composer -n 2 SCRIPT ARGS`` on the CPU, on a free port, logging each rank to workdir."""
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return subprocess.run(
+        ["composer", "-n", "2", "--master_port", str(port), "--stdout", str(workdir / "out{rank}.txt"),
+         "--stderr", str(workdir / "err{rank}.txt"), script, *args],
+        capture_output=True, text=True, timeout=600, cwd=str(workdir), env=dict(os.environ))
+
+
+def launch_failure(proc, workdir) -> str:
+    logs = [f.read_text()[-2000:] for f in sorted(workdir.glob("err*.txt"))]
+    return proc.stderr[-2000:] + "".join(logs)

@@ -15,6 +15,8 @@ import yaml
 from composer_growth.errors import ConfigError
 from composer_growth.recipe import load_recipe, run, validate
 
+from conftest import launch, launch_failure
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -122,12 +124,8 @@ def test_composer_launcher_two_ranks_agree(tiny_recipe, tmp_path):
     tiny_recipe["max_duration"] = "4ba"
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(tiny_recipe))
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run(
-        ["composer", "-n", "2", "--stdout", str(tmp_path / "out{rank}.txt"), "--stderr",
-         str(tmp_path / "err{rank}.txt"), os.path.join(ROOT, "scripts", "train.py"), str(path)],
-        capture_output=True, text=True, timeout=600, env=env, cwd=str(tmp_path))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = launch(os.path.join(ROOT, "scripts", "train.py"), [str(path)], tmp_path)
+    assert proc.returncode == 0, launch_failure(proc, tmp_path)
     r0, r1 = _summary(tmp_path / "summary-0.json"), _summary(tmp_path / "summary-1.json")
     assert r0["batches"] == r1["batches"] == 4
     assert r0["tokens_trained"] == 4 * 8 * 32  # the global batch, split over two ranks

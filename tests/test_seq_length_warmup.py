@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import warnings
 
 import pytest
@@ -23,6 +22,8 @@ from composer_growth import SeqLengthWarmup
 from composer_growth.errors import ConfigError
 from composer_growth.functional import set_batch_sequence_length
 from composer_growth.recipe import run, validate
+
+from conftest import launch, launch_failure
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -286,11 +287,8 @@ def test_two_ranks_count_trained_tokens(tiny_recipe, tmp_path):
                   eval_interval="4ba")
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    proc = subprocess.run(
-        ["composer", "-n", "2", "--stdout", str(tmp_path / "o{rank}.txt"), "--stderr", str(tmp_path / "e{rank}.txt"),
-         os.path.join(ROOT, "scripts", "train.py"), str(path)],
-        capture_output=True, text=True, timeout=600, cwd=str(tmp_path), env=dict(os.environ))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = launch(os.path.join(ROOT, "scripts", "train.py"), [str(path)], tmp_path)
+    assert proc.returncode == 0, launch_failure(proc, tmp_path)
     s0, s1 = (json.load(open(tmp_path / f"s-{r}.json")) for r in (0, 1))
     # lengths 8, 14->8, 20->16, 26->24 for 4 batches of 8 global rows
     assert s0["tokens_trained"] == s1["tokens_trained"] == 8 * (8 + 8 + 16 + 24)

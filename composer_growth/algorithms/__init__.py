@@ -1,5 +1,6 @@
 """Composer algorithms: when to act, and the state to resume from."""
 
+from composer_growth.algorithms.growth import StackLayers, WidenMLP
 from composer_growth.algorithms.seq_length_warmup import SeqLengthWarmup
 
-__all__ = ["SeqLengthWarmup"]
+__all__ = ["SeqLengthWarmup", "StackLayers", "WidenMLP"]

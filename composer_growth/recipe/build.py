@@ -6,6 +6,7 @@ fails in seconds, before a model is built or data read.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ SCHEDULERS = ("constant", "constant_with_warmup", "linear_with_warmup", "cosine_
 PRECISIONS = ("fp32", "amp_fp16", "amp_bf16", "amp_fp8")
 DEVICES = ("cpu", "gpu", "mps")
 PARALLELISM_KEYS = ("fsdp", "tp")
+RECIPE_KEYS = frozenset(f.name for f in dataclasses.fields(Recipe))
 
 
 def load_recipe(path: str, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
@@ -183,7 +185,8 @@ def validate(data: dict[str, Any], world_size: int | None = None) -> Plan:
             try:
                 hook(max_duration=max_duration, recipe=recipe)
             except ConfigError as e:
-                key = e.key if e.key.startswith(("max_duration", "model", "data", "global")) else f"algorithms.{name}.{e.key}"
+                top = e.key.split(".")[0].split("[")[0]
+                key = e.key if top in RECIPE_KEYS else f"algorithms.{name}.{e.key}"
                 raise ConfigError(key, e.value, e.allowed) from None
     return Plan(recipe=recipe, algorithms=algorithms, callbacks=callbacks, loggers=loggers, world_size=world_size)
 
@@ -276,7 +279,7 @@ def build_trainer(plan: Plan):
     """Build data, model, optimizer and the Composer ``Trainer`` a validated plan describes."""
     from composer import Trainer
     from composer.core import Evaluator
-    from composer.utils import dist, reproducibility
+    from composer.utils import reproducibility
 
     from composer_growth.callbacks import RunSummary
     from composer_growth.data.loaders import build_lm_dataloader

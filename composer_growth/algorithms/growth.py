@@ -1,0 +1,216 @@
+"""Growth surgery mid-training: ``StackLayers`` (depth) and ``WidenMLP`` (width).
+
+Each fires once, at a Composer time, at the end of a batch (after the optimizer step, before
+eval and checkpointing), through :func:`composer_growth.algorithms.surgery.grow`, which carries
+the optimizer state across and rebuilds schedulers, DDP and compile. A checkpoint written after
+the growth resumes with the same recipe: the growth is replayed before the weights load.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from composer.core import Algorithm, Event, State, Time
+from composer.core.precision import get_precision_context
+from composer.loggers import Logger
+from composer.utils import dist, ensure_tuple
+from torch import nn
+
+from composer_growth.algorithms.surgery import check_supported, composer_model, grow, install_replay_hook
+from composer_growth.errors import ConfigError, check
+from composer_growth.families import FAMILIES, family_of, get_path, unwrap_hf
+from composer_growth.functional.growth import STACK_INITS, STACK_MODES, stack_layers, widen_mlp
+from composer_growth.registry import register_algorithm
+from composer_growth.timeutil import parse_time, reached, to_duration_fraction
+
+TRUNKS = ("train", "frozen")
+
+
+class _Growth(Algorithm):
+    """Shared timing, probing, logging, resume and validation of a one-shot growth."""
+
+    name = "growth"
+
+    def __init__(self, at: Any, probe_loss: bool):
+        self.at: Time = parse_time(at, "at")
+        self.probe_loss = probe_loss
+        self.applied = False
+        self.record: dict[str, Any] = {}
+        self._batch: dict[str, torch.Tensor] | None = None
+
+    # -- what subclasses provide -------------------------------------------------------------
+    def _op(self, model: nn.Module):
+        raise NotImplementedError
+
+    def _after(self, model: nn.Module, mapping) -> None:
+        """Runs after the op, before the optimizer is rebuilt."""
+
+    def _check_model_config(self, config: Any) -> None:
+        """Reject arguments the model cannot take (from its config), before training."""
+
+    # -- validation -------------------------------------------------------------------------
+    def validate_run(self, max_duration: Time, recipe: Any = None) -> None:
+        frac = to_duration_fraction(self.at, max_duration)
+        if frac is not None and frac >= 1:
+            raise ConfigError("at", str(self.at), f"must fall before the end of the run (max_duration {max_duration})")
+        if recipe is None:
+            return
+        if recipe.parallelism and "fsdp" in recipe.parallelism:
+            raise ConfigError("parallelism.fsdp", recipe.parallelism["fsdp"],
+                              f"{self.name} needs DDP (or one process); growth under FSDP is not supported")
+        if recipe.model.pretrained is None:
+            if recipe.model.family not in FAMILIES:
+                raise ConfigError("model.family", recipe.model.family,
+                                  f"{self.name} supports: {', '.join(sorted(FAMILIES))}")
+            from transformers import AutoConfig
+
+            self._check_model_config(AutoConfig.for_model(recipe.model.family, **recipe.model.config))
+
+    # -- events -----------------------------------------------------------------------------
+    def match(self, event: Event, state: State) -> bool:
+        return event in (Event.INIT, Event.FIT_START, Event.AFTER_DATALOADER, Event.BATCH_END)
+
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.INIT:
+            model = composer_model(state)
+            family_of(model, key=f"{self.name}: model family")
+            self._check_model_config(unwrap_hf(model).config)
+            install_replay_hook(state)
+        elif event == Event.FIT_START:
+            check_supported(state, self.name)
+            if state.max_duration is not None:
+                self.validate_run(state.max_duration)
+        elif event == Event.AFTER_DATALOADER:
+            self._batch = state.batch if self.probe_loss and not self.applied else None
+        elif event == Event.BATCH_END and not self.applied and reached(state, self.at):
+            self._fire(state, logger)
+
+    def _fire(self, state: State, logger: Logger) -> None:
+        before = self._probe(state)
+        info = grow(state, self._op, self._after)
+        after = self._probe(state)
+        self.applied = True
+        self.record = {"batch": int(state.timestamp.batch), "params_before": info["params_before"],
+                       "params_after": info["params_after"], "trainable_after": info["trainable_after"],
+                       "seconds": float(info["seconds"])}
+        metrics = {f"growth/{self.name}/{k}": v for k, v in self.record.items() if k != "batch"}
+        if before is not None:
+            metrics.update({f"growth/{self.name}/loss_before": before, f"growth/{self.name}/loss_after": after})
+            self.record.update(loss_before=before, loss_after=after)
+        metrics["growth/params"] = info["params_after"]
+        logger.log_metrics(metrics)
+        self._batch = None
+
+    def _probe(self, state: State) -> float | None:
+        """Loss of the model on (one microbatch of) the last training batch, averaged over ranks."""
+        if self._batch is None:
+            return None
+        model = composer_model(state)
+        rows = state.device_train_microbatch_size if isinstance(state.device_train_microbatch_size, int) else 1
+        batch = {k: v[:rows] for k, v in self._batch.items()}
+        was_training = model.training
+        model.eval()
+        with torch.no_grad(), get_precision_context(state.precision, state.precision_config):
+            loss = sum(ensure_tuple(model.loss(model(batch), batch)))
+        model.train(was_training)
+        loss = loss.detach().float().reshape(1)
+        dist.all_reduce(loss, reduce_operation="SUM")
+        return float(loss.item()) / dist.get_world_size()
+
+    # -- resume -----------------------------------------------------------------------------
+    def replay(self, state: State, saved: dict[str, Any]) -> None:
+        """Called before a checkpoint's weights load: redo the recorded growth."""
+        if saved.get("applied") and not self.applied:
+            grow(state, self._op, self._after)
+            self.applied = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"applied": self.applied, **self.record}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.applied = bool(state.get("applied", False))
+        self.record = {k: v for k, v in state.items() if k != "applied"}
+
+
+@register_algorithm("stack_layers")
+class StackLayers(_Growth):
+    """Depth growth: repeat the stack (G_stack), an explicit source list, or append/prepend blocks.
+
+    Args:
+        at: when to grow (``"0.25dur"``, ``"2000ba"``, ``"1e8tok"``, ...).
+        mode: ``repeat`` | ``explicit`` | ``append`` | ``prepend``.
+        times: how many copies of the stack (``repeat``).
+        source_layers: source index of each new layer (``explicit``).
+        num_new: layers to add (``append`` / ``prepend``).
+        init: ``copy`` | ``function_preserving`` | ``random``.
+        trunk: ``train`` (every layer trains) or ``frozen`` (the layers that existed before stop training).
+        seed: seed of ``random`` init.
+        probe_loss: log the loss on the last batch right before and right after the growth.
+    """
+
+    name = "stack_layers"
+
+    def __init__(self, at: Any = "0.25dur", mode: str = "repeat", times: int = 2, source_layers: list[int] | None = None,
+                 num_new: int | None = None, init: str = "copy", trunk: str = "train", seed: int = 0,
+                 probe_loss: bool = True):
+        super().__init__(at, probe_loss)
+        check(mode in STACK_MODES, "mode", mode, f"one of {', '.join(STACK_MODES)}")
+        check(init in STACK_INITS, "init", init, f"one of {', '.join(STACK_INITS)}")
+        check(trunk in TRUNKS, "trunk", trunk, f"one of {', '.join(TRUNKS)}")
+        if mode == "repeat":
+            check(isinstance(times, int) and times >= 2, "times", times, "an integer >= 2")
+        if mode == "explicit":
+            check(isinstance(source_layers, list) and len(source_layers) > 0
+                  and all(isinstance(i, int) and i >= 0 for i in source_layers),
+                  "source_layers", source_layers, "a non-empty list of layer indices >= 0")
+        if mode in ("append", "prepend"):
+            check(isinstance(num_new, int) and num_new >= 1, "num_new", num_new, "an integer >= 1")
+        self.mode, self.times, self.source_layers, self.num_new = mode, times, source_layers, num_new
+        self.init, self.trunk, self.seed = init, trunk, seed
+        self._old_layer_params: set[int] = set()
+
+    def _check_model_config(self, config: Any) -> None:
+        family = family_of(getattr(config, "model_type", None), key="model.family")
+        n = getattr(config, family.num_layers_key)
+        if self.mode == "explicit":
+            bad = [i for i in self.source_layers if i >= n]
+            check(not bad, "source_layers", self.source_layers, f"indices below the model's layer count ({n})")
+
+    def _op(self, model: nn.Module):
+        layers = get_path(unwrap_hf(model), family_of(model).layers)
+        self._old_layer_params = {id(p) for p in layers.parameters()}
+        return stack_layers(model, mode=self.mode, times=self.times, source_layers=self.source_layers,
+                            num_new=self.num_new, init=self.init, seed=self.seed)
+
+    def _after(self, model: nn.Module, mapping) -> None:
+        if self.trunk == "frozen":
+            for p in model.parameters():
+                if id(p) in self._old_layer_params:
+                    p.requires_grad_(False)
+
+
+@register_algorithm("widen_mlp")
+class WidenMLP(_Growth):
+    """Width growth (Net2WiderNet) of every MLP by ``factor``, function-preserving when ``noise_std`` is 0.
+
+    Args:
+        at: when to grow.
+        factor: new MLP width / old (> 1).
+        noise_std: gaussian noise on the new units' input weights, to break symmetry.
+        seed: seeds the choice of replicated units and the noise (the same on every rank).
+        probe_loss: log the loss on the last batch right before and right after the growth.
+    """
+
+    name = "widen_mlp"
+
+    def __init__(self, at: Any = "0.5dur", factor: float = 2.0, noise_std: float = 0.0, seed: int = 0,
+                 probe_loss: bool = True):
+        super().__init__(at, probe_loss)
+        check(isinstance(factor, (int, float)) and not isinstance(factor, bool) and factor > 1, "factor", factor,
+              "a number > 1")
+        check(isinstance(noise_std, (int, float)) and noise_std >= 0, "noise_std", noise_std, "a number >= 0")
+        self.factor, self.noise_std, self.seed = float(factor), float(noise_std), seed
+
+    def _op(self, model: nn.Module):
+        return widen_mlp(model, self.factor, noise_std=self.noise_std, seed=self.seed)

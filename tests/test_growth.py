@@ -1,0 +1,186 @@
+"""StackLayers and WidenMLP on real Trainers: growth mid-run, optimizer carried, resume, DDP, trunks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from composer_growth import StackLayers, WidenMLP
+from composer_growth.algorithms.surgery import composer_model
+from composer_growth.errors import ConfigError
+from composer_growth.families import unwrap_hf
+from composer_growth.recipe import run, validate
+
+from conftest import launch, launch_failure
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _grow_twice(recipe, **stack):
+    recipe["algorithms"] = {
+        "stack_layers": {"at": "4ba", "mode": "repeat", "times": 2, "init": "function_preserving", **stack},
+        "widen_mlp": {"at": "8ba", "factor": 1.5},
+    }
+    recipe.update(max_duration="12ba", save_interval="3ba", eval_interval="6ba")
+    return recipe
+
+
+def _summary(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_grow_twice_and_keep_training(tiny_recipe):
+    trainer = run(validate(_grow_twice(tiny_recipe)))
+    stack, widen = trainer.state.algorithms[:2]
+    hf = unwrap_hf(trainer.state.model)
+    assert hf.config.num_hidden_layers == 4 and hf.config.intermediate_size == 96
+    assert stack.record["batch"] == 4 and widen.record["batch"] == 8
+    assert stack.record["params_after"] > stack.record["params_before"]
+    # function-preserving growth: the same loss on the same batch right before and after
+    for alg in (stack, widen):
+        assert alg.record["loss_after"] == pytest.approx(alg.record["loss_before"], abs=1e-4)
+    # one optimizer over every parameter of the grown model, with its state and step carried
+    opt = trainer.state.optimizers[0]
+    params = list(composer_model(trainer.state).parameters())
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in params}
+    assert all(int(opt.state[p]["step"]) == 12 for p in params)
+    info = _summary(tiny_recipe["summary_file"])
+    assert info["last_eval_loss"] < info["evals"][1]["loss"] < info["first_eval_loss"]
+    # the HF export of the grown model reloads with from_pretrained
+    out = os.path.join(tiny_recipe["save_folder"], "hf")
+    hf.save_pretrained(out)
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, hf.config.vocab_size, (2, 16))
+    hf.eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, hf(ids).logits, atol=1e-5)
+
+
+def test_scheduler_follows_the_new_optimizer(tiny_recipe):
+    trainer = run(validate(_grow_twice(tiny_recipe)))
+    sched = trainer.state.schedulers[0]
+    opt = trainer.state.optimizers[0]
+    assert sched.optimizer is opt
+    # the schedule went on across both growths: cosine (2ba warmup, alpha_f 0.1) as of batch 11 of 12
+    import math
+    expected = 3e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (11 - 2) / (12 - 2))))
+    assert opt.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("checkpoint", ["ep0-ba3-rank0.pt", "ep0-ba6-rank0.pt", "ep0-ba9-rank0.pt"])
+def test_resume_before_between_and_after_growth(tiny_recipe, tmp_path, checkpoint):
+    full = _grow_twice(tiny_recipe)
+    run(validate(full))
+    uninterrupted = _summary(full["summary_file"])
+    resumed = dict(full, save_folder=str(tmp_path / "resumed"), summary_file=str(tmp_path / "r.json"),
+                   autoresume=True)
+    os.makedirs(resumed["save_folder"])
+    shutil.copy(os.path.join(full["save_folder"], checkpoint), resumed["save_folder"])
+    os.symlink(checkpoint, os.path.join(resumed["save_folder"], "latest-rank0.pt"))
+    trainer = run(validate(resumed))
+    after = _summary(resumed["summary_file"])
+    assert unwrap_hf(trainer.state.model).config.num_hidden_layers == 4
+    assert after["train_loss"] == pytest.approx(uninterrupted["train_loss"], rel=1e-5)
+    assert [e["loss"] for e in after["evals"]] == pytest.approx([e["loss"] for e in uninterrupted["evals"]], rel=1e-5)
+
+
+def test_frozen_trunk_stays_unchanged(tiny_recipe):
+    tiny_recipe["algorithms"] = {"stack_layers": {"at": "4ba", "mode": "append", "num_new": 2,
+                                                  "init": "function_preserving", "trunk": "frozen"}}
+    tiny_recipe.update(max_duration="8ba")
+    snapshots = {}
+
+    from composer.core import Callback
+
+    class Snapshot(Callback):
+        def batch_end(self, state, logger):
+            if int(state.timestamp.batch) == 4:
+                layers = unwrap_hf(state.model).model.layers
+                snapshots["old"] = [p.detach().clone() for p in layers[:2].parameters()]
+                snapshots["new"] = [p.detach().clone() for p in layers[2:].parameters()]
+
+    plan = validate(tiny_recipe)
+    plan.callbacks.append(Snapshot())
+    trainer = run(plan)
+    layers = unwrap_hf(trainer.state.model).model.layers
+    assert len(layers) == 4
+    assert all(torch.equal(a, b) for a, b in zip(snapshots["old"], layers[:2].parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(snapshots["new"], layers[2:].parameters()))
+    assert all(not p.requires_grad for p in layers[:2].parameters())
+    assert trainer.state.algorithms[0].record["trainable_after"] < trainer.state.algorithms[0].record["params_after"]
+
+
+def test_two_ranks_hold_identical_parameters_after_growth(tiny_recipe, tmp_path):
+    recipe = _grow_twice(tiny_recipe)
+    recipe.update(max_duration="10ba", eval_first=False, eval_interval="10ba", save_folder=None)
+    recipe["algorithms"]["widen_mlp"]["noise_std"] = 0.01
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    proc = launch(os.path.join(ROOT, "tests", "scripts", "grow_ddp.py"), [str(path), str(tmp_path / "p{rank}.json")], tmp_path)
+    assert proc.returncode == 0, launch_failure(proc, tmp_path)
+    r0, r1 = _summary(tmp_path / "p0.json"), _summary(tmp_path / "p1.json")
+    assert r0["ddp"] and r0["layers"] == 4
+    assert r0["params"] == r1["params"]
+    assert r0["loss"] == r1["loss"]
+
+
+@pytest.mark.parametrize("alg, kwargs, key", [
+    ("stack_layers", {"at": "20ba"}, "algorithms.stack_layers.at"),
+    ("stack_layers", {"at": "1.0dur"}, "algorithms.stack_layers.at"),
+    ("stack_layers", {"mode": "explicit", "source_layers": [0, 1, 2]}, "algorithms.stack_layers.source_layers"),
+    ("stack_layers", {"mode": "explicit", "source_layers": []}, "algorithms.stack_layers.source_layers"),
+    ("stack_layers", {"times": 1}, "algorithms.stack_layers.times"),
+    ("stack_layers", {"trunk": "lora"}, "algorithms.stack_layers.trunk"),
+    ("widen_mlp", {"factor": 1.0}, "algorithms.widen_mlp.factor"),
+    ("widen_mlp", {"factor": 0.5}, "algorithms.widen_mlp.factor"),
+    ("widen_mlp", {"at": "2weeks"}, "algorithms.widen_mlp.at"),
+])
+def test_bad_growth_recipes_fail_before_training(tiny_recipe, alg, kwargs, key):
+    tiny_recipe["algorithms"] = {alg: kwargs}
+    with pytest.raises(ConfigError) as err:
+        validate(tiny_recipe)
+    assert str(err.value).startswith(f"{key}="), str(err.value)
+
+
+def test_fsdp_is_rejected_at_validation(tiny_recipe):
+    tiny_recipe["algorithms"] = {"widen_mlp": {"at": "4ba"}}
+    tiny_recipe["parallelism"] = {"fsdp": {"sharding_strategy": "FULL_SHARD"}}
+    with pytest.raises(ConfigError, match=r"^parallelism.fsdp=.*growth under FSDP is not supported"):
+        validate(tiny_recipe)
+
+
+def test_family_outside_the_table_is_named():
+    from transformers import OPTConfig, OPTForCausalLM
+    from composer.models import HuggingFaceModel
+    from composer import Trainer
+
+    model = HuggingFaceModel(OPTForCausalLM(OPTConfig(hidden_size=16, num_hidden_layers=1, ffn_dim=32,
+                                                      num_attention_heads=2, vocab_size=64)))
+    with pytest.raises(ConfigError, match=r"^stack_layers: model family='opt': supported families: gpt2, gpt_neox"):
+        Trainer(model=model, algorithms=[StackLayers(at="2ba")], max_duration="2ba")
+
+
+def test_direct_use_in_a_script_grows_a_plain_trainer():
+    from composer import Trainer
+    from composer.models import HuggingFaceModel
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from torch.utils.data import DataLoader
+
+    torch.manual_seed(0)
+    model = HuggingFaceModel(GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64,
+                                                        n_positions=32)), use_logits=True)
+    ids = torch.randint(0, 64, (32, 16))
+    data = DataLoader([{"input_ids": r, "labels": r.clone()} for r in ids], batch_size=8)
+    trainer = Trainer(model=model, train_dataloader=data, max_duration="6ba",
+                      algorithms=[StackLayers(at="2ba", init="function_preserving"), WidenMLP(at="4ba", factor=2)],
+                      optimizers=torch.optim.AdamW(model.parameters(), lr=1e-3), progress_bar=False)
+    trainer.fit()
+    cfg = unwrap_hf(trainer.state.model).config
+    assert cfg.n_layer == 4 and cfg.n_inner == 256
