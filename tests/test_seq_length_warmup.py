@@ -293,3 +293,10 @@ def test_two_ranks_count_trained_tokens(tiny_recipe, tmp_path):
     # lengths 8, 14->8, 20->16, 26->24 for 4 batches of 8 global rows
     assert s0["tokens_trained"] == s1["tokens_trained"] == 8 * (8 + 8 + 16 + 24)
     assert s0["train_loss"] == s1["train_loss"]
+
+
+def test_batches_pass_through_once_the_warmup_is_over():
+    alg = SeqLengthWarmup(min_seq_length=8, max_seq_length=16, step_size=8, duration="2ba", preallocate=False)
+    trainer, model = _fit(alg, max_duration="4ba")
+    assert [n for _, n in model.seen] == [8, 8, 32, 32]
+    assert int(trainer.state.timestamp.token) == 8 * (8 + 8 + 32 + 32)

@@ -86,7 +86,7 @@ class SeqLengthWarmup(Algorithm):
         self._base_microbatch: int | None = None
         self._set_microbatch: int | None = None
         self._token_excess = 0
-        self._data_longer = False
+        self._active = False
         self._preallocated = False
 
     def _parse_steps(self, schedule) -> list[tuple[Time, int]]:
@@ -133,6 +133,9 @@ class SeqLengthWarmup(Algorithm):
                                   f"at most the data's sequence length ({manifest['seq_len']} in {recipe.data.path})")
 
     # -- schedule ---------------------------------------------------------------------------
+    def _over(self, state: State) -> bool:
+        return elapsed(state, self.end.unit) >= float(self.end.value)
+
     def length_at(self, state: State) -> int:
         if self.steps is not None:
             length = self.steps[0][1]
@@ -170,12 +173,14 @@ class SeqLengthWarmup(Algorithm):
         if full < self.max_seq_length:
             raise ValueError(f"SeqLengthWarmup: max_seq_length={self.max_seq_length} exceeds the batch's "
                              f"sequence length ({full})")
-        self._data_longer = full > self.max_seq_length
         if self.preallocate and not self._preallocated:
             self._preallocated = True
             if self.length_at(state) < self.max_seq_length:
                 self._preallocate(state, batch)
-        self.seq_len = self.length_at(state)
+        # Once the warmup is over batches pass through untouched, so the algorithm composes with
+        # others that set the length later (e.g. a context-length schedule).
+        self._active = not self._over(state)
+        self.seq_len = self.length_at(state) if self._active else full
         before = _numel(batch)
         if self.seq_len < full:
             state.batch = set_batch_sequence_length(batch, self.seq_len, self.mode, self.preserve_end_of_sequence,
@@ -197,7 +202,7 @@ class SeqLengthWarmup(Algorithm):
             self._set_microbatch = None
         # Composer counted the batch before it was shortened: count what was trained instead.
         excess = self._token_excess
-        if self.seq_len < self.max_seq_length or self._data_longer:  # the same answer on every rank
+        if self._active:  # decided by the run's time: the same answer on every rank
             t = state.device.tensor_to_device(torch.tensor([excess], dtype=torch.int64))
             dist.all_reduce(t, reduce_operation="SUM")
             excess = int(t.item())
