@@ -117,6 +117,59 @@ def test_frozen_trunk_stays_unchanged(tiny_recipe):
     assert trainer.state.algorithms[0].record["trainable_after"] < trainer.state.algorithms[0].record["params_after"]
 
 
+def test_lora_trunk_trains_only_adapters_of_the_old_layers(tiny_recipe, tmp_path):
+    from composer_growth.functional import merge_lora
+
+    tiny_recipe["algorithms"] = {"stack_layers": {"at": "4ba", "mode": "append", "num_new": 1, "init": "random",
+                                                  "trunk": "lora", "lora_rank": 4}}
+    tiny_recipe.update(max_duration="8ba", save_interval="2ba")
+    snapshots = {}
+
+    from composer.core import Callback
+
+    class Snapshot(Callback):
+        def batch_end(self, state, logger):
+            if int(state.timestamp.batch) == 4:
+                hf = unwrap_hf(state.model)
+                snapshots.update({n: p.detach().clone() for n, p in hf.named_parameters()})
+
+    plan = validate(tiny_recipe)
+    plan.callbacks.append(Snapshot())
+    trainer = run(plan)
+    hf = unwrap_hf(trainer.state.model)
+    now = dict(hf.named_parameters())
+    base = [n for n in now if ".base_layer." in n]
+    lora = [n for n in now if "lora_" in n]
+    assert base and len(lora) == 2 * len(base) and all(n.startswith("model.layers.0.") or
+                                                       n.startswith("model.layers.1.") for n in base)
+    assert all(torch.equal(now[n], snapshots[n]) for n in base)  # old weights only change through adapters
+    assert any(not torch.equal(now[n], snapshots[n]) for n in lora if "lora_B" in n)
+    assert any(not torch.equal(now[n], snapshots[n]) for n in now if n.startswith("model.layers.2."))
+    assert all(now[n].requires_grad for n in now if n.startswith("model.layers.2.") or "lora_" in n)
+
+    # a resumed run replays the growth and the adapters before loading the weights
+    resumed = dict(tiny_recipe, save_folder=str(tmp_path / "resumed"), summary_file=str(tmp_path / "r.json"),
+                   autoresume=True)
+    os.makedirs(resumed["save_folder"])
+    shutil.copy(os.path.join(tiny_recipe["save_folder"], "ep0-ba6-rank0.pt"), resumed["save_folder"])
+    os.symlink("ep0-ba6-rank0.pt", os.path.join(resumed["save_folder"], "latest-rank0.pt"))
+    run(validate(resumed))
+    assert _summary(resumed["summary_file"])["train_loss"] == pytest.approx(
+        _summary(tiny_recipe["summary_file"])["train_loss"], rel=1e-5)
+
+    # merged, the export is a plain model with the same function
+    ids = torch.randint(0, hf.config.vocab_size, (2, 16))
+    hf.eval()
+    with torch.no_grad():
+        before = hf(ids).logits
+        assert merge_lora(hf) == len(base)
+        assert torch.allclose(hf(ids).logits, before, atol=1e-5)
+    hf.save_pretrained(tmp_path / "hf")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, before, atol=1e-5)
+
+
 def test_two_ranks_hold_identical_parameters_after_growth(tiny_recipe, tmp_path):
     recipe = _grow_twice(tiny_recipe)
     recipe.update(max_duration="10ba", eval_first=False, eval_interval="10ba", save_folder=None)
@@ -137,7 +190,8 @@ def test_two_ranks_hold_identical_parameters_after_growth(tiny_recipe, tmp_path)
     ("stack_layers", {"mode": "explicit", "source_layers": [0, 1, 2]}, "algorithms.stack_layers.source_layers"),
     ("stack_layers", {"mode": "explicit", "source_layers": []}, "algorithms.stack_layers.source_layers"),
     ("stack_layers", {"times": 1}, "algorithms.stack_layers.times"),
-    ("stack_layers", {"trunk": "lora"}, "algorithms.stack_layers.trunk"),
+    ("stack_layers", {"trunk": "thawed"}, "algorithms.stack_layers.trunk"),
+    ("stack_layers", {"trunk": "lora", "lora_rank": 0}, "algorithms.stack_layers.lora_rank"),
     ("widen_mlp", {"factor": 1.0}, "algorithms.widen_mlp.factor"),
     ("widen_mlp", {"factor": 0.5}, "algorithms.widen_mlp.factor"),
     ("widen_mlp", {"at": "2weeks"}, "algorithms.widen_mlp.at"),

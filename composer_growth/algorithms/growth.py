@@ -21,10 +21,11 @@ from composer_growth.algorithms.surgery import check_supported, composer_model, 
 from composer_growth.errors import ConfigError, check
 from composer_growth.families import FAMILIES, family_of, get_path, unwrap_hf
 from composer_growth.functional.growth import STACK_INITS, STACK_MODES, stack_layers, widen_mlp
+from composer_growth.functional.lora import add_lora
 from composer_growth.registry import register_algorithm
 from composer_growth.timeutil import parse_time, reached, to_duration_fraction
 
-TRUNKS = ("train", "frozen")
+TRUNKS = ("train", "frozen", "lora")
 
 
 class _Growth(Algorithm):
@@ -144,7 +145,10 @@ class StackLayers(_Growth):
         source_layers: source index of each new layer (``explicit``).
         num_new: layers to add (``append`` / ``prepend``).
         init: ``copy`` | ``function_preserving`` | ``random``.
-        trunk: ``train`` (every layer trains) or ``frozen`` (the layers that existed before stop training).
+        trunk: ``train`` (every layer trains), ``frozen`` (the layers that existed before stop training)
+            or ``lora`` (they train only through LoRA adapters of rank ``lora_rank``; merge them with
+            ``composer_growth.functional.merge_lora`` before an HF export).
+        lora_rank, lora_alpha: the adapters of ``trunk: lora`` (alpha defaults to the rank).
         seed: seed of ``random`` init.
         probe_loss: log the loss on the last batch right before and right after the growth.
     """
@@ -152,8 +156,8 @@ class StackLayers(_Growth):
     name = "stack_layers"
 
     def __init__(self, at: Any = "0.25dur", mode: str = "repeat", times: int = 2, source_layers: list[int] | None = None,
-                 num_new: int | None = None, init: str = "copy", trunk: str = "train", seed: int = 0,
-                 probe_loss: bool = True):
+                 num_new: int | None = None, init: str = "copy", trunk: str = "train", lora_rank: int = 8,
+                 lora_alpha: float | None = None, seed: int = 0, probe_loss: bool = True):
         super().__init__(at, probe_loss)
         check(mode in STACK_MODES, "mode", mode, f"one of {', '.join(STACK_MODES)}")
         check(init in STACK_INITS, "init", init, f"one of {', '.join(STACK_INITS)}")
@@ -167,8 +171,10 @@ class StackLayers(_Growth):
         if mode in ("append", "prepend"):
             check(isinstance(num_new, int) and num_new >= 1, "num_new", num_new, "an integer >= 1")
         self.mode, self.times, self.source_layers, self.num_new = mode, times, source_layers, num_new
+        check(isinstance(lora_rank, int) and lora_rank >= 1, "lora_rank", lora_rank, "an integer >= 1")
         self.init, self.trunk, self.seed = init, trunk, seed
-        self._old_layer_params: set[int] = set()
+        self.lora_rank, self.lora_alpha = lora_rank, lora_alpha
+        self._old_layers: set[int] = set()
 
     def _check_model_config(self, config: Any) -> None:
         family = family_of(getattr(config, "model_type", None), key="model.family")
@@ -177,17 +183,40 @@ class StackLayers(_Growth):
             bad = [i for i in self.source_layers if i >= n]
             check(not bad, "source_layers", self.source_layers, f"indices below the model's layer count ({n})")
 
+    def validate_run(self, max_duration: Time, recipe: Any = None) -> None:
+        super().validate_run(max_duration, recipe)
+        if recipe is not None and self.trunk == "lora" and recipe.model.peft is not None:
+            raise ConfigError("trunk", self.trunk, "'lora' needs a model without model.peft adapters")
+
     def _op(self, model: nn.Module):
         layers = get_path(unwrap_hf(model), family_of(model).layers)
-        self._old_layer_params = {id(p) for p in layers.parameters()}
+        self._old_layers = {id(layer) for layer in layers}
         return stack_layers(model, mode=self.mode, times=self.times, source_layers=self.source_layers,
                             num_new=self.num_new, init=self.init, seed=self.seed)
 
     def _after(self, model: nn.Module, mapping) -> None:
+        if self.trunk == "train":
+            return
+        hf = unwrap_hf(model)
+        path = family_of(hf).layers
+        old = [(f"{path}.{i}", layer) for i, layer in enumerate(get_path(hf, path)) if id(layer) in self._old_layers]
         if self.trunk == "frozen":
-            for p in model.parameters():
-                if id(p) in self._old_layer_params:
-                    p.requires_grad_(False)
+            for _, layer in old:
+                layer.requires_grad_(False)
+            return
+        from transformers.pytorch_utils import Conv1D
+
+        targets = [f"{prefix}.{name}" for prefix, layer in old for name, m in layer.named_modules()
+                   if isinstance(m, (nn.Linear, Conv1D))]
+        add_lora(hf, targets, rank=self.lora_rank, alpha=self.lora_alpha)
+        # the wrapped modules' weights moved to `<module>.base_layer.*`: keep the optimizer map in step
+        outer = next(name for name, m in model.named_modules() if m is hf)
+        outer = f"{outer}." if outer else ""
+        for target in targets:
+            for leaf in ("weight", "bias"):
+                key = f"{outer}{target}.{leaf}"
+                if key in mapping:
+                    mapping[f"{outer}{target}.base_layer.{leaf}"] = mapping.pop(key)
 
 
 @register_algorithm("widen_mlp")

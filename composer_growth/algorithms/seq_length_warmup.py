@@ -214,22 +214,32 @@ class SeqLengthWarmup(Algorithm):
         logger.log_metrics({"tokens/trained": int(state.timestamp.token)})
 
     def _preallocate(self, state: State, batch: dict[str, torch.Tensor]) -> None:
-        """One forward and backward at max_seq_length on a copy of this batch; no data, no RNG drawn."""
+        """One forward and backward at max_seq_length on a copy of this batch; no data, no RNG drawn.
+
+        Runs on the model under any DDP wrapper, so no rank waits on another; if the pass runs out
+        of memory (``device_train_microbatch_size: auto`` not settled yet) it is skipped and the
+        Trainer's own microbatch search takes over.
+        """
         rows = state.device_train_microbatch_size if isinstance(state.device_train_microbatch_size, int) else 1
         sample = set_batch_sequence_length(batch, self.max_seq_length, "truncate")
-        sample = {k: v[:rows] for k, v in sample.items()}
-        model = state.model
-        unwrapped = model.module if hasattr(model, "module") else model
+        sample = state.device.batch_to_device({k: v[:rows] for k, v in sample.items()})
+        model = state.model.module if isinstance(state.model, torch.nn.parallel.DistributedDataParallel) else state.model
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices):
-            with get_precision_context(state.precision, state.precision_config):
-                outputs = model(sample)
-                loss = unwrapped.loss(outputs, sample)
-            for item in ensure_tuple(loss):
-                item.backward()
-        del outputs, loss, sample
-        for p in model.parameters():
-            p.grad = None
+        try:
+            with torch.random.fork_rng(devices=devices):
+                with get_precision_context(state.precision, state.precision_config):
+                    loss = model.loss(model(sample), sample)
+                for item in ensure_tuple(loss):
+                    item.backward()
+        except torch.cuda.OutOfMemoryError:
+            loss = None
+            warnings.warn(f"SeqLengthWarmup: pre-allocation at {self.max_seq_length} tokens x {rows} rows ran out "
+                          "of memory and was skipped")
+            torch.cuda.empty_cache()
+        finally:
+            loss = sample = None
+            for p in model.parameters():
+                p.grad = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"seq_len": int(self.seq_len)}

@@ -1,0 +1,200 @@
+"""Helpers shared by the side-by-side benchmarks: data, model, a timing callback, memory, tables.
+
+Every benchmark runs its variants one after another in one process, from the same initial
+weights, data order, optimizer and schedule, and compares them by ratios.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from typing import Any
+
+import torch
+from composer.core import Callback, State
+from composer.loggers import Logger
+from composer.utils import dist
+from torch.utils.data import DataLoader
+
+# -- data ---------------------------------------------------------------------------------------
+
+def ensure_data(path: str, seq_len: int, vocab_size: int, max_bytes: int) -> str:
+    """A prepared dataset at ``path`` (built from this machine's Python source if missing)."""
+    from composer_growth.data.prepare import prepare_dataset, read_manifest
+
+    manifest = read_manifest(path)
+    if manifest is None:
+        manifest = prepare_dataset(path, source="python-source", seq_len=seq_len, vocab_size=vocab_size,
+                                   max_bytes=max_bytes)
+    if manifest["seq_len"] < seq_len:
+        raise SystemExit(f"{path} holds {manifest['seq_len']}-token sequences; --seq-len {seq_len} needs longer")
+    train = manifest["splits"]["train"]
+    print(f"data: {path}: {train['tokens']:,} training tokens in {train['sequences']:,} sequences of "
+          f"{manifest['seq_len']}, {manifest['vocab_size']}-token vocabulary", flush=True)
+    return path
+
+
+def fixed_eval_loader(path: str, split: str, batch_size: int, n_batches: int, seq_len: int) -> DataLoader:
+    """The first ``n_batches * batch_size`` sequences of ``split``, read once and kept in memory."""
+    from streaming import StreamingDataset
+
+    from composer_growth.data.loaders import lm_collate
+
+    ds = StreamingDataset(local=os.path.join(path, split), split=None, shuffle=False, batch_size=batch_size)
+    n = min(len(ds), n_batches * batch_size)
+    samples = [{"input_ids": ds[i]["input_ids"][:seq_len]} for i in range(n)]
+    del ds
+    return DataLoader(samples, batch_size=batch_size, shuffle=False, collate_fn=lm_collate)
+
+
+# -- model --------------------------------------------------------------------------------------
+
+def build_recipe_parts(family: str, config: dict[str, Any], lr: float, t_warmup: str, alpha_f: float = 0.1,
+                       weight_decay: float = 0.0):
+    """A :class:`Recipe` holding only model, optimizer and scheduler, for the project's builders."""
+    from composer_growth.recipe.schema import ModelConfig, OptimizerConfig, Recipe, SchedulerConfig
+
+    return Recipe(model=ModelConfig(family=family, config=dict(config)),
+                  optimizer=OptimizerConfig(name="decoupled_adamw", lr=lr, betas=[0.9, 0.95],
+                                            weight_decay=weight_decay),
+                  scheduler=SchedulerConfig(name="cosine_with_warmup", t_warmup=t_warmup, alpha_f=alpha_f))
+
+
+# -- measuring ----------------------------------------------------------------------------------
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class Recorder(Callback):
+    """Training wall time with evals left out, each step's time, tokens really trained, eval losses.
+
+    * ``train_time()``: seconds since ``FIT_START``, less the time spent in evals.
+    * ``step_times[i]``: batch ``i``'s share of it (``BATCH_END`` to ``BATCH_END``: loading, algorithms,
+      forward, backward, optimizer).
+    * tokens: ``input_ids.numel()`` at ``BATCH_START`` (after every algorithm has reshaped the batch),
+      times the world size (every rank holds the same shape).
+    * ``evals``: one entry per eval: batch, train time, real tokens, Composer's ``time/token``, loss.
+    """
+
+    def __init__(self, eval_label: str = "eval", metric: str = "LanguageCrossEntropy"):
+        self.eval_label, self.metric = eval_label, metric
+        self.evals: list[dict[str, float]] = []
+        self.step_times: list[float] = []
+        self.step_tokens: list[int] = []
+        self.tokens = 0
+        self.first_ids: list[int] = []
+        self._t0 = self._eval_start = self._last = 0.0
+        self._eval_total = 0.0
+        self._loss: float | None = None
+
+    def train_time(self) -> float:
+        return time.perf_counter() - self._t0 - self._eval_total
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        _sync()
+        self._t0 = time.perf_counter()
+        self._last = 0.0
+
+    def batch_start(self, state: State, logger: Logger) -> None:
+        ids = state.batch["input_ids"]
+        if not self.first_ids:
+            self.first_ids = ids[0, :8].tolist()  # the same on every run if the data order is the same
+        n = int(ids.numel()) * dist.get_world_size()
+        self.tokens += n
+        self.step_tokens.append(n)
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        _sync()
+        now = self.train_time()
+        self.step_times.append(now - self._last)
+        self._last = now
+
+    def eval_before_all(self, state: State, logger: Logger) -> None:
+        _sync()
+        self._eval_start = time.perf_counter()
+
+    def eval_end(self, state: State, logger: Logger) -> None:
+        metrics = state.eval_metrics.get(self.eval_label, {})
+        if self.metric in metrics:
+            self._loss = float(metrics[self.metric].compute())
+
+    def eval_after_all(self, state: State, logger: Logger) -> None:
+        _sync()
+        self._eval_total += time.perf_counter() - self._eval_start
+        if self._loss is None:
+            return
+        entry = {"batch": int(state.timestamp.batch), "time_s": self._last, "tokens": self.tokens,
+                 "composer_tokens": int(state.timestamp.token), "loss": self._loss}
+        if self.evals and self.evals[-1]["batch"] == entry["batch"]:
+            self.evals[-1] = entry
+        else:
+            self.evals.append(entry)
+        self._loss = None
+
+
+# -- memory -------------------------------------------------------------------------------------
+
+def reset_peak_memory(device: str) -> None:
+    """Start a peak-memory window (CUDA only)."""
+    if device == "gpu":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory(device: str) -> int | None:
+    """Peak CUDA bytes allocated since :func:`reset_peak_memory`; None on the CPU.
+
+    The CPU has no comparable figure in one process: peak RSS cannot be split by run, and the
+    allocator keeps freed pages, so a later run reuses an earlier run's memory.
+    """
+    return int(torch.cuda.max_memory_allocated()) if device == "gpu" else None
+
+
+# -- results ------------------------------------------------------------------------------------
+
+def time_to_loss(evals: list[dict[str, float]], target: float, key: str = "time_s") -> float | None:
+    """``key`` (training seconds, tokens, ...) at which the eval loss first reaches ``target``.
+
+    Linear interpolation in (key, loss) between the last eval above the target and the first at or
+    below it; the first eval's own value if the first eval is already there; None if never reached.
+    """
+    prev = None
+    for e in evals:
+        if e["loss"] <= target:
+            if prev is None or prev["loss"] == e["loss"]:
+                return e[key]
+            share = (prev["loss"] - target) / (prev["loss"] - e["loss"])
+            return prev[key] + share * (e[key] - prev[key])
+        prev = e
+    return None
+
+
+def describe_device(device: str) -> str:
+    if device == "gpu" and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__}, CUDA {torch.version.cuda})"
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        name = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "")
+    except (OSError, subprocess.CalledProcessError):
+        name = platform.processor()
+    return f"CPU {name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads (torch {torch.__version__})"
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
+    """``columns``: (key, header) pairs; values are printed as they are (format them first)."""
+    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(str(row.get(k, "")) for k, _ in columns) + " |")
+    return "\n".join(lines)
+
+
+def write_json(path: str, data: Any) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
