@@ -68,3 +68,29 @@ def launch(script: str, args: list[str], workdir):
 def launch_failure(proc, workdir) -> str:
     logs = [f.read_text()[-2000:] for f in sorted(workdir.glob("err*.txt"))]
     return proc.stderr[-2000:] + "".join(logs)
+
+
+def read_summary(path) -> dict:
+    import json
+
+    with open(path) as f:
+        return json.load(f)
+
+
+def resume_from(recipe: dict, checkpoint: str, workdir):
+    """Run ``recipe`` as a run that stopped right after ``checkpoint`` (a file in its save folder).
+
+    The resumed run's save folder holds only that checkpoint, and ``autoresume`` finds it.
+    Returns the trainer and the resumed run's summary.
+    """
+    import shutil
+
+    from composer_growth.recipe import run, validate
+
+    resumed = dict(recipe, save_folder=str(workdir / "resumed"), summary_file=str(workdir / "resumed.json"),
+                   autoresume=True)
+    os.makedirs(resumed["save_folder"])
+    shutil.copy(os.path.join(recipe["save_folder"], checkpoint), resumed["save_folder"])
+    os.symlink(checkpoint, os.path.join(resumed["save_folder"], "latest-rank0.pt"))
+    trainer = run(validate(resumed))
+    return trainer, read_summary(resumed["summary_file"])

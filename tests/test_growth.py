@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from composer_growth.errors import ConfigError
 from composer_growth.families import unwrap_hf
 from composer_growth.recipe import run, validate
 
-from conftest import launch, launch_failure
+from conftest import launch, launch_failure, resume_from
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -79,13 +78,7 @@ def test_resume_before_between_and_after_growth(tiny_recipe, tmp_path, checkpoin
     full = _grow_twice(tiny_recipe)
     run(validate(full))
     uninterrupted = _summary(full["summary_file"])
-    resumed = dict(full, save_folder=str(tmp_path / "resumed"), summary_file=str(tmp_path / "r.json"),
-                   autoresume=True)
-    os.makedirs(resumed["save_folder"])
-    shutil.copy(os.path.join(full["save_folder"], checkpoint), resumed["save_folder"])
-    os.symlink(checkpoint, os.path.join(resumed["save_folder"], "latest-rank0.pt"))
-    trainer = run(validate(resumed))
-    after = _summary(resumed["summary_file"])
+    trainer, after = resume_from(full, checkpoint, tmp_path)
     assert unwrap_hf(trainer.state.model).config.num_hidden_layers == 4
     assert after["train_loss"] == pytest.approx(uninterrupted["train_loss"], rel=1e-5)
     assert [e["loss"] for e in after["evals"]] == pytest.approx([e["loss"] for e in uninterrupted["evals"]], rel=1e-5)
@@ -148,14 +141,8 @@ def test_lora_trunk_trains_only_adapters_of_the_old_layers(tiny_recipe, tmp_path
     assert all(now[n].requires_grad for n in now if n.startswith("model.layers.2.") or "lora_" in n)
 
     # a resumed run replays the growth and the adapters before loading the weights
-    resumed = dict(tiny_recipe, save_folder=str(tmp_path / "resumed"), summary_file=str(tmp_path / "r.json"),
-                   autoresume=True)
-    os.makedirs(resumed["save_folder"])
-    shutil.copy(os.path.join(tiny_recipe["save_folder"], "ep0-ba6-rank0.pt"), resumed["save_folder"])
-    os.symlink("ep0-ba6-rank0.pt", os.path.join(resumed["save_folder"], "latest-rank0.pt"))
-    run(validate(resumed))
-    assert _summary(resumed["summary_file"])["train_loss"] == pytest.approx(
-        _summary(tiny_recipe["summary_file"])["train_loss"], rel=1e-5)
+    _, after = resume_from(tiny_recipe, "ep0-ba6-rank0.pt", tmp_path)
+    assert after["train_loss"] == pytest.approx(_summary(tiny_recipe["summary_file"])["train_loss"], rel=1e-5)
 
     # merged, the export is a plain model with the same function
     ids = torch.randint(0, hf.config.vocab_size, (2, 16))

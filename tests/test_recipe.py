@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 
@@ -15,7 +14,7 @@ import yaml
 from composer_growth.errors import ConfigError
 from composer_growth.recipe import load_recipe, run, validate
 
-from conftest import launch, launch_failure
+from conftest import launch, launch_failure, read_summary, resume_from
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,18 +48,9 @@ def test_yaml_overrides_and_interpolation(tiny_recipe, tmp_path):
 
 
 def test_resume_matches_uninterrupted_run(tiny_recipe, tmp_path):
-    full = dict(tiny_recipe)
-    run(validate(full))
-    uninterrupted = _summary(full["summary_file"])
-
-    # a run that stopped right after its checkpoint at batch 4: its save folder holds only that
-    resumed = dict(tiny_recipe, save_folder=str(tmp_path / "resumed"), summary_file=str(tmp_path / "r.json"),
-                   autoresume=True)
-    os.makedirs(resumed["save_folder"])
-    shutil.copy(os.path.join(full["save_folder"], "ep0-ba4-rank0.pt"), resumed["save_folder"])
-    os.symlink("ep0-ba4-rank0.pt", os.path.join(resumed["save_folder"], "latest-rank0.pt"))
-    run(validate(resumed))
-    after = _summary(resumed["summary_file"])
+    run(validate(tiny_recipe))
+    uninterrupted = read_summary(tiny_recipe["summary_file"])
+    _, after = resume_from(tiny_recipe, "ep0-ba4-rank0.pt", tmp_path)
     assert after["batches"] == 8
     assert after["train_loss"] == pytest.approx(uninterrupted["train_loss"], rel=1e-5)
     assert [e["loss"] for e in after["evals"]] == pytest.approx([e["loss"] for e in uninterrupted["evals"]], rel=1e-5)

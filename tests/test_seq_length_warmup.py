@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import warnings
 
 import pytest
@@ -23,7 +22,7 @@ from composer_growth.errors import ConfigError
 from composer_growth.functional import set_batch_sequence_length
 from composer_growth.recipe import run, validate
 
-from conftest import launch, launch_failure
+from conftest import launch, launch_failure, resume_from
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -269,13 +268,7 @@ def test_resume_mid_warmup_matches_uninterrupted(tiny_recipe, tmp_path, mode):
         uninterrupted = json.load(f)
     assert uninterrupted["tokens_trained"] < 8 * 8 * 32 or mode == "reshape"
 
-    resumed = dict(full, save_folder=str(tmp_path / "resumed"), summary_file=str(tmp_path / "r.json"), autoresume=True)
-    os.makedirs(resumed["save_folder"])
-    shutil.copy(os.path.join(full["save_folder"], "ep0-ba4-rank0.pt"), resumed["save_folder"])
-    os.symlink("ep0-ba4-rank0.pt", os.path.join(resumed["save_folder"], "latest-rank0.pt"))
-    run(validate(resumed))
-    with open(resumed["summary_file"]) as f:
-        after = json.load(f)
+    _, after = resume_from(full, "ep0-ba4-rank0.pt", tmp_path)
     assert after["tokens_trained"] == uninterrupted["tokens_trained"]
     assert after["train_loss"] == pytest.approx(uninterrupted["train_loss"], rel=1e-5)
     assert [e["loss"] for e in after["evals"]] == pytest.approx([e["loss"] for e in uninterrupted["evals"]], rel=1e-5)
