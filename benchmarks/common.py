@@ -198,3 +198,60 @@ def write_json(path: str, data: Any) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(data, f, indent=2)
+
+
+# -- added for benchmarks/growth.py -------------------------------------------------------------
+
+def rss_bytes() -> int | None:
+    """This process's resident set size now (Linux ``/proc/self/statm``); None elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class PeakRSS:
+    """``with PeakRSS() as m: ...``; then ``m.peak``: the largest RSS seen while the block ran (or None).
+
+    A thread samples :func:`rss_bytes` every ``interval`` seconds (torch kernels release the GIL), so
+    a spike shorter than that can be missed. glibc returns large freed blocks to the system, so for
+    tensors of more than a few MB this follows what is really held.
+    """
+
+    def __init__(self, interval: float = 0.001):
+        import threading
+
+        self.interval, self.peak = interval, rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            now = rss_bytes()
+            if now is not None and self.peak is not None:
+                self.peak = max(self.peak, now)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakRSS":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        now = rss_bytes()
+        if now is not None and self.peak is not None:
+            self.peak = max(self.peak, now)
+
+
+def loss_at(evals: list[dict[str, float]], x: float, key: str = "time_s") -> float | None:
+    """The eval loss at ``key`` = ``x`` (training seconds, batches, ...), interpolated linearly between
+    the evals around it; None before the first eval or after the last."""
+    for prev, e in zip(evals, evals[1:]):
+        if prev[key] <= x <= e[key]:
+            share = 0.0 if e[key] == prev[key] else (x - prev[key]) / (e[key] - prev[key])
+            return prev["loss"] + share * (e["loss"] - prev["loss"])
+    if evals and evals[-1][key] == x:
+        return evals[-1]["loss"]
+    return None

@@ -267,6 +267,9 @@ def test_transfer_after_stack_copies_state_by_name():
     assert not zeroed["exp_avg"].any() and not zeroed["exp_avg_sq"].any()
     kept = new.state[layers[0].mlp.up_proj.weight]  # same parameter object, state carried over
     assert torch.equal(kept["exp_avg"], src["exp_avg"])
+    # a surviving parameter's state is moved, not copied; a duplicate gets tensors of its own
+    assert kept["exp_avg"] is opt.state[layers[0].mlp.up_proj.weight]["exp_avg"]
+    assert up["exp_avg"].data_ptr() != kept["exp_avg"].data_ptr()
     check_step_lowers_loss(model, new)
 
 

@@ -47,9 +47,12 @@ def _carry_state(state: Mapping[str, Any], old: torch.Tensor, new: torch.Tensor,
                  src: ParamSource, name: str) -> dict[str, Any]:
     """The new parameter's state: tensors shaped like the old parameter go through ``src``, scalars are kept.
 
-    State that is neither (e.g. factored second moments) can only follow an identity entry;
-    otherwise the parameter starts with no state at all.
+    A parameter that survived the growth unchanged (same object, identity entry) takes its state
+    tensors as they are, without a copy. State that is neither (e.g. factored second moments)
+    can only follow an identity entry; otherwise the parameter starts with no state at all.
     """
+    if new is old and src.is_identity:
+        return dict(state)
     out: dict[str, Any] = {}
     for key, value in state.items():
         if not torch.is_tensor(value):
@@ -105,7 +108,9 @@ def transfer_optimizer_state(old_optimizer: torch.optim.Optimizer,
     * with no entry (fresh, e.g. ``init="random"``) and ``requires_grad``: no state, in the group
       of an old parameter with the same name up to block indices, else group 0.
 
-    Group hyperparameters and optimizer defaults are copied; the old optimizer is not changed.
+    Group hyperparameters and optimizer defaults are copied. The state tensors of parameters that
+    survived unchanged are moved, not copied (growth then needs no second copy of the whole
+    optimizer state): the old optimizer is not to be stepped afterwards.
     """
     by_id = {(k if isinstance(k, int) else id(k)): name for k, name in old_names.items()}
     old_param: dict[str, torch.Tensor] = {}
