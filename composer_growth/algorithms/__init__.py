@@ -1,6 +1,7 @@
 """Composer algorithms: when to act, and the state to resume from."""
 
+from composer_growth.algorithms.context_schedule import ContextLengthSchedule
 from composer_growth.algorithms.growth import StackLayers, WidenMLP
 from composer_growth.algorithms.seq_length_warmup import SeqLengthWarmup
 
-__all__ = ["SeqLengthWarmup", "StackLayers", "WidenMLP"]
+__all__ = ["ContextLengthSchedule", "SeqLengthWarmup", "StackLayers", "WidenMLP"]

@@ -317,7 +317,10 @@ class _Source:
             self.passes += 1
             self.batches = self.samples = 0
             self._start()
-            batch = next(self.iterator)  # an empty loader raises StopIteration: nothing to train on
+            try:
+                batch = next(self.iterator)
+            except StopIteration:
+                raise ValueError(f"ContextLengthSchedule: the train data {self.key} yields no batch") from None
         self.batches += 1
         self.samples += _rows(batch) * dist.get_world_size()
         return batch
@@ -494,7 +497,9 @@ class ContextLengthSchedule(Algorithm):
         if unit == max_unit:
             run = float(max_duration.value)
             for i in range(1, len(starts)):
-                if starts[i] >= run - _EPS:
+                # a phase starts with the first batch at or past its start: batch counts are whole
+                first = math.ceil(starts[i] - _EPS) if unit == TimeUnit.BATCH else starts[i]
+                if first >= run - _EPS:
                     raise ConfigError(f"phases[{i}]", self.phases[i].name,
                                       f"starts at {starts[i]:g}{unit.value}, when the run has ended "
                                       f"(max_duration={max_duration}): shorten the phases before it")
@@ -614,11 +619,11 @@ class ContextLengthSchedule(Algorithm):
         if not blocks:
             return None
         options = dict(self._recipe.get("prepare") or {})
-        options["tokenizer"] = self._recipe.get("tokenizer")
+        options.pop("seq_len", None)  # data.prepare's length is data.path's, not this dataset's
+        options["tokenizer"] = self._recipe.get("tokenizer")  # token ids must agree across phases
         for block in blocks:
             options.update(block)
-        options.setdefault("seq_len", None)
-        if options["seq_len"] is None:
+        if options.get("seq_len") is None:
             options["seq_len"] = max(p.seq_length for p in users)
         return options
 
@@ -654,10 +659,8 @@ class ContextLengthSchedule(Algorithm):
                 check(clean.source in SOURCES, f"phases[{with_prepare.index}].prepare.source", clean.source,
                       f"one of {', '.join(SOURCES)}")
                 lengths[path] = clean.seq_len
-                where = f"phases[{with_prepare.index}].prepare.seq_len"
             else:
                 lengths[path] = int(manifest["seq_len"])
-                where = f"{key}.dataset"
                 if self.train_split not in manifest.get("splits", {}):
                     raise ConfigError(f"{key}.dataset", path,
                                       f"has no '{self.train_split}' split (splits: {', '.join(manifest.get('splits', {}))})")
@@ -667,10 +670,12 @@ class ContextLengthSchedule(Algorithm):
                                       f"{base_manifest.get('vocab_size')}: prepare it with data.path's tokenizer")
             for p in users:
                 if lengths[path] < p.seq_length:
-                    raise ConfigError(where if where.endswith("seq_len") else f"phases[{p.index}].dataset",
-                                      lengths[path] if where.endswith("seq_len") else path,
-                                      f"sequences of {lengths[path]} tokens, shorter than phases[{p.index}]"
-                                      f".seq_length ({p.seq_length})")
+                    if manifest is None:  # the prepare block asks for too short a length
+                        bad_key, bad = f"phases[{with_prepare.index}].prepare.seq_len", lengths[path]
+                    else:
+                        bad_key, bad = f"phases[{p.index}].dataset", path
+                    raise ConfigError(bad_key, bad, f"sequences of {lengths[path]} tokens, shorter than "
+                                                    f"phases[{p.index}].seq_length ({p.seq_length})")
         self._check_batches(lengths)
 
     def _check_batches(self, lengths: dict[str, int]) -> None:
@@ -753,14 +758,23 @@ class ContextLengthSchedule(Algorithm):
             rows = getattr(loader, "batch_size", None)
             self._tokens = self.tokens_per_step or (rows * self._base_len * dist.get_world_size()
                                                     if rows and self._base_len else None)
+        if any(p.lr_multiplier != 1.0 for p in self.phases):
+            self._check_schedulers(state)
+        rows = getattr(loader, "batch_size", None)
+        if self.tokens_per_step and rows and self._base_len and any(p.dataset is None for p in self.phases):
+            base_tokens = rows * self._base_len * dist.get_world_size()
+            if base_tokens != self.tokens_per_step:
+                raise ConfigError("tokens_per_step", self.tokens_per_step,
+                                  f"phases without a dataset train on the Trainer's batches of {base_tokens} tokens")
         if self._uses_datasets():
             if state.max_duration is not None and state.max_duration.unit == TimeUnit.EPOCH:
                 raise ConfigError("max_duration", str(state.max_duration),
                                   "in ba, tok or sp when phases switch datasets")
-            base = _Source(BASE, loader)
-            base.resume = self._resume_sources.pop(BASE, None)
-            self._sources = {BASE: base}
-            self._loader = _PhasedLoader(self)
+            if self._loader is None:  # a second fit() keeps the sources where they are
+                base = _Source(BASE, loader)
+                base.resume = self._resume_sources.pop(BASE, None)
+                self._sources = {BASE: base}
+                self._loader = _PhasedLoader(self)
             state.set_dataloader(self._loader, state.dataloader_label or "train")
             state.dataset_resumption["train"] = True  # positions are ours: no spinning by the Trainer
             self._current_source = self._source_key(state, self.phase)
@@ -800,7 +814,6 @@ class ContextLengthSchedule(Algorithm):
         self._lr_saved = None
         if mult == 1.0:
             return
-        self._check_schedulers(state)
         self._lr_saved = [g["lr"] for opt in ensure_tuple(state.optimizers) for g in opt.param_groups]
         self._sched_steps = [int(getattr(s, "last_epoch", 0)) for s in state.schedulers]
         for opt in ensure_tuple(state.optimizers):
@@ -837,9 +850,6 @@ class ContextLengthSchedule(Algorithm):
         nxt = self._phase_at(state)
         if (nxt != self._phase or done) and self.phase.name not in self._exported:
             self._phase_end(state, logger)
-        if nxt > self._phase + 1:
-            skipped = ", ".join(p.name for p in self.phases[self._phase + 1:nxt])
-            self._warn_once(f"ContextLengthSchedule: phases {skipped} end within one batch and are skipped")
 
     def _fit_end(self, state: State, logger: Logger) -> None:
         if self._tmp_tokenizer is not None and os.path.isdir(self._tmp_tokenizer):
@@ -926,7 +936,10 @@ class ContextLengthSchedule(Algorithm):
         from composer_growth.data.prepare import prepare_dataset, read_manifest
 
         todo = {path: users for path, users in self._dataset_paths().items() if read_manifest(path) is None}
-        if not todo:
+        # every rank must agree on whether to wait: one rank may look after another has finished building
+        flag = state.device.tensor_to_device(torch.tensor([len(todo)], dtype=torch.int64))
+        dist.all_reduce(flag, reduce_operation="MAX")
+        if int(flag.item()) == 0:
             return
         plans = {}
         for path, users in todo.items():
@@ -934,11 +947,14 @@ class ContextLengthSchedule(Algorithm):
             if options is None:
                 raise ConfigError(f"phases[{users[0].index}].dataset", path,
                                   "no dataset there (no manifest.json) and no prepare block to build it")
-            if not options.get("tokenizer") or not os.path.exists(str(options["tokenizer"])):
-                options["tokenizer"] = self._model_tokenizer_dir(state)
+            named = any("tokenizer" in (p.prepare or {}) for p in users)
+            if not named and (not options.get("tokenizer") or not os.path.exists(str(options["tokenizer"]))):
+                options["tokenizer"] = self._model_tokenizer_dir(state)  # no recipe: the model's own
             plans[path] = {k: v for k, v in options.items() if v is not None or k == "tokenizer"}
         if dist.get_local_rank() == 0:
             for path, options in plans.items():
+                if read_manifest(path) is not None:
+                    continue
                 if options.get("tokenizer") is not None:
                     options.pop("vocab_size", None)
                 prepare_dataset(path, **options)
@@ -1138,7 +1154,7 @@ class ContextLengthSchedule(Algorithm):
                 hf.save_pretrained(folder, state_dict=_base_state_dict(hf))
             else:
                 hf.config.save_pretrained(folder)
-            peft.save_pretrained(os.path.join(folder, "adapter"))
+            _save_adapter(peft, os.path.join(folder, "adapter"))
         tokenizer = getattr(_composer_model(state.model), "tokenizer", None)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
@@ -1238,6 +1254,17 @@ def _peft_model(model: torch.nn.Module) -> Any:
             return None
         model = nxt
     return None
+
+
+def _save_adapter(peft: Any, folder: str) -> None:
+    """``peft.save_pretrained``; Composer leaves ``peft_type`` a plain string, which peft's model card needs
+    as its enum (a ``str`` enum: Composer's ``== 'LORA'`` checks still hold)."""
+    from peft import PeftType
+
+    for config in peft.peft_config.values():
+        if isinstance(config.peft_type, str) and not isinstance(config.peft_type, PeftType):
+            config.peft_type = PeftType(config.peft_type.upper())
+    peft.save_pretrained(folder)
 
 
 def _base_state_dict(hf: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -44,6 +44,8 @@ def load_recipe(path: str, overrides: list[str] | tuple[str, ...] = ()) -> dict[
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "recipe"
         raise ConfigError(str(key), path, str(e).splitlines()[0]) from None
+    except (TypeError, ValueError, KeyError, IndexError) as e:
+        raise ConfigError("override", " ".join(overrides), str(e).splitlines()[0]) from None
     if not isinstance(data, dict):
         raise ConfigError("recipe", path, "the YAML file must hold a mapping")
     return data
@@ -191,21 +193,33 @@ def validate(data: dict[str, Any], world_size: int | None = None) -> Plan:
     return Plan(recipe=recipe, algorithms=algorithms, callbacks=callbacks, loggers=loggers, world_size=world_size)
 
 
+def init_dist(plan: Plan) -> None:
+    """Start torch.distributed before anything (data preparation, StreamingDataset) needs it."""
+    from composer.utils import dist
+
+    if dist.get_world_size() > 1 and not dist.is_initialized():
+        import torch
+        from composer.devices import DeviceCPU, DeviceGPU
+
+        on_gpu = plan.recipe.device == "gpu" or (plan.recipe.device is None and torch.cuda.is_available())
+        dist.initialize_dist(DeviceGPU() if on_gpu else DeviceCPU(), timeout=plan.recipe.dist_timeout)
+
+
 def ensure_data(plan: Plan) -> None:
-    """Build the dataset named by the recipe if it is missing (local rank 0 builds, the rest wait)."""
+    """Build the dataset named by the recipe if it is missing: local rank 0 builds, the rest wait.
+
+    Whether it is missing is decided once, on global rank 0, and shared, so every rank takes
+    the same path to the barrier.
+    """
     from composer.utils import dist
 
     from composer_growth.data.prepare import prepare_dataset, read_manifest
 
     data = plan.recipe.data
-    if data.remote is not None or read_manifest(data.path) is not None:
+    missing = [data.remote is None and read_manifest(data.path) is None]
+    dist.broadcast_object_list(missing, src=0)
+    if not missing[0]:
         return
-    if dist.get_world_size() > 1:
-        from composer.devices import DeviceCPU, DeviceGPU
-        import torch
-
-        on_gpu = plan.recipe.device == "gpu" or (plan.recipe.device is None and torch.cuda.is_available())
-        dist.initialize_dist(DeviceGPU() if on_gpu else DeviceCPU(), timeout=plan.recipe.dist_timeout)
     if dist.get_local_rank() == 0:
         p = data.prepare
         prepare_dataset(data.path, source=p.source, seq_len=p.seq_len, vocab_size=p.vocab_size,
@@ -285,6 +299,7 @@ def build_trainer(plan: Plan):
     from composer_growth.data.loaders import build_lm_dataloader
 
     r = plan.recipe
+    init_dist(plan)
     ensure_data(plan)
     reproducibility.seed_all(r.seed)
     tokenizer = build_tokenizer(r)
