@@ -293,3 +293,19 @@ def test_batches_pass_through_once_the_warmup_is_over():
     trainer, model = _fit(alg, max_duration="4ba")
     assert [n for _, n in model.seen] == [8, 8, 32, 32]
     assert int(trainer.state.timestamp.token) == 8 * (8 + 8 + 32 + 32)
+
+
+@pytest.mark.parametrize("warmup_first", [True, False])
+def test_warmup_inside_a_context_phase_whatever_the_listing_order(tiny_recipe, warmup_first):
+    warmup = {"min_seq_length": 8, "max_seq_length": 16, "step_size": 8, "duration": "2ba", "preallocate": False}
+    schedule = {"save_checkpoints": False, "export_hf": False, "phases": [
+        {"name": "short", "seq_length": 16, "duration": "0.5dur"},
+        {"name": "long", "seq_length": 32, "duration": "0.5dur"}]}
+    items = [("seq_length_warmup", warmup), ("context_length_schedule", schedule)]
+    tiny_recipe["algorithms"] = dict(items if warmup_first else items[::-1])
+    tiny_recipe["eval_first"] = False
+    run(validate(tiny_recipe))
+    with open(tiny_recipe["summary_file"]) as f:
+        info = json.load(f)
+    # 256 tokens per step; the warmup halves the first two (16 -> 8 within the 16-token phase)
+    assert info["tokens_trained"] == 2 * 128 + 6 * 256

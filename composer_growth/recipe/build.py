@@ -295,6 +295,7 @@ def build_trainer(plan: Plan):
     from composer.core import Evaluator
     from composer.utils import reproducibility
 
+    from composer_growth.algorithms import batch_length_order
     from composer_growth.callbacks import RunSummary
     from composer_growth.data.loaders import build_lm_dataloader
 
@@ -328,6 +329,7 @@ def build_trainer(plan: Plan):
         optimizers=optimizer,
         schedulers=build_scheduler(r),
         algorithms=plan.algorithms,
+        algorithm_passes=[batch_length_order],
         callbacks=callbacks,
         loggers=plan.loggers,
         progress_bar=r.progress_bar,
