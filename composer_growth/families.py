@@ -66,6 +66,18 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+def unwrap_composer(model: nn.Module) -> nn.Module:
+    """The model under DDP and ``torch.compile`` wrappers (for a Trainer: its ``ComposerModel``)."""
+    for _ in range(4):
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            break
+    return model
+
+
 def unwrap_hf(model: nn.Module) -> nn.Module:
     """The transformers ``PreTrainedModel`` inside Composer / DDP / peft / compile wrappers."""
     from transformers import PreTrainedModel

@@ -48,8 +48,8 @@ from composer.loggers import Logger
 from composer.utils import dist, ensure_tuple
 
 from composer_growth.errors import ConfigError, check
-from composer_growth.families import FAMILIES, Family, family_of, unwrap_hf
-from composer_growth.functional.batch import MODES, batch_seq_length, set_batch_sequence_length
+from composer_growth.families import FAMILIES, Family, family_of, unwrap_composer, unwrap_hf
+from composer_growth.functional.batch import MODES, batch_seq_length, batch_tokens, set_batch_sequence_length
 from composer_growth.functional.rope import apply_rope_scaling, max_addressable_positions, validate_rope_scaling
 from composer_growth.registry import register_algorithm
 from composer_growth.timeutil import elapsed, parse_time
@@ -249,12 +249,6 @@ def _rows(batch: Any) -> int:
         return int(batch[0].shape[0])
     return 0
 
-
-def _numel(batch: Mapping[str, torch.Tensor]) -> int:
-    ids = batch.get("input_ids")
-    if ids is None:
-        ids = next(v for v in batch.values() if isinstance(v, torch.Tensor) and v.ndim > 1)
-    return int(ids.shape[0] * ids.shape[1])
 
 
 def _sample_length(loader: Any) -> int | None:
@@ -800,11 +794,11 @@ class ContextLengthSchedule(Algorithm):
             raise ValueError(f"ContextLengthSchedule: phase '{phase.name}' trains at {phase.seq_length} tokens but "
                              f"its batches hold {full}-token sequences; give the phase a dataset prepared at "
                              f">= {phase.seq_length} tokens")
-        before = _numel(batch)
+        before = batch_tokens(batch)
         self._batch_cut = full > phase.seq_length
         if self._batch_cut:
             state.batch = set_batch_sequence_length(batch, phase.seq_length, self.mode)
-        self._token_excess = before - _numel(state.batch)
+        self._token_excess = before - batch_tokens(state.batch)
         mb = self._microbatch(phase)
         if mb is not None:
             state.device_train_microbatch_size = mb
@@ -961,7 +955,7 @@ class ContextLengthSchedule(Algorithm):
         dist.barrier()
 
     def _model_tokenizer_dir(self, state: State) -> str | None:
-        tokenizer = getattr(_composer_model(state.model), "tokenizer", None)
+        tokenizer = getattr(unwrap_composer(state.model), "tokenizer", None)
         if tokenizer is None:
             return None
         if self._tmp_tokenizer is None:
@@ -1067,7 +1061,7 @@ class ContextLengthSchedule(Algorithm):
     @torch.no_grad()
     def _mean_loss(self, state: State, loader: Any, length: int) -> float | None:
         model = state.model
-        composer_model = _composer_model(model)
+        composer_model = unwrap_composer(model)
         was_training = model.training
         model.eval()
         total = torch.zeros(2, dtype=torch.float64)
@@ -1155,7 +1149,7 @@ class ContextLengthSchedule(Algorithm):
             else:
                 hf.config.save_pretrained(folder)
             _save_adapter(peft, os.path.join(folder, "adapter"))
-        tokenizer = getattr(_composer_model(state.model), "tokenizer", None)
+        tokenizer = getattr(unwrap_composer(state.model), "tokenizer", None)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         phase = self.phase
@@ -1227,17 +1221,6 @@ def _len(loader: Any) -> int | None:
 def _finite(x: float) -> float | None:
     return None if math.isinf(x) else x
 
-
-def _composer_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The ComposerModel inside DDP / compile wrappers."""
-    for _ in range(4):
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif type(model).__name__ == "DistributedDataParallel":
-            model = model.module
-        else:
-            break
-    return model
 
 
 def _peft_model(model: torch.nn.Module) -> Any:

@@ -19,7 +19,7 @@ from composer.loggers import Logger
 from composer.utils import dist, ensure_tuple
 
 from composer_growth.errors import ConfigError, check
-from composer_growth.functional.batch import MODES, batch_seq_length, set_batch_sequence_length
+from composer_growth.functional.batch import MODES, batch_seq_length, batch_tokens, set_batch_sequence_length
 from composer_growth.registry import register_algorithm
 from composer_growth.timeutil import elapsed, parse_time, to_duration_fraction
 
@@ -181,11 +181,11 @@ class SeqLengthWarmup(Algorithm):
         # others that set the length later (e.g. a context-length schedule).
         self._active = not self._over(state)
         self.seq_len = self.length_at(state) if self._active else full
-        before = _numel(batch)
+        before = batch_tokens(batch)
         if self.seq_len < full:
             state.batch = set_batch_sequence_length(batch, self.seq_len, self.mode, self.preserve_end_of_sequence,
                                                     self.pad_token_id)
-        self._token_excess = before - _numel(state.batch)
+        self._token_excess = before - batch_tokens(state.batch)
         if self.mode == "reshape" and self._base_microbatch is not None and self.seq_len < full:
             rows = max(1, self._base_microbatch * full // self.seq_len)
             state.device_train_microbatch_size = rows
@@ -247,9 +247,3 @@ class SeqLengthWarmup(Algorithm):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.seq_len = int(state.get("seq_len", self.min_seq_length))
 
-
-def _numel(batch: dict[str, torch.Tensor]) -> int:
-    ids = batch.get("input_ids")
-    if ids is None:
-        ids = next(v for v in batch.values() if isinstance(v, torch.Tensor) and v.ndim > 1)
-    return int(ids.shape[0] * ids.shape[1])

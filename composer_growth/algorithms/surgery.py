@@ -24,16 +24,14 @@ from composer.core import State
 from composer.utils import dist
 from torch import nn
 
+from composer_growth.families import unwrap_composer
 from composer_growth.functional.growth import ParamSource, param_names
 from composer_growth.functional.optim import transfer_optimizer_state
 
 
 def composer_model(state: State) -> nn.Module:
     """The ``ComposerModel`` under a DDP wrapper (the object Composer saves and evaluates)."""
-    model = state.model
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        model = model.module
-    return model
+    return unwrap_composer(state.model)
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:

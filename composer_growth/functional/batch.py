@@ -18,6 +18,14 @@ def batch_seq_length(batch: Mapping[str, torch.Tensor]) -> int:
     raise ValueError(f"batch has no [batch, seq] tensor; keys: {sorted(batch)}")
 
 
+def batch_tokens(batch: Mapping[str, torch.Tensor]) -> int:
+    """Token positions in a batch: rows x length of ``input_ids`` (else of its first [batch, seq] tensor)."""
+    ids = batch.get("input_ids")
+    if ids is None:
+        ids = next(v for v in batch.values() if isinstance(v, torch.Tensor) and v.ndim > 1)
+    return int(ids.shape[0] * ids.shape[1])
+
+
 def _check_sequence_shaped(batch: Mapping[str, torch.Tensor], shape: torch.Size) -> None:
     for key, value in batch.items():
         if not isinstance(value, torch.Tensor) or value.shape[:2] != shape[:2]:
