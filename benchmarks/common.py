@@ -255,3 +255,17 @@ def loss_at(evals: list[dict[str, float]], x: float, key: str = "time_s") -> flo
     if evals and evals[-1][key] == x:
         return evals[-1]["loss"]
     return None
+
+
+def load_included(path: str, now: dict[str, Any], section: str | None = None) -> dict[str, dict[str, Any]]:
+    """The runs of an earlier results file (or of one ``section`` of it), refused unless made with
+    the same settings."""
+    with open(path) as f:
+        earlier = json.load(f)
+    if section is not None:
+        earlier = earlier[section]
+    then = earlier["settings"]
+    if now != then:
+        diff = {k: (v, then.get(k)) for k, v in now.items() if then.get(k) != v}
+        raise SystemExit(f"--include {path}: settings differ (now, then): {diff}")
+    return earlier["runs"]

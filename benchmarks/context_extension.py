@@ -34,7 +34,6 @@ import argparse
 import copy
 import datetime
 import gc
-import json
 import math
 import os
 import sys
@@ -48,7 +47,7 @@ import torch  # noqa: E402
 from composer.core import Callback, State  # noqa: E402
 from composer.loggers import Logger  # noqa: E402
 
-from common import (Recorder, build_recipe_parts, describe_device, ensure_data, fixed_eval_loader,  # noqa: E402
+from common import (Recorder, build_recipe_parts, describe_device, ensure_data, fixed_eval_loader, load_included,  # noqa: E402,E501
                     markdown_table, peak_memory, reset_peak_memory, write_json)
 
 RUNS = ("long", "phased", "phased-eqtime")
@@ -280,14 +279,6 @@ def columns(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 # -- main ---------------------------------------------------------------------------------------
 
-def load_included(path: str, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    with open(path) as f:
-        earlier = json.load(f)
-    now, then = settings(args), earlier["settings"]
-    if now != then:
-        diff = {k: (v, then.get(k)) for k, v in now.items() if then.get(k) != v}
-        raise SystemExit(f"--include {path}: settings differ (now, then): {diff}")
-    return earlier["runs"]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -320,7 +311,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{SHARES[2]:.0%} (declared context {mid}); long: declared context {long}, no rope scaling; eval on "
               f"{len(eval_loader.dataset) * long:,} validation tokens at each length")
     print(header, flush=True)
-    results = load_included(args.include, args) if args.include else {}
+    results = load_included(args.include, settings(args)) if args.include else {}
     prime(args, recipes["long"], tokenizer, init_state)
     for name in args.runs:
         steps, budget = args.steps, None

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import os
 import sys
 import time
@@ -45,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 from common import (PeakRSS, Recorder, _sync, build_recipe_parts, describe_device, ensure_data,  # noqa: E402
-                    fixed_eval_loader, loss_at, markdown_table, peak_memory, reset_peak_memory, rss_bytes,
+                    fixed_eval_loader, load_included, loss_at, markdown_table, peak_memory, reset_peak_memory, rss_bytes,
                     time_to_loss, write_json)
 
 RUNS = {"scratch": None, "gstack": "copy", "gstack-fp": "function_preserving"}  # name -> StackLayers init
@@ -376,13 +375,7 @@ def run_gstack(args: argparse.Namespace) -> dict[str, Any]:
     print(header, flush=True)
     results: dict[str, Any] = {}
     if args.include:
-        with open(args.include) as f:
-            earlier = json.load(f)["gstack"]
-        if earlier["settings"] != settings(args):
-            diff = {k: (v, earlier["settings"].get(k)) for k, v in settings(args).items()
-                    if earlier["settings"].get(k) != v}
-            raise SystemExit(f"--include {args.include}: settings differ (now, then): {diff}")
-        results.update(earlier["runs"])
+        results.update(load_included(args.include, settings(args), section="gstack"))
     run_one("scratch", args, tokenizer, eval_loader, steps=3)  # unrecorded: one-off set-up falls on no run
     for name in args.runs:
         start = time.perf_counter()

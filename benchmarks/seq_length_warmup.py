@@ -22,7 +22,6 @@ import argparse
 import copy
 import datetime
 import gc
-import json
 import math
 import os
 import sys
@@ -34,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import (Recorder, build_recipe_parts, describe_device, ensure_data, fixed_eval_loader,  # noqa: E402
+from common import (Recorder, build_recipe_parts, describe_device, ensure_data, fixed_eval_loader, load_included,  # noqa: E402,E501
                     markdown_table, peak_memory, reset_peak_memory, time_to_loss, write_json)
 
 RUNS = ("baseline", "composer", "ours-truncate", "ours-reshape")
@@ -248,14 +247,6 @@ COLUMNS = [("run", "run"), ("ttt", "time to baseline's final loss (s)"), ("speed
 
 # -- main ---------------------------------------------------------------------------------------
 
-def load_included(path: str, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    with open(path) as f:
-        earlier = json.load(f)
-    now, then = settings(args), earlier["settings"]
-    if now != then:
-        diff = {k: (v, then.get(k)) for k, v in now.items() if then.get(k) != v}
-        raise SystemExit(f"--include {path}: settings differ (now, then): {diff}")
-    return earlier["runs"]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -284,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"(step {args.step_size}), eval every {args.eval_interval} batches on "
               f"{len(eval_loader.dataset)} x {args.seq_len} validation tokens")
     print(header, flush=True)
-    results = load_included(args.include, args) if args.include else {}
+    results = load_included(args.include, settings(args)) if args.include else {}
     prime(args, recipe, tokenizer, init_state, eval_loader)
     for name in args.runs:
         start = time.perf_counter()

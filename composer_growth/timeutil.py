@@ -78,3 +78,23 @@ def to_duration_fraction(t: Time, max_duration: Time | None) -> float | None:
     if max_duration is None or max_duration.unit != t.unit or max_duration.value == 0:
         return None
     return float(t.value) / float(max_duration.value)
+
+
+def uncount_tokens(state: State, excess: int, reduce: bool) -> None:
+    """Take off the timestamp tokens Composer counted but no model saw.
+
+    Composer counts a batch's tokens before ``Event.AFTER_DATALOADER``; an algorithm that cuts
+    the batch calls this at ``Event.BATCH_END`` with this rank's excess. ``reduce`` sums it over
+    ranks and must be the same on every rank.
+    """
+    if reduce:
+        import torch
+        from composer.utils import dist
+
+        t = state.device.tensor_to_device(torch.tensor([excess], dtype=torch.int64))
+        dist.all_reduce(t, reduce_operation="SUM")
+        excess = int(t.item())
+    if excess:
+        ts = state.timestamp
+        state.timestamp = ts.copy(token=int(ts.token) - excess, token_in_epoch=int(ts.token_in_epoch) - excess,
+                                  token_in_iteration=int(ts.token_in_iteration) - excess)

@@ -52,7 +52,7 @@ from composer_growth.families import FAMILIES, Family, family_of, unwrap_compose
 from composer_growth.functional.batch import MODES, batch_seq_length, batch_tokens, set_batch_sequence_length
 from composer_growth.functional.rope import apply_rope_scaling, max_addressable_positions, validate_rope_scaling
 from composer_growth.registry import register_algorithm
-from composer_growth.timeutil import elapsed, parse_time
+from composer_growth.timeutil import elapsed, parse_time, uncount_tokens
 
 log = logging.getLogger(__name__)
 
@@ -816,15 +816,8 @@ class ContextLengthSchedule(Algorithm):
 
     def _batch_end(self, state: State, logger: Logger) -> None:
         # Composer counted the batch before it was cut: count what was trained instead.
-        excess = self._token_excess
-        if self._batch_cut:  # the same answer on every rank: all train the same phase from the same source
-            t = state.device.tensor_to_device(torch.tensor([excess], dtype=torch.int64))
-            dist.all_reduce(t, reduce_operation="SUM")
-            excess = int(t.item())
-        if excess:
-            ts = state.timestamp
-            state.timestamp = ts.copy(token=int(ts.token) - excess, token_in_epoch=int(ts.token_in_epoch) - excess,
-                                      token_in_iteration=int(ts.token_in_iteration) - excess)
+        # (_batch_cut is the same on every rank: all train the same phase from the same source)
+        uncount_tokens(state, self._token_excess, reduce=self._batch_cut)
         self._token_excess, self._batch_cut = 0, False
         if self._lr_saved is not None:
             stepped = [int(getattr(s, "last_epoch", 0)) for s in state.schedulers] != self._sched_steps

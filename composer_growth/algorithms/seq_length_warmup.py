@@ -16,12 +16,12 @@ import torch
 from composer.core import Algorithm, Event, State, Time, TimeUnit
 from composer.core.precision import get_precision_context
 from composer.loggers import Logger
-from composer.utils import dist, ensure_tuple
+from composer.utils import ensure_tuple
 
 from composer_growth.errors import ConfigError, check
 from composer_growth.functional.batch import MODES, batch_seq_length, batch_tokens, set_batch_sequence_length
 from composer_growth.registry import register_algorithm
-from composer_growth.timeutil import elapsed, parse_time, to_duration_fraction
+from composer_growth.timeutil import elapsed, parse_time, to_duration_fraction, uncount_tokens
 
 SCHEDULES = ("linear", "root")
 
@@ -201,15 +201,8 @@ class SeqLengthWarmup(Algorithm):
             state.device_train_microbatch_size = self._base_microbatch
             self._set_microbatch = None
         # Composer counted the batch before it was shortened: count what was trained instead.
-        excess = self._token_excess
-        if self._active:  # decided by the run's time: the same answer on every rank
-            t = state.device.tensor_to_device(torch.tensor([excess], dtype=torch.int64))
-            dist.all_reduce(t, reduce_operation="SUM")
-            excess = int(t.item())
-        if excess:
-            ts = state.timestamp
-            state.timestamp = ts.copy(token=int(ts.token) - excess, token_in_epoch=int(ts.token_in_epoch) - excess,
-                                      token_in_iteration=int(ts.token_in_iteration) - excess)
+        # (self._active follows the run's time: the same answer on every rank)
+        uncount_tokens(state, self._token_excess, reduce=self._active)
         self._token_excess = 0
         logger.log_metrics({"tokens/trained": int(state.timestamp.token)})
 
