@@ -47,6 +47,7 @@ from composer.core.precision import get_precision_context
 from composer.loggers import Logger
 from composer.utils import dist, ensure_tuple
 
+from composer_growth.algorithms.surgery import install_replay_hook
 from composer_growth.errors import ConfigError, check
 from composer_growth.families import FAMILIES, Family, family_of, unwrap_composer, unwrap_hf
 from composer_growth.functional.batch import MODES, batch_seq_length, batch_tokens, set_batch_sequence_length
@@ -729,6 +730,15 @@ class ContextLengthSchedule(Algorithm):
         self._family = family_of(hf, key="model")
         self._original = _rope_snapshot(hf.config, self._family)
         self.check_model_config(hf.config, self._family, self._original)
+        install_replay_hook(state)
+
+    def replay(self, state: State, saved: dict[str, Any]) -> None:
+        """Called before a checkpoint's weights load: the model takes its saved phase's rope config."""
+        if not self.enabled:
+            return
+        if saved.get("original") is not None:
+            self._original = copy.deepcopy(saved["original"])
+        self._configure(state.model, int(saved.get("phase", 0)))
 
     def _after_load(self, state: State, logger: Logger) -> None:
         """Put the model in the rope config of its phase (a resumed one's, or the first) and build data."""
