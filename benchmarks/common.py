@@ -269,3 +269,17 @@ def load_included(path: str, now: dict[str, Any], section: str | None = None) ->
         diff = {k: (v, then.get(k)) for k, v in now.items() if then.get(k) != v}
         raise SystemExit(f"--include {path}: settings differ (now, then): {diff}")
     return earlier["runs"]
+
+
+def finish_args(parser: Any, args: Any, runs: Any, data_len: int) -> None:
+    """The checks and defaults every benchmark's arguments share (runs, device, threads, data)."""
+    args.microbatch = args.microbatch or args.batch_size
+    args.data = args.data or f"./data/bench-{data_len}"
+    args.runs = [r.strip() for r in args.runs.split(",") if r.strip()]
+    bad = [r for r in args.runs if r not in runs]
+    if bad:
+        parser.error(f"--runs: unknown {bad}; choose from {', '.join(runs)}")
+    if args.device == "gpu" and not torch.cuda.is_available():
+        parser.error("--device gpu: no CUDA device here (use --device cpu)")
+    if args.threads is None and args.device == "cpu":
+        args.threads = 1

@@ -47,8 +47,8 @@ import torch  # noqa: E402
 from composer.core import Callback, State  # noqa: E402
 from composer.loggers import Logger  # noqa: E402
 
-from common import (Recorder, build_recipe_parts, describe_device, ensure_data, fixed_eval_loader, load_included,  # noqa: E402,E501
-                    markdown_table, peak_memory, reset_peak_memory, write_json)
+from common import (Recorder, build_recipe_parts, describe_device, ensure_data, fixed_eval_loader, finish_args,  # noqa: E402
+                    load_included, markdown_table, peak_memory, reset_peak_memory, write_json)
 
 RUNS = ("long", "phased", "phased-eqtime")
 SHARES = (0.8, 0.16, 0.04)  # of the run: short, mid, long
@@ -92,16 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     short, mid, long = args.lengths
     if long % mid or long % short or long > 2 * mid:
         p.error("--lengths: short and mid must divide long, and long <= 2 x mid (linear rope x2)")
-    args.microbatch = args.microbatch or args.batch_size
-    args.data = args.data or f"./data/bench-{long}"
-    args.runs = [r.strip() for r in args.runs.split(",") if r.strip()]
-    bad = [r for r in args.runs if r not in RUNS]
-    if bad:
-        p.error(f"--runs: unknown {bad}; choose from {', '.join(RUNS)}")
-    if args.device == "gpu" and not torch.cuda.is_available():
-        p.error("--device gpu: no CUDA device here (use --device cpu)")
-    if args.threads is None and args.device == "cpu":
-        args.threads = 1
+    finish_args(p, args, RUNS, long)
     return args
 
 

@@ -33,8 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import (Recorder, build_recipe_parts, describe_device, ensure_data, fixed_eval_loader, load_included,  # noqa: E402,E501
-                    markdown_table, peak_memory, reset_peak_memory, time_to_loss, write_json)
+from common import (Recorder, build_recipe_parts, describe_device, ensure_data, fixed_eval_loader, finish_args,  # noqa: E402
+                    load_included, markdown_table, peak_memory, reset_peak_memory, time_to_loss, write_json)
 
 RUNS = ("baseline", "composer", "ours-truncate", "ours-reshape")
 
@@ -84,16 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in (TINY if args.tiny else FULL).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    args.microbatch = args.microbatch or args.batch_size
-    args.data = args.data or f"./data/bench-{args.seq_len}"
-    args.runs = [r.strip() for r in args.runs.split(",") if r.strip()]
-    bad = [r for r in args.runs if r not in RUNS]
-    if bad:
-        p.error(f"--runs: unknown {bad}; choose from {', '.join(RUNS)}")
-    if args.device == "gpu" and not torch.cuda.is_available():
-        p.error("--device gpu: no CUDA device here (use --device cpu)")
-    if args.threads is None and args.device == "cpu":
-        args.threads = 1
+    finish_args(p, args, RUNS, args.seq_len)
     if "composer" in args.runs:  # Composer's schedule divides by (warmup batches // length updates)
         updates = (args.seq_len - args.min_seq_len) // args.step_size
         if updates and int(args.steps * args.warmup_duration) < updates:

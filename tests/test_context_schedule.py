@@ -34,12 +34,7 @@ STEPS = 12  # 6 at 8 tokens, 3 at 16, 3 at 32
 TOKENS_PER_STEP = 8 * 16  # the recipe's global batch of 8 rows of the 16-token data
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")

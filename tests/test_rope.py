@@ -30,13 +30,7 @@ CONFIGS = {
 HEAD_DIM = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls are ~10x faster on one thread than fighting over two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rope_dim(family: str) -> int:
