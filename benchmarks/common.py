@@ -283,3 +283,25 @@ def finish_args(parser: Any, args: Any, runs: Any, data_len: int) -> None:
         parser.error("--device gpu: no CUDA device here (use --device cpu)")
     if args.threads is None and args.device == "cpu":
         args.threads = 1
+
+
+def base_parser(description: str, runs: Any, out: str, data_help: str):
+    """The flags every training benchmark shares; each adds its own model and schedule flags."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", choices=("cpu", "gpu"), default="gpu")
+    p.add_argument("--tiny", action="store_true", help="a tiny llama on short sequences: a quick look on a CPU")
+    p.add_argument("--data", help=data_help)
+    p.add_argument("--steps", type=int, help="training batches per run")
+    p.add_argument("--precision", choices=("fp32", "amp_bf16"))
+    p.add_argument("--lr", type=float)
+    p.add_argument("--vocab-size", type=int, help="BPE size when the dataset is built here")
+    p.add_argument("--max-bytes", type=int, help="source bytes read when the dataset is built here")
+    p.add_argument("--seed", type=int, default=17)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default 1 with --device cpu: on a shared, "
+                   "busy CPU, more threads than idle cores slow every step many times over)")
+    p.add_argument("--runs", default=",".join(runs), help=f"comma-separated subset of {','.join(runs)}")
+    p.add_argument("--include", help="an earlier --out file whose runs join this table")
+    p.add_argument("--out", default=out, help="JSON results path")
+    return p

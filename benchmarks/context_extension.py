@@ -47,7 +47,7 @@ import torch  # noqa: E402
 from composer.core import Callback, State  # noqa: E402
 from composer.loggers import Logger  # noqa: E402
 
-from common import (Recorder, build_recipe_parts, describe_device, ensure_data, fixed_eval_loader, finish_args,  # noqa: E402
+from common import (Recorder, base_parser, build_recipe_parts, describe_device, ensure_data, fixed_eval_loader, finish_args,  # noqa: E402
                     load_included, markdown_table, peak_memory, reset_peak_memory, write_json)
 
 RUNS = ("long", "phased", "phased-eqtime")
@@ -60,11 +60,8 @@ TINY = dict(steps=60, batch_size=16, lengths="32,64,128", hidden=64, intermediat
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", choices=("cpu", "gpu"), default="gpu")
-    p.add_argument("--tiny", action="store_true", help="a tiny llama on short sequences: a quick look on a CPU")
-    p.add_argument("--data", help="a prepared dataset at the long length (default ./data/bench-<long>, built if missing)")
-    p.add_argument("--steps", type=int, help="training batches of long and phased")
+    p = base_parser(__doc__.split("\n\n")[0], RUNS, "runs/bench/context_extension.json",
+                    "a prepared dataset at the long length (default ./data/bench-<long>, built if missing)")
     p.add_argument("--batch-size", type=int, help="rows of the LONG length per step (tokens per step = this x long)")
     p.add_argument("--microbatch", type=int, help="device_train_microbatch_size at the long length (default: batch)")
     p.add_argument("--lengths", help="short,mid,long")
@@ -73,15 +70,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heads", type=int)
     p.add_argument("--layers", type=int)
     p.add_argument("--eval-batches", type=int, help="batches (of --batch-size rows at the long length) per eval length")
-    p.add_argument("--precision", choices=("fp32", "amp_bf16"))
-    p.add_argument("--lr", type=float)
-    p.add_argument("--vocab-size", type=int, help="BPE size when the dataset is built here")
-    p.add_argument("--max-bytes", type=int, help="source bytes read when the dataset is built here")
-    p.add_argument("--seed", type=int, default=17)
-    p.add_argument("--threads", type=int, help="torch CPU threads (default 1 with --device cpu)")
-    p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {','.join(RUNS)}")
-    p.add_argument("--include", help="an earlier --out file whose runs join this table")
-    p.add_argument("--out", default="runs/bench/context_extension.json", help="JSON results path")
     args = p.parse_args(argv)
     for key, value in (TINY if args.tiny else FULL).items():
         if getattr(args, key, None) is None:

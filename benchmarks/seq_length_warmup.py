@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import (Recorder, build_recipe_parts, describe_device, ensure_data, fixed_eval_loader, finish_args,  # noqa: E402
+from common import (Recorder, base_parser, build_recipe_parts, describe_device, ensure_data, fixed_eval_loader, finish_args,  # noqa: E402
                     load_included, markdown_table, peak_memory, reset_peak_memory, time_to_loss, write_json)
 
 RUNS = ("baseline", "composer", "ours-truncate", "ours-reshape")
@@ -57,11 +57,8 @@ def model_config(family: str, seq_len: int) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", choices=("cpu", "gpu"), default="gpu")
-    p.add_argument("--tiny", action="store_true", help="a tiny llama on short sequences: a quick look on a CPU")
-    p.add_argument("--data", help="a prepared dataset (default: ./data/bench-<seq_len>, built if missing)")
-    p.add_argument("--steps", type=int, help="training batches per run")
+    p = base_parser(__doc__.split("\n\n")[0], RUNS, "runs/bench/seq_length_warmup.json",
+                    "a prepared dataset (default: ./data/bench-<seq_len>, built if missing)")
     p.add_argument("--batch-size", type=int, help="sequences per batch")
     p.add_argument("--microbatch", type=int, help="device_train_microbatch_size (default: the batch size)")
     p.add_argument("--seq-len", type=int, help="full sequence length (the warmup's max_seq_length)")
@@ -70,16 +67,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--step-size", type=int)
     p.add_argument("--eval-interval", type=int, help="batches between evals")
     p.add_argument("--eval-batches", type=int, help="batches in the fixed validation subset")
-    p.add_argument("--precision", choices=("fp32", "amp_bf16"))
-    p.add_argument("--lr", type=float)
-    p.add_argument("--vocab-size", type=int, help="BPE size when the dataset is built here")
-    p.add_argument("--max-bytes", type=int, help="source bytes read when the dataset is built here")
-    p.add_argument("--seed", type=int, default=17)
-    p.add_argument("--threads", type=int, help="torch CPU threads (default 1 with --device cpu: on a shared, "
-                   "busy CPU, more threads than idle cores slow every step many times over)")
-    p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {','.join(RUNS)}")
-    p.add_argument("--include", help="an earlier --out file whose runs join this table")
-    p.add_argument("--out", default="runs/bench/seq_length_warmup.json", help="JSON results path")
     args = p.parse_args(argv)
     for key, value in (TINY if args.tiny else FULL).items():
         if getattr(args, key, None) is None:

@@ -19,3 +19,12 @@ class ConfigError(ValueError):
 def check(cond: bool, key: str, value: Any, allowed: str) -> None:
     if not cond:
         raise ConfigError(key, value, allowed)
+
+
+def check_flag(value: Any, key: str) -> None:
+    check(isinstance(value, bool), key, value, "true or false")
+
+
+def check_int(value: Any, key: str, minimum: int | None = None) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and (minimum is None or value >= minimum)
+    check(ok, key, value, "an integer" if minimum is None else f"an integer >= {minimum}")

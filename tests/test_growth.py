@@ -182,6 +182,8 @@ def test_two_ranks_hold_identical_parameters_after_growth(tiny_recipe, tmp_path)
     ("widen_mlp", {"factor": 1.0}, "algorithms.widen_mlp.factor"),
     ("widen_mlp", {"factor": 0.5}, "algorithms.widen_mlp.factor"),
     ("widen_mlp", {"at": "2weeks"}, "algorithms.widen_mlp.at"),
+    ("widen_mlp", {"seed": "abc"}, "algorithms.widen_mlp.seed"),
+    ("stack_layers", {"probe_loss": "no"}, "algorithms.stack_layers.probe_loss"),
 ])
 def test_bad_growth_recipes_fail_before_training(tiny_recipe, alg, kwargs, key):
     tiny_recipe["algorithms"] = {alg: kwargs}

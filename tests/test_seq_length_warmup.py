@@ -206,6 +206,9 @@ def test_preallocation_draws_no_data_or_randomness():
     (dict(mode="pack"), "mode"),
     (dict(duration="3weeks"), "duration"),
     (dict(schedule="cubic"), "schedule"),
+    (dict(preallocate="yes"), "preallocate"),
+    (dict(preserve_end_of_sequence=1), "preserve_end_of_sequence"),
+    (dict(pad_token_id=-1), "pad_token_id"),
     (dict(schedule=[[0, 8], ["2ba", 16]], min_seq_length=8, max_seq_length=32), "schedule"),
     (dict(schedule=[[0, 8], ["2ba", 32], ["1ba", 32]], min_seq_length=8, max_seq_length=32), "schedule"),
 ])

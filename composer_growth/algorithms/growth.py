@@ -18,7 +18,7 @@ from composer.utils import dist, ensure_tuple
 from torch import nn
 
 from composer_growth.algorithms.surgery import check_supported, composer_model, grow, install_replay_hook
-from composer_growth.errors import ConfigError, check
+from composer_growth.errors import ConfigError, check, check_flag, check_int
 from composer_growth.families import FAMILIES, family_of, get_path, unwrap_hf
 from composer_growth.functional.growth import STACK_INITS, STACK_MODES, stack_layers, widen_mlp
 from composer_growth.functional.lora import add_lora
@@ -35,6 +35,7 @@ class _Growth(Algorithm):
 
     def __init__(self, at: Any, probe_loss: bool):
         self.at: Time = parse_time(at, "at")
+        check_flag(probe_loss, "probe_loss")
         self.probe_loss = probe_loss
         self.applied = False
         self.record: dict[str, Any] = {}
@@ -172,6 +173,7 @@ class StackLayers(_Growth):
             check(isinstance(num_new, int) and num_new >= 1, "num_new", num_new, "an integer >= 1")
         self.mode, self.times, self.source_layers, self.num_new = mode, times, source_layers, num_new
         check(isinstance(lora_rank, int) and lora_rank >= 1, "lora_rank", lora_rank, "an integer >= 1")
+        check_int(seed, "seed")
         self.init, self.trunk, self.seed = init, trunk, seed
         self.lora_rank, self.lora_alpha = lora_rank, lora_alpha
         self._old_layers: set[int] = set()
@@ -239,6 +241,7 @@ class WidenMLP(_Growth):
         check(isinstance(factor, (int, float)) and not isinstance(factor, bool) and factor > 1, "factor", factor,
               "a number > 1")
         check(isinstance(noise_std, (int, float)) and noise_std >= 0, "noise_std", noise_std, "a number >= 0")
+        check_int(seed, "seed")
         self.factor, self.noise_std, self.seed = float(factor), float(noise_std), seed
 
     def _op(self, model: nn.Module):

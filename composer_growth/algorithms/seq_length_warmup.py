@@ -18,7 +18,7 @@ from composer.core.precision import get_precision_context
 from composer.loggers import Logger
 from composer.utils import ensure_tuple
 
-from composer_growth.errors import ConfigError, check
+from composer_growth.errors import ConfigError, check, check_flag, check_int
 from composer_growth.functional.batch import MODES, batch_seq_length, batch_tokens, set_batch_sequence_length
 from composer_growth.registry import register_algorithm
 from composer_growth.timeutil import elapsed, parse_time, to_duration_fraction, uncount_tokens
@@ -66,6 +66,9 @@ class SeqLengthWarmup(Algorithm):
         check(isinstance(step_size, int) and step_size >= 1, "step_size", step_size, "a positive integer")
         check(mode in MODES, "mode", mode, f"one of {', '.join(MODES)}")
         check(isinstance(root_degree, (int, float)) and root_degree > 0, "root_degree", root_degree, "a number > 0")
+        check_flag(preserve_end_of_sequence, "preserve_end_of_sequence")
+        check_flag(preallocate, "preallocate")
+        check_int(pad_token_id, "pad_token_id", minimum=0)
         self.min_seq_length, self.max_seq_length, self.step_size = min_seq_length, max_seq_length, step_size
         self.duration = parse_time(duration, "duration")
         self.mode, self.root_degree = mode, float(root_degree)
