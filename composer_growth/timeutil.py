@@ -47,14 +47,48 @@ def parse_time(value: Any, key: str) -> Time:
     return t
 
 
+def epoch_batches(state: State) -> int | None:
+    """Batches in one epoch of the train loader (None when the loader has no length).
+
+    During an eval ``state.dataloader_len`` is the eval loader's, so the train loader's own length
+    is read then.
+    """
+    train = state.train_dataloader
+    if train is None:
+        return None
+    if state.dataloader is train and state.dataloader_len is not None:
+        n = int(state.dataloader_len)
+    else:
+        try:
+            n = len(train)
+        except (TypeError, NotImplementedError):
+            return None
+    return n if n > 0 else None
+
+
 def elapsed(state: State, unit: TimeUnit) -> float:
-    """How much of ``unit`` the run has done so far (``dur``: share of max_duration)."""
+    """How much of ``unit`` the run has done so far.
+
+    ``dur``: the share of ``max_duration`` done, in the unit of ``max_duration``; ``ep``: epochs done,
+    fractional inside an epoch (batches of the epoch over its length) when the train loader has one.
+    So a ``dur`` time follows the batch within an epoch in a run whose ``max_duration`` is in epochs.
+    """
     if unit == TimeUnit.DURATION:
-        frac = state.get_elapsed_duration()
-        return 0.0 if frac is None else float(frac.value)
-    if unit == TimeUnit.EPOCH and state.dataloader_len is not None and int(state.dataloader_len) > 0:
-        # fractional epochs, so an epoch-long schedule moves every batch
-        return int(state.timestamp.epoch) + int(state.timestamp.batch_in_epoch) / int(state.dataloader_len)
+        max_duration = state.max_duration
+        if max_duration is None or float(max_duration.value) <= 0:
+            return 0.0
+        if max_duration.unit == TimeUnit.DURATION:
+            frac = state.get_elapsed_duration()
+            return 0.0 if frac is None else float(frac.value)
+        n = epoch_batches(state) if max_duration.unit == TimeUnit.EPOCH else None
+        if n is not None:  # batches done over batches in the run: the same number a batch-based run computes
+            ts = state.timestamp
+            return (int(ts.epoch) * n + min(int(ts.batch_in_epoch), n)) / (n * float(max_duration.value))
+        return elapsed(state, max_duration.unit) / float(max_duration.value)
+    if unit == TimeUnit.EPOCH:
+        n = epoch_batches(state)
+        if n is not None:
+            return int(state.timestamp.epoch) + min(int(state.timestamp.batch_in_epoch), n) / n
     return float(state.timestamp.get(unit).value)
 
 
@@ -68,16 +102,47 @@ def progress(state: State, start: Time, end: Time) -> float:
 
 
 def reached(state: State, t: Time) -> bool:
+    """Whether the run has done ``t`` (``dur`` and ``ep`` times inside an epoch as :func:`elapsed` says)."""
     return elapsed(state, t.unit) >= float(t.value)
 
 
-def to_duration_fraction(t: Time, max_duration: Time | None) -> float | None:
-    """``t`` as a share of ``max_duration`` when the units allow it, else None."""
+def to_duration_fraction(t: Time, max_duration: Time | None, batches_per_epoch: int | None = None) -> float | None:
+    """``t`` as a share of ``max_duration`` when the units allow it, else None.
+
+    ``ba`` and ``ep`` convert into each other with ``batches_per_epoch`` (the train loader's length).
+    """
     if t.unit == TimeUnit.DURATION:
         return float(t.value)
-    if max_duration is None or max_duration.unit != t.unit or max_duration.value == 0:
+    if max_duration is None or max_duration.value == 0:
         return None
-    return float(t.value) / float(max_duration.value)
+    value, run = float(t.value), float(max_duration.value)
+    if max_duration.unit == t.unit:
+        return value / run
+    if batches_per_epoch:
+        if t.unit == TimeUnit.BATCH and max_duration.unit == TimeUnit.EPOCH:
+            return value / (run * batches_per_epoch)
+        if t.unit == TimeUnit.EPOCH and max_duration.unit == TimeUnit.BATCH:
+            return value * batches_per_epoch / run
+    return None
+
+
+def check_progress_known(state: State, times: dict[str, Time], within: bool = True) -> None:
+    """ConfigError, before training, when a time's progress needs an epoch's length and the loader has none.
+
+    ``times`` maps a key to its time. A ``dur`` time in a run whose ``max_duration`` is in epochs needs
+    the train loader's length (batches per epoch); with ``within``, so does an ``ep`` time (progress
+    inside the epoch, as a warmup needs; without it, whole epochs are enough).
+    """
+    max_duration = state.max_duration
+    if epoch_batches(state) is not None:
+        return
+    for key, t in times.items():
+        by_epoch = (t.unit == TimeUnit.DURATION and max_duration is not None and max_duration.unit == TimeUnit.EPOCH
+                    and 0 < float(t.value) < 1)
+        if by_epoch or (t.unit == TimeUnit.EPOCH and (within or not float(t.value).is_integer())):
+            raise ConfigError(key, str(t), f"needs the train loader's length (batches per epoch) with max_duration "
+                                           f"{max_duration}, and this loader has none: use a time in ba, tok or sp "
+                                           "(and max_duration in ba, tok or sp)")
 
 
 def uncount_tokens(state: State, excess: int, reduce: bool) -> None:

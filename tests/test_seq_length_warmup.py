@@ -105,8 +105,8 @@ def test_op_errors():
         set_batch_sequence_length(batch, 4, "shuffle")
     with pytest.raises(ValueError, match="needs batch\\['input_ids'\\]"):
         set_batch_sequence_length({"tokens": batch["input_ids"]}, 4, "reshape")
-    with pytest.raises(ValueError, match="batch\\['weights'\\] has shape"):
-        set_batch_sequence_length({**batch, "weights": torch.ones(2)}, 4)
+    with pytest.raises(ValueError, match="needs a Mapping batch"):
+        set_batch_sequence_length([batch["input_ids"]], 4)
 
 
 # -- the algorithm on a real Trainer with a model that is not a HuggingFaceModel ----------------

@@ -53,7 +53,7 @@ from composer_growth.families import FAMILIES, Family, family_of, unwrap_compose
 from composer_growth.functional.batch import MODES, batch_seq_length, batch_tokens, set_batch_sequence_length
 from composer_growth.functional.rope import apply_rope_scaling, max_addressable_positions, validate_rope_scaling
 from composer_growth.registry import register_algorithm
-from composer_growth.timeutil import elapsed, parse_time, uncount_tokens
+from composer_growth.timeutil import check_progress_known, elapsed, parse_time, uncount_tokens
 
 log = logging.getLogger(__name__)
 
@@ -427,6 +427,7 @@ class ContextLengthSchedule(Algorithm):
         self._base_len: int | None = None
         self._base_mb: int | None = None
         self._tokens: int | None = None  # tokens per optimizer step, all ranks
+        self._base_rows: int | None = None  # rows per batch of the Trainer's loader on this rank
         self._sources: dict[str, _Source] = {}
         self._phase_sources: dict[str, str] = {}
         self._resume_sources: dict[str, Any] = {}
@@ -755,25 +756,25 @@ class ContextLengthSchedule(Algorithm):
         if self._base_mb is None and isinstance(mb, int) and not state.auto_microbatching:
             self._base_mb = mb
         loader = state.train_dataloader
-        if self._base_len is None:
-            self._base_len = self._recipe.get("base_len") if self._recipe.get("manifest") else None
-            self._base_len = self._base_len or _sample_length(loader)
-        if self._tokens is None:
-            rows = getattr(loader, "batch_size", None)
-            self._tokens = self.tokens_per_step or (rows * self._base_len * dist.get_world_size()
-                                                    if rows and self._base_len else None)
+        # The length of the Trainer's data comes from the recipe's manifest, a resumed state, or the
+        # first batch (_after_dataloader): never from reading the dataset here, so a fresh and a
+        # resumed run draw the same data and random numbers.
+        if self._base_len is None and self._recipe.get("manifest"):
+            self._base_len = self._recipe.get("base_len")
+        self._base_rows = getattr(loader, "batch_size", None)
+        self._check_base_tokens()
         if any(p.lr_multiplier != 1.0 for p in self.phases):
             self._check_schedulers(state)
-        rows = getattr(loader, "batch_size", None)
-        if self.tokens_per_step and rows and self._base_len and any(p.dataset is None for p in self.phases):
-            base_tokens = rows * self._base_len * dist.get_world_size()
-            if base_tokens != self.tokens_per_step:
-                raise ConfigError("tokens_per_step", self.tokens_per_step,
-                                  f"phases without a dataset train on the Trainer's batches of {base_tokens} tokens")
+        check_progress_known(state, {f"phases[{p.index}].duration": p.duration for p in self.phases
+                                     if p.duration is not None}, within=False)
         if self._uses_datasets():
             if state.max_duration is not None and state.max_duration.unit == TimeUnit.EPOCH:
                 raise ConfigError("max_duration", str(state.max_duration),
                                   "in ba, tok or sp when phases switch datasets")
+            if self._tokens is None and self.phase.dataset is not None:
+                raise ConfigError("tokens_per_step", None,
+                                  f"needed when phase '{self.phase.name}' starts the run on its own dataset and "
+                                  "the length of the Trainer's data is unknown (no recipe manifest)")
             if self._loader is None:  # a second fit() keeps the sources where they are
                 base = _Source(BASE, loader)
                 base.resume = self._resume_sources.pop(BASE, None)
@@ -800,6 +801,7 @@ class ContextLengthSchedule(Algorithm):
         full = batch_seq_length(batch)
         if self._base_len is None and self._current_source == BASE:
             self._base_len = full
+            self._check_base_tokens()
         if full < phase.seq_length:
             raise ValueError(f"ContextLengthSchedule: phase '{phase.name}' trains at {phase.seq_length} tokens but "
                              f"its batches hold {full}-token sequences; give the phase a dataset prepared at "
@@ -910,6 +912,18 @@ class ContextLengthSchedule(Algorithm):
         if new > old + 1:
             self._warn_once(f"ContextLengthSchedule: phases {', '.join(p.name for p in self.phases[old + 1:new])} "
                             "end within one batch and are skipped")
+
+    def _check_base_tokens(self) -> None:
+        """Tokens per step from the Trainer's batches once their length is known; tokens_per_step must agree."""
+        rows = self._base_rows
+        if self._tokens is None:
+            self._tokens = self.tokens_per_step or (rows * self._base_len * dist.get_world_size()
+                                                    if rows and self._base_len else None)
+        if self.tokens_per_step and rows and self._base_len and any(p.dataset is None for p in self.phases):
+            base_tokens = rows * self._base_len * dist.get_world_size()
+            if base_tokens != self.tokens_per_step:
+                raise ConfigError("tokens_per_step", self.tokens_per_step,
+                                  f"phases without a dataset train on the Trainer's batches of {base_tokens} tokens")
 
     def _microbatch(self, phase: Phase) -> int | None:
         if phase.microbatch_size is not None:
@@ -1196,9 +1210,11 @@ class ContextLengthSchedule(Algorithm):
                 sources[key] = saved
         for key, saved in self._resume_sources.items():  # loaded, not used yet in this run
             sources.setdefault(key, saved)
-        return {"phase": self._phase, "original": copy.deepcopy(self._original), "exported": list(self._exported),
-                "base_len": self._base_len, "base_mb": self._base_mb, "tokens_per_step": self._tokens,
-                "sources": sources}
+        out = super().state_dict()  # Composer's base: {'repr': ...}
+        out.update({"phase": self._phase, "original": copy.deepcopy(self._original), "exported": list(self._exported),
+                    "base_len": self._base_len, "base_mb": self._base_mb, "tokens_per_step": self._tokens,
+                    "sources": sources})
+        return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._phase = int(state.get("phase", 0))

@@ -21,9 +21,10 @@ from composer_growth.algorithms.surgery import check_supported, composer_model, 
 from composer_growth.errors import ConfigError, check, check_flag, check_int
 from composer_growth.families import FAMILIES, family_of, get_path, unwrap_hf
 from composer_growth.functional.growth import STACK_INITS, STACK_MODES, stack_layers, widen_mlp
+from composer_growth.functional.batch import select_rows
 from composer_growth.functional.lora import add_lora
 from composer_growth.registry import register_algorithm
-from composer_growth.timeutil import parse_time, reached, to_duration_fraction
+from composer_growth.timeutil import check_progress_known, epoch_batches, parse_time, reached, to_duration_fraction
 
 TRUNKS = ("train", "frozen", "lora")
 
@@ -52,8 +53,8 @@ class _Growth(Algorithm):
         """Reject arguments the model cannot take (from its config), before training."""
 
     # -- validation -------------------------------------------------------------------------
-    def validate_run(self, max_duration: Time, recipe: Any = None) -> None:
-        frac = to_duration_fraction(self.at, max_duration)
+    def validate_run(self, max_duration: Time, recipe: Any = None, batches_per_epoch: int | None = None) -> None:
+        frac = to_duration_fraction(self.at, max_duration, batches_per_epoch)
         if frac is not None and frac >= 1:
             raise ConfigError("at", str(self.at), f"must fall before the end of the run (max_duration {max_duration})")
         if recipe is None:
@@ -82,7 +83,8 @@ class _Growth(Algorithm):
         elif event == Event.FIT_START:
             check_supported(state, self.name)
             if state.max_duration is not None:
-                self.validate_run(state.max_duration)
+                self.validate_run(state.max_duration, batches_per_epoch=epoch_batches(state))
+            check_progress_known(state, {"at": self.at}, within=False)
         elif event == Event.AFTER_DATALOADER:
             self._batch = state.batch if self.probe_loss and not self.applied else None
         elif event == Event.BATCH_END and not self.applied and reached(state, self.at):
@@ -110,7 +112,7 @@ class _Growth(Algorithm):
             return None
         model = composer_model(state)
         rows = state.device_train_microbatch_size if isinstance(state.device_train_microbatch_size, int) else 1
-        batch = {k: v[:rows] for k, v in self._batch.items()}
+        batch = select_rows(self._batch, rows)
         was_training = model.training
         model.eval()
         with torch.no_grad(), get_precision_context(state.precision, state.precision_config):
@@ -128,11 +130,13 @@ class _Growth(Algorithm):
             self.applied = True
 
     def state_dict(self) -> dict[str, Any]:
-        return {"applied": self.applied, **self.record}
+        out = super().state_dict()  # Composer's base: {'repr': ...}
+        out.update(self.record, applied=self.applied)
+        return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.applied = bool(state.get("applied", False))
-        self.record = {k: v for k, v in state.items() if k != "applied"}
+        self.record = {k: v for k, v in state.items() if k not in ("applied", "repr")}
 
 
 @register_algorithm("stack_layers")
@@ -185,8 +189,8 @@ class StackLayers(_Growth):
             bad = [i for i in self.source_layers if i >= n]
             check(not bad, "source_layers", self.source_layers, f"indices below the model's layer count ({n})")
 
-    def validate_run(self, max_duration: Time, recipe: Any = None) -> None:
-        super().validate_run(max_duration, recipe)
+    def validate_run(self, max_duration: Time, recipe: Any = None, batches_per_epoch: int | None = None) -> None:
+        super().validate_run(max_duration, recipe, batches_per_epoch)
         if recipe is not None and self.trunk == "lora" and recipe.model.peft is not None:
             raise ConfigError("trunk", self.trunk, "'lora' needs a model without model.peft adapters")
 

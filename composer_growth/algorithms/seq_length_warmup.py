@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -19,9 +20,11 @@ from composer.loggers import Logger
 from composer.utils import ensure_tuple
 
 from composer_growth.errors import ConfigError, check, check_flag, check_int
-from composer_growth.functional.batch import MODES, batch_seq_length, batch_tokens, set_batch_sequence_length
+from composer_growth.functional.batch import (MODES, batch_seq_length, batch_tokens, select_rows,
+                                              set_batch_sequence_length)
 from composer_growth.registry import register_algorithm
-from composer_growth.timeutil import elapsed, parse_time, to_duration_fraction, uncount_tokens
+from composer_growth.timeutil import (check_progress_known, elapsed, epoch_batches, parse_time, to_duration_fraction,
+                                      uncount_tokens)
 
 SCHEDULES = ("linear", "root")
 
@@ -120,10 +123,10 @@ class SeqLengthWarmup(Algorithm):
         return self.steps[-1][0] if self.steps is not None else self.duration
 
     # -- validation before training -----------------------------------------------------------
-    def validate_run(self, max_duration: Time, recipe: Any = None) -> None:
+    def validate_run(self, max_duration: Time, recipe: Any = None, batches_per_epoch: int | None = None) -> None:
         """Reject a warmup longer than the run, or longer than the data's sequences."""
         end = self.end
-        frac = to_duration_fraction(end, max_duration)
+        frac = to_duration_fraction(end, max_duration, batches_per_epoch)
         if frac is not None and frac > 1:
             key = "schedule" if self.steps is not None else "duration"
             raise ConfigError(key, str(end), f"must end within max_duration ({max_duration})")
@@ -158,7 +161,10 @@ class SeqLengthWarmup(Algorithm):
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.FIT_START:
             if state.max_duration is not None:
-                self.validate_run(state.max_duration)
+                self.validate_run(state.max_duration, batches_per_epoch=epoch_batches(state))
+            times = {"duration": self.duration} if self.steps is None else {
+                f"schedule[{i}][0]": t for i, (t, _) in enumerate(self.steps)}
+            check_progress_known(state, times, within=self.steps is None)
             mb = state.device_train_microbatch_size
             self._base_microbatch = mb if isinstance(mb, int) else None
         elif event == Event.AFTER_DATALOADER:
@@ -168,8 +174,9 @@ class SeqLengthWarmup(Algorithm):
 
     def _after_dataloader(self, state: State, logger: Logger) -> None:
         batch = state.batch
-        if not isinstance(batch, dict):
-            raise ValueError(f"SeqLengthWarmup needs a mapping batch of [batch, seq] tensors, got {type(batch).__name__}")
+        if not isinstance(batch, Mapping):
+            raise ValueError(f"SeqLengthWarmup needs a Mapping batch (dict, BatchEncoding, ...) with [batch, seq] "
+                             f"tensors, got {type(batch).__name__}")
         if self.mode == "reshape" and "input_ids" not in batch:
             raise ValueError(f"SeqLengthWarmup(mode='reshape') needs batch['input_ids']; keys: {sorted(batch)}")
         full = batch_seq_length(batch)
@@ -209,7 +216,7 @@ class SeqLengthWarmup(Algorithm):
         self._token_excess = 0
         logger.log_metrics({"tokens/trained": int(state.timestamp.token)})
 
-    def _preallocate(self, state: State, batch: dict[str, torch.Tensor]) -> None:
+    def _preallocate(self, state: State, batch: Mapping[str, Any]) -> None:
         """One forward and backward at max_seq_length on a copy of this batch; no data, no RNG drawn.
 
         Runs on the model under any DDP wrapper, so no rank waits on another; if the pass runs out
@@ -218,7 +225,7 @@ class SeqLengthWarmup(Algorithm):
         """
         rows = state.device_train_microbatch_size if isinstance(state.device_train_microbatch_size, int) else 1
         sample = set_batch_sequence_length(batch, self.max_seq_length, "truncate")
-        sample = state.device.batch_to_device({k: v[:rows] for k, v in sample.items()})
+        sample = state.device.batch_to_device(select_rows(sample, rows))
         model = state.model.module if isinstance(state.model, torch.nn.parallel.DistributedDataParallel) else state.model
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         try:
@@ -238,7 +245,9 @@ class SeqLengthWarmup(Algorithm):
                 p.grad = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"seq_len": int(self.seq_len)}
+        out = super().state_dict()  # Composer's base: {'repr': ...}
+        out["seq_len"] = int(self.seq_len)
+        return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.seq_len = int(state.get("seq_len", self.min_seq_length))

@@ -84,7 +84,28 @@ def _rebind_scheduler(scheduler: Any, old: list[torch.optim.Optimizer], new: lis
     rebound = copy.copy(scheduler)
     rebound.optimizer = new[index]
     rebound.base_lrs = [g.get("initial_lr", g["lr"]) for g in new[index].param_groups]
+    _track_steps(new[index], called=getattr(target, "_opt_called", False))
     return rebound
+
+
+def _track_steps(optimizer: torch.optim.Optimizer, called: bool) -> None:
+    """Give ``optimizer`` torch's step wrapper, as a scheduler built on it would.
+
+    A torch scheduler checks at its first step that ``optimizer.step`` carries that wrapper (else it
+    warns that the step "has been overridden after learning rate scheduler initialization") and that
+    the optimizer was stepped; ``called`` carries the second fact over from the optimizer replaced.
+    A throwaway scheduler installs the wrapper; the param groups are put back as they were.
+    """
+    from torch.optim.lr_scheduler import LambdaLR
+
+    if not hasattr(optimizer.step, "_wrapped_by_lr_sched"):
+        groups = [dict(g) for g in optimizer.param_groups]
+        LambdaLR(optimizer, lambda _: 1.0)
+        for group, saved in zip(optimizer.param_groups, groups):
+            group.clear()
+            group.update(saved)
+    if called:
+        optimizer._opt_called = True
 
 
 def install_replay_hook(state: State) -> None:
