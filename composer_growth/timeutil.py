@@ -54,16 +54,18 @@ def epoch_batches(state: State) -> int | None:
     is read then.
     """
     train = state.train_dataloader
-    if train is None:
+    active = state.dataloader is not None and (state.dataloader is train or
+                                               (train is None and state.dataloader_label == "train"))
+    if active:
+        n = None if state.dataloader_len is None else int(state.dataloader_len)
+    elif train is None:
         return None
-    if state.dataloader is train and state.dataloader_len is not None:
-        n = int(state.dataloader_len)
     else:
         try:
             n = len(train)
         except (TypeError, NotImplementedError):
             return None
-    return n if n > 0 else None
+    return n if n is not None and n > 0 else None
 
 
 def elapsed(state: State, unit: TimeUnit) -> float:
