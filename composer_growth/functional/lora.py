@@ -168,8 +168,8 @@ def add_lora(model: nn.Module, modules: Iterable[str] | str, rank: int = 8, alph
              dropout: float = 0.0, use_rslora: bool = False) -> list[str]:
     """Wrap submodules of the HF model in peft LoRA adapters, in place.
 
-    ``modules``: full module names, or a group of :data:`LORA_GROUPS` (resolved with
-    :func:`lora_target_modules`). Linear, GPT-2 ``Conv1D`` (peft sets ``fan_in_fan_out``) and
+    ``modules``: a group of :data:`LORA_GROUPS` or a list of module names (full, or the end of a
+    name such as ``q_proj``), resolved with :func:`lora_target_modules`. Linear, GPT-2 ``Conv1D`` (peft sets ``fan_in_fan_out``) and
     ``nn.Embedding`` modules can be wrapped. Only the adapters of the wrapped modules train from
     then on; every other parameter keeps the ``requires_grad`` it had. Returns the wrapped module
     names. The base weights of a wrapped module are renamed ``<module>.base_layer.weight``.
@@ -179,9 +179,10 @@ def add_lora(model: nn.Module, modules: Iterable[str] | str, rank: int = 8, alph
     check(isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1, "rank", rank, "an integer >= 1")
     check(alpha is None or (isinstance(alpha, (int, float)) and alpha > 0), "alpha", alpha, "null or a number > 0")
     hf = unwrap_hf(model)
-    targets = lora_target_modules(hf, modules) if isinstance(modules, str) else sorted(set(modules))
-    if not targets:
+    modules = modules if isinstance(modules, str) else list(modules)
+    if not modules:
         return []
+    targets = lora_target_modules(hf, modules)
     for name in targets:
         module = get_path(hf, name)
         if isinstance(module, nn.Embedding):
