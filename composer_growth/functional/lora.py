@@ -39,7 +39,7 @@ from composer_growth.families import Family, family_of, get_path, set_path, unwr
 from composer_growth.functional.growth import ParamSource, _collect_mapping, param_names
 
 __all__ = ["LORA_GROUPS", "PRUNE_MODES", "add_lora", "lora_target_modules", "lora_targets", "merge_and_reinit_lora",
-           "merge_lora", "merged_model", "prune_optimizer_state", "resize_lora_rank", "scale_lora_alpha"]
+           "merge_lora", "merged_model", "merged_state_dict", "prune_optimizer_state", "resize_lora_rank", "scale_lora_alpha"]
 
 LORA_GROUPS = ("attention", "mlp", "embedding", "all")
 PRUNE_MODES = ("reset", "random", "magnitude")
@@ -217,6 +217,39 @@ def merge_lora(model: nn.Module) -> int:
         module.merge()
         set_path(hf, name, module.get_base_layer())
     return len(wrapped)
+
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The HF model's state dict with every adapter folded in, under the plain model's names
+    (``hf.save_pretrained(folder, state_dict=merged_state_dict(hf))`` writes a plain model).
+
+    Only the wrapped modules' weights are copied; the model is left as it is.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    hf = unwrap_hf(model)
+    merged = {}
+    for name, layer in hf.named_modules():
+        if isinstance(layer, LoraLayer):
+            base = layer.get_base_layer()
+            weight = base.weight.detach().clone()
+            bias = None if getattr(base, "bias", None) is None else base.bias.detach().clone()
+            for adapter in _adapters(layer):
+                weight += layer.get_delta_weight(adapter).to(weight.dtype)
+                if adapter in layer.lora_A and layer.lora_B[adapter].bias is not None and bias is not None:
+                    bias += layer.lora_B[adapter].bias * layer.scaling[adapter]
+            merged[f"{name}.weight"] = weight
+            if bias is not None:
+                merged[f"{name}.bias"] = bias
+    out = {}
+    for key, tensor in hf.state_dict().items():
+        parts = key.split(".")
+        if any(p.startswith("lora_") for p in parts):
+            continue
+        plain = key.replace(".base_layer.", ".")
+        out[plain] = merged.get(plain, tensor)
+    return out
 
 
 def merged_model(model: nn.Module) -> nn.Module:
