@@ -115,16 +115,18 @@ def lora_target_modules(model: nn.Module, targets: Targets) -> list[str]:
     """Names (from the HF model) of the plain modules ``targets`` selects for new adapters.
 
     Candidates are ``nn.Linear`` / GPT-2 ``Conv1D`` modules inside the blocks and the input
-    embedding. Raises :class:`ConfigError` (naming the family and the candidates) when nothing matches.
+    embedding, not already wrapped in an adapter. Raises :class:`ConfigError` (naming the family and the candidates) when nothing matches.
     """
+    from peft.tuners.lora import LoraLayer
     from transformers.pytorch_utils import Conv1D
 
     hf = unwrap_hf(model)
     family = family_of(hf)
     blocks = [f"{family.layers}.{i}" for i in range(len(get_path(hf, family.layers)))]
+    inside = [n for n, m in hf.named_modules() if isinstance(m, LoraLayer)]  # adapters and wrapped bases
     candidates = {n: m for n, m in hf.named_modules()
-                  if (isinstance(m, (nn.Linear, Conv1D)) and _under(n, blocks))
-                  or (n == family.embed and isinstance(m, nn.Embedding))}
+                  if ((isinstance(m, (nn.Linear, Conv1D)) and _under(n, blocks))
+                      or (n == family.embed and isinstance(m, nn.Embedding))) and not _under(n, inside)}
     chosen = _select(candidates, targets, hf, family, "linear or embedding module", groups_all=False)
     return list(chosen)
 
@@ -187,18 +189,19 @@ def add_lora(model: nn.Module, modules: Iterable[str] | str, rank: int = 8, alph
         module = get_path(hf, name)
         if isinstance(module, nn.Embedding):
             _check_untied(hf, name, module.weight)
-    trainable = {id(p) for p in hf.parameters() if p.requires_grad}
+    existing = {id(p): p.requires_grad for p in hf.parameters()}
     # a string target is matched against each module's full name with re.fullmatch
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
                         use_rslora=use_rslora, target_modules="|".join(re.escape(t) for t in targets))
     inject_adapter_in_model(config, hf)
+    bases = [f"{t}.base_layer" for t in targets]
     for name, p in hf.named_parameters():
-        if "lora_" in name:
+        if id(p) not in existing:  # the new adapters
             p.requires_grad_(True)
-        elif ".base_layer." in name:
+        elif _under(name, bases):
             p.requires_grad_(False)
-        else:
-            p.requires_grad_(id(p) in trainable)
+        else:  # peft marks only adapters trainable: put back what the rest had (earlier adapters too)
+            p.requires_grad_(existing[id(p)])
     return targets
 
 
