@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 from common import (Recorder, base_parser, build_recipe_parts, describe_device, ensure_data, finish_args,  # noqa: E402
-                    fixed_eval_loader, markdown_table, peak_memory, reset_peak_memory, write_json)
+                    fixed_eval_loader, markdown_table, mean_ms, peak_memory, reset_peak_memory, write_json)
 
 RUNS = ("full", "lora", "relora", "relora-warm")
 
@@ -150,10 +150,6 @@ def run_one(name: str, args: argparse.Namespace, tokenizer, eval_loader, steps: 
     return result
 
 
-def _mean_ms(times: list[float]) -> float | None:
-    return 1000 * sum(times) / len(times) if times else None
-
-
 def summarize(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> list[dict[str, str]]:
     base = results.get("full")
     rows = []
@@ -162,7 +158,7 @@ def summarize(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> l
         first = round(args.warm_start * args.steps) + 1 if name == "relora-warm" else 1
         skip = {b - 1 for b in res["merges"]} | {first - 1}  # merge batches (0-indexed), adapters' first batch
         times = [t for i, t in enumerate(res["step_times"]) if i >= first and i not in skip]
-        res["mean_step_ms"] = _mean_ms(times)
+        res["mean_step_ms"] = mean_ms(times)
         loss = res["evals"][-1]["loss"]
         mem = res["peak_memory"]
         rows.append({

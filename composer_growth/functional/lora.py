@@ -39,7 +39,8 @@ from composer_growth.families import Family, family_of, get_path, set_path, unwr
 from composer_growth.functional.growth import ParamSource, _collect_mapping, param_names
 
 __all__ = ["LORA_GROUPS", "PRUNE_MODES", "add_lora", "lora_target_modules", "lora_targets", "merge_and_reinit_lora",
-           "merge_lora", "merged_model", "merged_state_dict", "prune_optimizer_state", "resize_lora_rank", "scale_lora_alpha"]
+           "merge_lora", "merged_model", "merged_state_dict", "prune_optimizer_state", "resize_lora_rank",
+           "scale_lora_alpha"]
 
 LORA_GROUPS = ("attention", "mlp", "embedding", "all")
 PRUNE_MODES = ("reset", "random", "magnitude")
@@ -115,7 +116,8 @@ def lora_target_modules(model: nn.Module, targets: Targets) -> list[str]:
     """Names (from the HF model) of the plain modules ``targets`` selects for new adapters.
 
     Candidates are ``nn.Linear`` / GPT-2 ``Conv1D`` modules inside the blocks and the input
-    embedding, not already wrapped in an adapter. Raises :class:`ConfigError` (naming the family and the candidates) when nothing matches.
+    embedding, not already wrapped in an adapter. Raises :class:`ConfigError` (naming the family and
+    the candidates) when nothing matches.
     """
     from peft.tuners.lora import LoraLayer
     from transformers.pytorch_utils import Conv1D
@@ -171,9 +173,10 @@ def add_lora(model: nn.Module, modules: Iterable[str] | str, rank: int = 8, alph
     """Wrap submodules of the HF model in peft LoRA adapters, in place.
 
     ``modules``: a group of :data:`LORA_GROUPS` or a list of module names (full, or the end of a
-    name such as ``q_proj``), resolved with :func:`lora_target_modules`. Linear, GPT-2 ``Conv1D`` (peft sets ``fan_in_fan_out``) and
-    ``nn.Embedding`` modules can be wrapped. Only the adapters of the wrapped modules train from
-    then on; every other parameter keeps the ``requires_grad`` it had. Returns the wrapped module
+    name such as ``q_proj``), resolved with :func:`lora_target_modules`. Linear, GPT-2 ``Conv1D``
+    (peft sets ``fan_in_fan_out``) and ``nn.Embedding`` modules can be wrapped. The new adapters
+    train, the wrapped modules' base weights freeze, and every other parameter (earlier adapters
+    too) keeps the ``requires_grad`` it had. Returns the wrapped module
     names. The base weights of a wrapped module are renamed ``<module>.base_layer.weight``.
     """
     from peft import LoraConfig, inject_adapter_in_model
