@@ -105,15 +105,17 @@ def test_merges_at_intervals_same_function_and_lr_ramp(tiny_recipe):
     assert info["last_eval_loss"] < info["first_eval_loss"]
 
 
-@pytest.mark.parametrize("checkpoint", ["ep0-ba4-rank0.pt", "ep0-ba6-rank0.pt"])
-def test_resume_between_and_right_after_a_merge(tiny_recipe, tmp_path, checkpoint):
+def test_resume_between_and_right_after_a_merge(tiny_recipe, tmp_path):
     full = _relora(tiny_recipe)
     run(validate(full))
     uninterrupted = _summary(full["summary_file"])
-    trainer, after = resume_from(full, checkpoint, tmp_path)
-    assert trainer.state.algorithms[0].merges == 2
-    assert after["train_loss"] == pytest.approx(uninterrupted["train_loss"], rel=1e-6)
-    assert [e["loss"] for e in after["evals"]] == pytest.approx([e["loss"] for e in uninterrupted["evals"]], rel=1e-6)
+    # batch 4: between merges (mid-ramp); batch 6: right after the second merge
+    for checkpoint in ("ep0-ba4-rank0.pt", "ep0-ba6-rank0.pt"):
+        trainer, after = resume_from(full, checkpoint, tmp_path / checkpoint)
+        assert trainer.state.algorithms[0].merges == 2
+        assert after["train_loss"] == pytest.approx(uninterrupted["train_loss"], rel=1e-6)
+        assert [e["loss"] for e in after["evals"]] == pytest.approx([e["loss"] for e in uninterrupted["evals"]],
+                                                                    rel=1e-6)
 
 
 def test_full_rank_warm_start_then_adapters_from_the_recipe_block(tiny_recipe, tmp_path):
