@@ -47,6 +47,7 @@ from composer.core.precision import get_precision_context
 from composer.loggers import Logger
 from composer.utils import dist, ensure_tuple
 
+from composer_growth.algorithms.order import set_batch_lengths
 from composer_growth.algorithms.surgery import install_replay_hook
 from composer_growth.errors import ConfigError, check
 from composer_growth.families import FAMILIES, Family, family_of, unwrap_composer, unwrap_hf
@@ -258,9 +259,10 @@ def _sample_length(loader: Any) -> int | None:
     if dataset is None:
         return None
     try:
+        from composer_growth.data.prepare import sample_ids
+
         sample = dataset[0]
-        ids = sample["input_ids"] if isinstance(sample, Mapping) else sample
-        return int(len(ids))
+        return int(len(sample_ids(dict(sample) if isinstance(sample, Mapping) else sample)))
     except Exception:  # noqa: BLE001 - any dataset we cannot index: length unknown
         return None
 
@@ -372,8 +374,8 @@ class ContextLengthSchedule(Algorithm):
               dataset only; default: keep tokens per step);
             * ``description``: free text, logged with the schedule.
         enabled: ``False`` leaves training untouched.
-        save_folder: where ``<phase name>/`` folders go at each phase end (a recipe's ``save_folder``
-            when left ``None`` in a recipe; no phase exports when ``None``).
+        save_folder: where ``<phase name>/`` folders go at each phase end (default: the Trainer's
+            ``save_folder``; with neither, no phase checkpoints or exports, said once at the start).
         mode: how batches longer than the phase are cut: ``reshape`` (keep every token in more rows)
             or ``truncate`` (keep each row's head).
         tokens_per_step: tokens per optimizer step over all ranks (default: the Trainer's global batch
@@ -389,6 +391,8 @@ class ContextLengthSchedule(Algorithm):
         num_workers: DataLoader workers of phase datasets.
         verbose: print the schedule and each transition (rank 0).
     """
+
+    name = "context_length_schedule"
 
     def __init__(self, phases: list[dict[str, Any]], enabled: bool = True, save_folder: str | None = None,
                  mode: str = "reshape", tokens_per_step: int | None = None, save_checkpoints: bool = True,
@@ -660,7 +664,8 @@ class ContextLengthSchedule(Algorithm):
                 if self.train_split not in manifest.get("splits", {}):
                     raise ConfigError(f"{key}.dataset", path,
                                       f"has no '{self.train_split}' split (splits: {', '.join(manifest.get('splits', {}))})")
-                if base_manifest is not None and manifest.get("vocab_size") != base_manifest.get("vocab_size"):
+                vocabs = (manifest.get("vocab_size"), (base_manifest or {}).get("vocab_size"))
+                if None not in vocabs and vocabs[0] != vocabs[1]:
                     raise ConfigError(f"{key}.dataset", path,
                                       f"its tokenizer has {manifest.get('vocab_size')} tokens, data.path's "
                                       f"{base_manifest.get('vocab_size')}: prepare it with data.path's tokenizer")
@@ -718,7 +723,8 @@ class ContextLengthSchedule(Algorithm):
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         handler = {
             Event.INIT: self._init, Event.AFTER_LOAD: self._after_load, Event.FIT_START: self._fit_start,
-            Event.BEFORE_DATALOADER: self._before_dataloader, Event.AFTER_DATALOADER: self._after_dataloader,
+            Event.BEFORE_DATALOADER: self._before_dataloader,
+            Event.AFTER_DATALOADER: lambda state, logger: set_batch_lengths(self, state, logger),
             Event.BATCH_START: self._batch_start, Event.BATCH_END: self._batch_end,
             Event.BATCH_CHECKPOINT: self._batch_checkpoint, Event.EVAL_START: self._eval_start,
             Event.EVAL_BATCH_START: self._eval_batch_start, Event.EVAL_END: self._eval_end,
@@ -728,10 +734,29 @@ class ContextLengthSchedule(Algorithm):
 
     def _init(self, state: State, logger: Logger) -> None:
         hf = unwrap_hf(state.model)
-        self._family = family_of(hf, key="model")
+        self._family = family_of(hf, key=f"{self.name}: model family")
         self._original = _rope_snapshot(hf.config, self._family)
-        self.check_model_config(hf.config, self._family, self._original)
+        try:
+            self.check_model_config(hf.config, self._family, self._original)
+        except ConfigError as err:
+            raise ConfigError(f"{self.name}: {err.key}", err.value, err.allowed) from None
         install_replay_hook(state)
+        self._default_save_folder(state)
+
+    def _default_save_folder(self, state: State) -> None:
+        """No save_folder of its own: the Trainer's (its checkpoint saver's local folder); neither: say so once."""
+        if self.save_folder is not None:
+            return
+        from composer.callbacks import CheckpointSaver
+
+        saver = next((c for c in state.callbacks if isinstance(c, CheckpointSaver)), None)
+        if saver is not None and getattr(saver, "folder", None):
+            self.save_folder = str(saver.folder)
+        elif self.save_checkpoints or self.export_hf:
+            text = (f"{self.name}: no save_folder (neither its own nor the Trainer's): phase checkpoints and HF "
+                    "exports are off")
+            log.warning(text)
+            self._warn_once(text)
 
     def replay(self, state: State, saved: dict[str, Any]) -> None:
         """Called before a checkpoint's weights load: the model takes its saved phase's rope config."""
@@ -792,7 +817,10 @@ class ContextLengthSchedule(Algorithm):
         if self._loader is not None:
             self._current_source = self._source_key(state, self.phase)
 
-    def _after_dataloader(self, state: State, logger: Logger) -> None:
+    #: sets the phase's length before any warmup acts inside the phase (see algorithms.order)
+    length_rank = 0
+
+    def set_batch_length(self, state: State, logger: Logger) -> None:
         batch = state.batch
         if not isinstance(batch, Mapping):
             raise ValueError(f"ContextLengthSchedule needs a mapping batch of [batch, seq] tensors, "

@@ -19,7 +19,7 @@ from torch import nn
 
 from composer_growth.algorithms.surgery import check_supported, composer_model, grow, install_replay_hook
 from composer_growth.errors import ConfigError, check, check_flag, check_int
-from composer_growth.families import FAMILIES, family_of, get_path, unwrap_hf
+from composer_growth.families import FAMILIES, config_get, family_of, get_path, unwrap_hf
 from composer_growth.functional.growth import STACK_INITS, STACK_MODES, stack_layers, widen_mlp
 from composer_growth.functional.batch import select_rows
 from composer_growth.functional.lora import add_lora
@@ -184,7 +184,7 @@ class StackLayers(_Growth):
 
     def _check_model_config(self, config: Any) -> None:
         family = family_of(getattr(config, "model_type", None), key="model.family")
-        n = getattr(config, family.num_layers_key)
+        n = config_get(config, family.num_layers_key)
         if self.mode == "explicit":
             bad = [i for i in self.source_layers if i >= n]
             check(not bad, "source_layers", self.source_layers, f"indices below the model's layer count ({n})")
