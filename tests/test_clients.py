@@ -10,6 +10,8 @@ import pytest
 import torch
 from composer import Callback, Trainer
 from composer.core import DataSpec
+from composer.loggers import InMemoryLogger
+from composer.metrics import LanguageCrossEntropy
 from composer.models import HuggingFaceModel
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from transformers import (BatchEncoding, BertConfig, BertForMaskedLM, BertTokenizerFast, DataCollatorForLanguageModeling,
@@ -33,11 +35,11 @@ def tokenizer(tmp_path_factory):
     return BertTokenizerFast(vocab_file=str(path))
 
 
-def _llama(seed=0):
+def _llama(seed=0, metrics=None):
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
-    return HuggingFaceModel(LlamaForCausalLM(config), use_logits=True)
+    return HuggingFaceModel(LlamaForCausalLM(config), use_logits=True, metrics=metrics)
 
 
 def _bert(seed=0):
@@ -211,13 +213,21 @@ def test_collator_batches_through_the_warmup(tokenizer, one_thread, mlm, mode):
 def test_foundry_batches(tokenizer, one_thread, algorithm):
     collator = FoundryCollator(DataCollatorForLanguageModeling(tokenizer, mlm=False, pad_to_multiple_of=LENGTH))
     loader = DataLoader(_examples(48, padded=True, seed=1), batch_size=8, collate_fn=collator)
-    if algorithm == "context":
+    extra = {}
+    if algorithm == "context":  # its eval loop and phase-end perplexities read llm-foundry's eval batches too
         alg = ContextLengthSchedule(phases=[{"seq_length": 16, "duration": "0.5dur"}, {"seq_length": 32}],
-                                    eval_batches=0, save_checkpoints=False, export_hf=False, verbose=False)
+                                    eval_batches=2, save_checkpoints=False, export_hf=False, verbose=False)
+        extra = dict(eval_dataloader=DataLoader(_examples(16, padded=True, seed=2), batch_size=8, collate_fn=collator),
+                     eval_interval="3ba", loggers=[InMemoryLogger()])
     else:
         alg = SeqLengthWarmup(mode=algorithm.split("-")[1], **WARMUP)
-    trainer, rec = _fit(_llama(), loader, [alg], "6ba", microbatch=4, token_count=foundry_token_count,
-                        accumulate_train_batch_on_tokens=True)
+    model = _llama(metrics=[LanguageCrossEntropy()])
+    trainer, rec = _fit(model, loader, [alg], "6ba", microbatch=4, token_count=foundry_token_count,
+                        accumulate_train_batch_on_tokens=True, **extra)
+    if algorithm == "context":
+        logged = extra["loggers"][0].data
+        assert "context/phase_end_ppl/16" in logged and "context/phase_end_ppl/32" in logged
+        assert [v for _, v in logged["context/eval_seq_len"]] == [16, 32]
     expected = [16, 16, 16, 32, 32, 32] if algorithm == "context" else [8, 8, 16, 24, 32, 32]
     assert rec.lengths() == expected
     # the Trainer's token count (llm-foundry's: the sum of total_tokens) is the real tokens trained
@@ -286,7 +296,7 @@ def test_growth_before_the_first_scheduler_step_keeps_torch_step_wrapper(one_thr
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 0.5 ** epoch)  # Composer steps it per epoch
     trainer = Trainer(model=model, train_dataloader=_packed_loader(), max_duration="2ep", optimizers=opt,
-                      schedulers=sched, algorithms=[StackLayers(at="0.25dur"), WidenMLP(at="0.5dur")],
+                      schedulers=sched, algorithms=[StackLayers(at="2ba"), WidenMLP(at="4ba")],
                       seed=3, progress_bar=False, log_to_console=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # Composer's test setting, for torch's scheduler warnings
