@@ -62,8 +62,8 @@ class Family:
     def rope_scaling(self, config: Any) -> dict[str, Any] | None:
         """The config's rope scaling as transformers writes it (``rope_type`` names; None: plain rope)."""
         raw = config_get(config, self.rope_scaling_key)
-        if not raw:
-            return None
+        if not raw or self.rope_types is None:
+            return raw or None
         out = dict(raw)
         name = out.get("rope_type", out.get("type", "default"))
         name = {ours: theirs for theirs, ours in self.rope_types or ()}.get(name, name)

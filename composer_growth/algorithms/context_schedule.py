@@ -50,9 +50,10 @@ from composer.utils import dist, ensure_tuple
 from composer_growth.algorithms.order import set_batch_lengths
 from composer_growth.algorithms.surgery import install_replay_hook
 from composer_growth.errors import ConfigError, check
-from composer_growth.families import FAMILIES, Family, family_of, unwrap_composer, unwrap_hf
+from composer_growth.families import FAMILIES, Family, config_get, family_of, unwrap_composer, unwrap_hf
 from composer_growth.functional.batch import MODES, batch_seq_length, batch_tokens, set_batch_sequence_length
-from composer_growth.functional.rope import apply_rope_scaling, max_addressable_positions, validate_rope_scaling
+from composer_growth.functional.rope import (apply_rope_scaling, max_addressable_positions, position_kind,
+                                            validate_rope_scaling)
 from composer_growth.registry import register_algorithm
 from composer_growth.timeutil import check_progress_known, elapsed, parse_time, uncount_tokens
 
@@ -158,14 +159,15 @@ def _rope_snapshot(config: Any, family: Family) -> dict[str, Any]:
     """The rope fields of a config: what a phase with ``rope_scaling: null`` trains with."""
     theta = None
     for name in family.rope_theta_keys:
-        if getattr(config, name, None) is not None:
-            theta = float(getattr(config, name))
+        if config_get(config, name) is not None:
+            theta = float(config_get(config, name))
             break
     return {
-        "rope_scaling": copy.deepcopy(getattr(config, "rope_scaling", None)),
+        "rope_scaling": copy.deepcopy(family.rope_scaling(config)),
         "rope_theta": theta,
-        "max_positions": int(getattr(config, family.max_positions_key)),
+        "max_positions": int(config_get(config, family.max_positions_key)),
         "original_max_position_embeddings": getattr(config, "original_max_position_embeddings", None),
+        "positions": family.positions(config),
     }
 
 
@@ -180,6 +182,7 @@ class _RopeTarget:
     scaling: dict[str, Any] | None  # what apply_rope_scaling gets (with rope_theta); None: no rotary
     max_positions: int              # the config's declared context in the phase
     reach: float                    # the longest sequence the phase's positions address
+    kind: str = "rope"              # the model's positions: rope, alibi or learned
 
     @property
     def factor(self) -> float:
@@ -199,10 +202,13 @@ def _rope_target(phase: Phase, original: dict[str, Any], family: Family, config:
     """
     key = f"phases[{phase.index}]"
     p0 = original["max_positions"]
-    if family.rotary is None:
+    kind = position_kind(family, config) if config is not None else original.get("positions") or position_kind(family)
+    if kind != "rope":
         if phase.rope_scaling is not None:
-            validate_rope_scaling(phase.rope_scaling, f"{key}.rope_scaling", family)  # raises: no RoPE
-        return _RopeTarget(None, p0, p0)
+            validate_rope_scaling(phase.rope_scaling, f"{key}.rope_scaling", family, config=config)  # raises: no RoPE
+        # ALiBi extends to any length with no scaling, up to what the model accepts (positions_bound)
+        reach = p0 if kind == "learned" or family.positions_bound else math.inf
+        return _RopeTarget(None, p0, reach, kind)
     if phase.rope_scaling is not None:
         scaling = dict(phase.rope_scaling)
     elif original["rope_scaling"]:
@@ -226,14 +232,22 @@ def _rope_target(phase: Phase, original: dict[str, Any], family: Family, config:
     view = {"model_type": family.name, family.max_positions_key: declared,
             "rope_scaling": {k: v for k, v in full.items() if k != "rope_theta"},
             "original_max_position_embeddings": original.get("original_max_position_embeddings")}
-    return _RopeTarget(full, declared, max_addressable_positions(view))
+    reach = max_addressable_positions(view)
+    if family.positions_bound and phase.max_position_embeddings is None:
+        # the model refuses sequences past its declared context: raise it to what the phase trains,
+        # as far as the rope reaches
+        declared = max(declared, min(phase.seq_length, int(min(reach, 2**62))))
+        reach = min(reach, declared)
+    return _RopeTarget(full, declared, reach)
 
 
 def _describe(target: _RopeTarget) -> str:
+    if target.kind == "alibi":
+        return "ALiBi (longer sequences need no scaling)"
     if target.scaling is None:
         return "learned positions"
     rtype = _rope_type(target.scaling)
-    text = rtype if rtype == "default" else f"{rtype} x{target.factor:g}"
+    text = "rope " + (rtype if rtype == "default" else f"{rtype} x{target.factor:g}")
     if target.theta is not None:
         text += f", theta {target.theta:g}"
     return text
@@ -592,7 +606,11 @@ class ContextLengthSchedule(Algorithm):
         for phase in self.phases:
             target = _rope_target(phase, original, family, config)
             if phase.seq_length > target.reach:
-                if family.rotary is None:
+                if target.kind == "alibi":
+                    allowed = (f"at most {family.name}'s {family.max_positions_key} ({original['max_positions']}): "
+                               f"ALiBi needs no scaling, but the model refuses longer sequences; build it with "
+                               f"{family.max_positions_key} >= {max(p.seq_length for p in self.phases)}")
+                elif target.kind == "learned":
                     allowed = (f"at most {family.name}'s learned position table ({family.max_positions_key}="
                                f"{original['max_positions']}); {family.name} has no RoPE to scale")
                 else:
@@ -903,7 +921,7 @@ class ContextLengthSchedule(Algorithm):
         if self._original is None:
             self._original = _rope_snapshot(hf.config, family)
         target = _rope_target(self.phases[index], self._original, family, hf.config)
-        if family.rotary is None:
+        if target.kind != "rope":
             return None
         return apply_rope_scaling(hf, target.scaling, max_position_embeddings=target.max_positions,
                                   key=f"phases[{index}].rope_scaling")
@@ -930,7 +948,7 @@ class ContextLengthSchedule(Algorithm):
         logger.log_metrics(metrics)
         old_max = report["old_max_positions"] if report else target.max_positions
         text = (f"context_length_schedule: phase '{after.name}' at {state.timestamp.batch}: seq_len "
-                f"{before.seq_length} -> {after.seq_length}; rope {_describe(target)}; max positions "
+                f"{before.seq_length} -> {after.seq_length}; {_describe(target)}; max positions "
                 f"{old_max} -> {target.max_positions} (addressable {reach:g})"
                 + (f"; lr x{after.lr_multiplier:g}" if after.lr_multiplier != 1.0 else ""))
         logger.log_traces({"context/transition": text})
@@ -1220,7 +1238,7 @@ class ContextLengthSchedule(Algorithm):
                          ("lr_multiplier", p.lr_multiplier), ("dataset", p.dataset or BASE)):
                 params[f"context/schedule/{p.name}/{k}"] = v
             lines.append(f"  {p.index}. {p.name:<12} {p.seq_length:>7} tokens from {start:g}{self._unit.value}"
-                         f"  rope {_describe(t)}  max positions {t.max_positions}"
+                         f"  {_describe(t)}  max positions {t.max_positions}"
                          f"  lr x{p.lr_multiplier:g}  data {p.dataset or 'trainer'}"
                          + (f"  ({p.description})" if p.description else "")
                          if start is not None else f"  {p.index}. {p.name} {p.seq_length}")
