@@ -232,7 +232,7 @@ def _rope_target(phase: Phase, original: dict[str, Any], family: Family, config:
     view = {"model_type": family.name, family.max_positions_key: declared,
             "rope_scaling": {k: v for k, v in full.items() if k != "rope_theta"},
             "original_max_position_embeddings": original.get("original_max_position_embeddings")}
-    reach = max_addressable_positions(view)
+    reach = max_addressable_positions(view, bound=False)
     if family.positions_bound and phase.max_position_embeddings is None:
         # the model refuses sequences past its declared context: raise it to what the phase trains,
         # as far as the rope reaches

@@ -223,7 +223,7 @@ def _captured_warnings() -> Iterator[list[str]]:
 # --------------------------------------------------------------------------- reach
 
 
-def max_addressable_positions(config_like: Any) -> int | float:
+def max_addressable_positions(config_like: Any, bound: bool = True) -> int | float:
     """The longest sequence a config's positions are meant to address (``math.inf``: no bound).
 
     ``config_like`` is a model (wrappers allowed), a config, or a mapping with the config's keys.
@@ -237,12 +237,20 @@ def max_addressable_positions(config_like: Any) -> int | float:
     * otherwise (``linear``, ``yarn``, ``llama3``, ``longrope``, ...): ``factor`` times the original
       context, i.e. ``rope_scaling["original_max_position_embeddings"]``, else the config's top-level
       ``original_max_position_embeddings``, else the declared context.
+
+    ALiBi addresses any length; learned positions their table. With ``bound``, a family whose model
+    refuses sequences past its declared context (``positions_bound``: llm-foundry's MPT) reaches no further.
     """
     config = _config_of(config_like)
     family = FAMILIES.get(_field(config, "model_type"))
     declared = _field(config, _max_positions_key(family))
     if family is not None and not isinstance(config, Mapping) and position_kind(family, config) != "rope":
         return declared if family.positions_bound or position_kind(family, config) == "learned" else math.inf
+    reach = _rope_reach(config, family, declared)
+    return min(reach, declared) if bound and family is not None and family.positions_bound else reach
+
+
+def _rope_reach(config: Any, family: Family | None, declared: int) -> int | float:
     scaling = (family.rope_scaling(config) if family is not None and not isinstance(config, Mapping)
                else _field(config, "rope_scaling")) or {}
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
