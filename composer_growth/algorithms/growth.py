@@ -78,7 +78,10 @@ class _Growth(Algorithm):
         if event == Event.INIT:
             model = composer_model(state)
             family_of(model, key=f"{self.name}: model family")
-            self._check_model_config(unwrap_hf(model).config)
+            try:
+                self._check_model_config(unwrap_hf(model).config)
+            except ConfigError as err:
+                raise ConfigError(f"{self.name}: {err.key}", err.value, err.allowed) from None
             install_replay_hook(state)
         elif event == Event.FIT_START:
             check_supported(state, self.name)
@@ -247,6 +250,13 @@ class WidenMLP(_Growth):
         check(isinstance(noise_std, (int, float)) and noise_std >= 0, "noise_std", noise_std, "a number >= 0")
         check_int(seed, "seed")
         self.factor, self.noise_std, self.seed = float(factor), float(noise_std), seed
+
+    def _check_model_config(self, config: Any) -> None:
+        family = family_of(getattr(config, "model_type", None), key="model.family")
+        parent = family.intermediate_key.rpartition(".")[0]
+        check(not parent or isinstance(config_get(config, parent), dict), "model", type(config).__name__,
+              f"its config has no '{parent}' to record the MLP width in (e.g. transformers' MptConfig fixes its "
+              "MLP at 4x the width; llm-foundry's MPTConfig has it)")
 
     def _op(self, model: nn.Module):
         return widen_mlp(model, self.factor, noise_std=self.noise_std, seed=self.seed)
