@@ -289,6 +289,20 @@ def test_epoch_progress_without_a_loader_length_fails_before_training(one_thread
     assert int(trainer.state.timestamp.batch) == 0
 
 
+@pytest.mark.parametrize("alg, match", [
+    (lambda: StackLayers(at="4ba"), r"^at='4ba': must fall before the end of the run"),
+    (lambda: SeqLengthWarmup(min_seq_length=8, max_seq_length=32, duration="5ba"),
+     r"^duration='5ba': must end within max_duration"),
+])
+def test_batch_times_checked_against_an_epoch_run(one_thread, alg, match):
+    # 1ep of a 4-batch loader: batch times compare with the run through the loader's length, before training
+    trainer = Trainer(model=_llama(), train_dataloader=_packed_loader(), max_duration="1ep", algorithms=[alg()],
+                      optimizers=None, progress_bar=False, log_to_console=False)
+    with pytest.raises(ConfigError, match=match):
+        trainer.fit()
+    assert int(trainer.state.timestamp.batch) == 0
+
+
 # -- growth before a torch scheduler's first step: no step-override warning -----------------------
 
 def test_growth_before_the_first_scheduler_step_keeps_torch_step_wrapper(one_thread):

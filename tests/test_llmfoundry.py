@@ -47,7 +47,8 @@ def foundry_setup(tiny_data, tmp_path_factory):
 
 
 def _config(root, tokenizer_dir, save_folder, **extra):
-    loader = {"name": "text", "drop_last": True, "num_workers": 0,
+    loader = {"name": "text", "drop_last": True, "num_workers": 0, "prefetch_factor": None, "pin_memory": False,
+              "persistent_workers": False,
               "dataset": {"local": str(root / "data"), "split": "train", "shuffle": False, "max_seq_len": SEQ}}
     return {
         "run_name": "foundry-tiny", "seed": 17, "max_seq_len": SEQ,
@@ -58,7 +59,7 @@ def _config(root, tokenizer_dir, save_folder, **extra):
         "eval_loader": {**loader, "drop_last": False, "dataset": {**loader["dataset"], "split": "val"}},
         "optimizer": {"name": "decoupled_adamw", "lr": 3e-3},
         "scheduler": {"name": "cosine_with_warmup", "t_warmup": "2ba", "alpha_f": 0.1},
-        # listed in this order, Composer runs the schedule's AFTER_DATALOADER before the warmup's
+        # (written in sorted order: the schedule listed before the warmup; it still cuts to its phase first)
         "algorithms": {
             "seq_length_warmup": {"min_seq_length": 8, "max_seq_length": 16, "step_size": 8, "duration": "2ba"},
             "context_length_schedule": {"phases": [{"name": "short", "seq_length": 16, "duration": "0.5dur"},
@@ -72,6 +73,7 @@ def _config(root, tokenizer_dir, save_folder, **extra):
         "global_train_batch_size": ROWS, "device_train_microbatch_size": ROWS, "device_eval_batch_size": ROWS,
         "precision": "fp32", "progress_bar": False, "log_to_console": False,
         "save_folder": str(save_folder), "save_interval": "3ba", "save_num_checkpoints_to_keep": -1,
+        "autoresume": False,
         **extra,
     }
 
@@ -97,9 +99,10 @@ def test_train_from_yaml_with_every_algorithm_and_resume(foundry_setup, tmp_path
     hf = unwrap_hf(full.state.model)
     assert hf.config.num_hidden_layers == 4 and hf.config.intermediate_size == 128
     assert algs[ContextLengthSchedule].phase.name == "long"
-    # llm-foundry counts tokens from its per-row total_tokens: those of the cut batches (the warmup's 8, 8
-    # inside the 16-token phase, then 16, then 3 batches of the 32-token phase)
-    assert int(full.state.timestamp.token) == ROWS * (8 + 8 + 16 + 3 * SEQ)
+    # llm-foundry counts tokens from its per-row total_tokens: those of the cut batches. The schedule reshapes
+    # 4 x 32 into 8 x 16 rows in its first phase, the warmup truncates those to 8, 8, then passes 16;
+    # then 3 batches of 4 x 32.
+    assert int(full.state.timestamp.token) == 2 * ROWS * (8 + 8 + 16) + 3 * ROWS * SEQ
 
     # resume from the checkpoint written right after the depth growth at batch 3
     resumed_cfg = _config(root, tokenizer_dir, tmp_path / "resumed",
