@@ -751,7 +751,6 @@ class ContextLengthSchedule(Algorithm):
         handler(state, logger)
 
     def _init(self, state: State, logger: Logger) -> None:
-        self._stand_after_warmups(state)
         hf = unwrap_hf(state.model)
         self._family = family_of(hf, key=f"{self.name}: model family")
         self._original = _rope_snapshot(hf.config, self._family)
@@ -776,22 +775,6 @@ class ContextLengthSchedule(Algorithm):
                     "exports are off")
             log.warning(text)
             self._warn_once(text)
-
-    def _stand_after_warmups(self, state: State) -> None:
-        """Move this schedule after every SeqLengthWarmup in ``state.algorithms``.
-
-        Composer runs ``AFTER_*`` events last-listed first, so at ``AFTER_DATALOADER`` the schedule then
-        cuts a batch to its phase before a warmup shortens it further, however a YAML lists them (a
-        Trainer built by llm-foundry takes no algorithm passes). The order within each class is kept,
-        so checkpointed algorithm states still match.
-        """
-        from composer_growth.algorithms.seq_length_warmup import SeqLengthWarmup
-
-        algs = state.algorithms
-        last = max((i for i, a in enumerate(algs) if isinstance(a, SeqLengthWarmup)), default=-1)
-        mine = next((i for i, a in enumerate(algs) if a is self), None)
-        if mine is not None and mine < last:
-            algs.insert(last, algs.pop(mine))
 
     def replay(self, state: State, saved: dict[str, Any]) -> None:
         """Called before a checkpoint's weights load: the model takes its saved phase's rope config."""
