@@ -112,6 +112,28 @@ def test_context_schedule_errors_on_mpt_name_the_algorithm(phase, positions, mes
         _init(schedule, _mpt(positions, max_seq_len=32))
 
 
+def test_context_schedule_on_mpt_rope_raises_max_seq_len_with_the_phase(tmp_path):
+    from composer import Trainer
+    from llmfoundry.models.mpt import MPTForCausalLM
+    from torch.utils.data import DataLoader
+
+    model = _mpt("rope", max_seq_len=16)
+    ids = torch.randint(0, VOCAB, (16, 32), generator=torch.Generator().manual_seed(0))
+    loader = DataLoader([{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r} for r in ids],
+                        batch_size=4)
+    schedule = ContextLengthSchedule(phases=[
+        {"name": "short", "seq_length": 16, "duration": "2ba"},
+        {"name": "long", "seq_length": 32, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}],
+        save_folder=str(tmp_path), save_checkpoints=False, eval_batches=0, verbose=False)
+    Trainer(model=_composer(model), train_dataloader=loader, max_duration="4ba", algorithms=[schedule],
+            optimizers=torch.optim.AdamW(model.parameters(), lr=1e-3), progress_bar=False,
+            log_to_console=False).fit()
+    assert model.config.max_seq_len == 32
+    assert model.config.attn_config["rope_hf_config"] == {"type": "linear", "factor": 2.0}
+    export = MPTForCausalLM.from_pretrained(tmp_path / "long").eval()
+    torch.testing.assert_close(_logits(model.eval(), 32), _logits(export, 32), rtol=0, atol=1e-6)
+
+
 def test_growth_error_names_the_algorithm():
     from transformers import BertConfig, BertForMaskedLM
 
