@@ -16,7 +16,7 @@ from composer.loggers import Logger
 
 def set_batch_lengths(caller: Algorithm, state: State, logger: Logger) -> None:
     """Run every length algorithm's ``set_batch_length(state, logger)`` once for this batch, by ``length_rank``."""
-    batch = (int(state.timestamp.epoch), int(state.timestamp.batch))
+    batch = (int(state.timestamp.epoch), int(state.timestamp.batch))  # the same for every caller of a batch
     if getattr(state, "_length_pass_batch", None) == batch:
         return
     state._length_pass_batch = batch
