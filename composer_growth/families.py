@@ -44,6 +44,7 @@ class Family:
     positions_bound: bool = False  # the model refuses sequences longer than max_positions_key
     layer_index_attrs: tuple[str, ...] = ("layer_idx",)  # module attributes holding the block's index
     last_layer_index_attrs: tuple[str, ...] = ()  # module attributes holding the last block's index
+    per_layer_keys: tuple[str, ...] = ()  # config keys that, when set, tie blocks to their positions (no stacking)
 
     def intermediate_size(self, config: Any) -> int:
         size = config_get(config, self.intermediate_key)
@@ -116,6 +117,7 @@ FAMILIES: dict[str, Family] = {
         rope_scaling_key="attn_config.rope_hf_config",
         rope_types=(("default", "no_scaling"), ("linear", "linear"), ("dynamic", "dynamic"), ("llama3", "llama3")),
         positions_bound=True, layer_index_attrs=("block_idx",), last_layer_index_attrs=("max_block_idx",),
+        per_layer_keys=("block_overrides",),
     ),
 }
 

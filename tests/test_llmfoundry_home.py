@@ -134,6 +134,13 @@ def test_context_schedule_on_mpt_rope_raises_max_seq_len_with_the_phase(tmp_path
     torch.testing.assert_close(_logits(model.eval(), 32), _logits(export, 32), rtol=0, atol=1e-6)
 
 
+def test_stack_refuses_mpt_blocks_configured_per_position():
+    overrides = {"order": [{"name": "default"}, {"name": "window"}],
+                 "overrides": {"window": {"attn_config": {"sliding_window_size": 8}}}}
+    with pytest.raises(ConfigError, match=r"^stack_layers: model=.*block_overrides.*cannot be stacked"):
+        _init(StackLayers(at="1ba"), _mpt("alibi", block_overrides=overrides))
+
+
 def test_growth_error_names_the_algorithm():
     from transformers import BertConfig, BertForMaskedLM
 

@@ -188,6 +188,9 @@ class StackLayers(_Growth):
     def _check_model_config(self, config: Any) -> None:
         family = family_of(getattr(config, "model_type", None), key="model.family")
         n = config_get(config, family.num_layers_key)
+        for key in family.per_layer_keys:
+            check(not config_get(config, key), "model", f"{key}={config_get(config, key)!r}",
+                  f"{family.name} blocks configured per position ({key}) cannot be stacked")
         if self.mode == "explicit":
             bad = [i for i in self.source_layers if i >= n]
             check(not bad, "source_layers", self.source_layers, f"indices below the model's layer count ({n})")
