@@ -15,7 +15,7 @@ def _prepare(args: argparse.Namespace) -> int:
     manifest = prepare_dataset(
         args.out, source=args.source, seq_len=args.seq_len, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
         max_bytes=args.max_bytes, val_percent=args.val_percent, files=args.files, hub_name=args.hub_name,
-        hub_split=args.hub_split, text_field=args.text_field, overwrite=args.overwrite,
+        hub_split=args.hub_split, text_field=args.text_field, overwrite=args.overwrite, column=args.column,
     )
     for name, stats in manifest["splits"].items():
         print(f"{name:>6}: {stats['documents']:>7} documents {stats['sequences']:>8} sequences "
@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-bytes", type=int, default=8_000_000)
     p.add_argument("--val-percent", type=float, default=5.0)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--column", default="input_ids", choices=["input_ids", "tokens"],
+                   help="the token column: input_ids, or tokens (llm-foundry's text loader reads it; so do ours)")
 
     for name, text in (("train", "validate a recipe and train"), ("validate", "only validate a recipe")):
         q = sub.add_parser(name, help=text)

@@ -2,7 +2,8 @@
 
 Every op looks a model up here instead of branching on its type. A family is keyed by
 ``config.model_type``. Paths are dotted attribute paths: ``layers`` from the causal-LM
-module, the others from one transformer block (``rotary`` from the causal-LM module).
+module, the others from one transformer block (``rotary`` from the causal-LM module). Config keys
+may be dotted too: ``attn_config.rope`` reads ``config.attn_config["rope"]`` (:func:`config_get`).
 """
 
 from __future__ import annotations
@@ -22,22 +23,64 @@ class Family:
     num_layers_key: str         # config key holding the block count
     hidden_key: str             # config key holding the model width
     mlp: str                    # MLP module, from a block
-    mlp_in: tuple[str, ...]     # MLP input projections, from the MLP (hidden units are their outputs)
+    mlp_in: tuple[str, ...]     # MLP input projections, from the MLP (hidden units are their outputs); absent ones skipped
     mlp_out: str                # MLP output projection, from the MLP
     conv1d: bool                # projections are transformers' Conv1D (weight is [in, out])
-    intermediate_key: str       # config key holding the MLP width
+    intermediate_key: str       # config key holding the MLP width (written on growth)
     attn: str                   # attention module, from a block
     residual_out: tuple[str, ...]  # projections writing into the residual stream, from a block
     rotary: str | None          # rotary embedding module from the causal LM; None: learned positions
     max_positions_key: str      # config key holding the position table / context size
     embed: str                  # input token embedding, from the causal LM
     rope_theta_keys: tuple[str, ...] = ()  # config keys holding the rotary base (all are set together)
+    # the MLP width when intermediate_key is unset: this key's value (else 4) times the model width
+    intermediate_ratio_key: str | None = None
+    # (config key, kind): the first key that is true names the positions ("rope", "alibi", "learned");
+    # none true: "rope" when the family has a rotary module and no such keys, else "learned"
+    position_keys: tuple[tuple[str, str], ...] = ()
+    # config key holding the rope scaling dict, and the rope types its config accepts (transformers'
+    # name -> the config's name); None: every transformers rope type under its own name
+    rope_scaling_key: str = "rope_scaling"
+    rope_types: tuple[tuple[str, str], ...] | None = None
+    positions_bound: bool = False  # the model refuses sequences longer than max_positions_key
+    layer_index_attrs: tuple[str, ...] = ("layer_idx",)  # module attributes holding the block's index
+    last_layer_index_attrs: tuple[str, ...] = ()  # module attributes holding the last block's index
+    per_layer_keys: tuple[str, ...] = ()  # config keys that, when set, tie blocks to their positions (no stacking)
 
     def intermediate_size(self, config: Any) -> int:
-        size = getattr(config, self.intermediate_key, None)
-        if size is None:  # gpt2 leaves n_inner unset: 4 x width
-            size = 4 * getattr(config, self.hidden_key)
+        size = config_get(config, self.intermediate_key)
+        if size is None:  # gpt2 leaves n_inner unset: 4 x width; mpt: expansion_ratio x width
+            ratio = config_get(config, self.intermediate_ratio_key) if self.intermediate_ratio_key else None
+            size = (4 if ratio is None else ratio) * config_get(config, self.hidden_key)
         return int(size)
+
+    def positions(self, config: Any) -> str:
+        """How the model built from ``config`` encodes positions: ``rope``, ``alibi`` or ``learned``."""
+        for key, kind in self.position_keys:
+            if config_get(config, key):
+                return kind
+        return "rope" if self.rotary is not None and not self.position_keys else "learned"
+
+    def rope_scaling(self, config: Any) -> dict[str, Any] | None:
+        """The config's rope scaling as transformers writes it (``rope_type`` names; None: plain rope)."""
+        raw = config_get(config, self.rope_scaling_key)
+        if not raw or self.rope_types is None:
+            return raw or None
+        out = dict(raw)
+        name = out.get("rope_type", out.get("type", "default"))
+        name = {ours: theirs for theirs, ours in self.rope_types or ()}.get(name, name)
+        if name == "default" and not set(out) - {"rope_type", "type", "factor"}:
+            return None
+        out.update(rope_type=name, type=name)
+        return out
+
+    def rope_scaling_value(self, scaling: dict[str, Any] | None) -> Any:
+        """What the config's ``rope_scaling_key`` holds for a normalised transformers dict (None: plain)."""
+        if self.rope_types is None:
+            return scaling
+        name = (scaling or {}).get("rope_type", "default")
+        params = {k: v for k, v in (scaling or {}).items() if k not in ("rope_type", "type")}
+        return {"type": dict(self.rope_types)[name], "factor": 1.0, **params}
 
 
 _SWIGLU = dict(
@@ -65,6 +108,19 @@ FAMILIES: dict[str, Family] = {
         residual_out=("attention.dense", "mlp.dense_4h_to_h"), rotary="gpt_neox.rotary_emb",
         max_positions_key="max_position_embeddings", rope_theta_keys=("rope_theta", "rotary_emb_base"),
         embed="gpt_neox.embed_in",
+    ),
+    # llm-foundry's MPT (``mpt_causal_lm``): ALiBi, learned positions, or RoPE (``rope_impl: hf``)
+    "mpt": Family(
+        name="mpt", layers="transformer.blocks", num_layers_key="n_layers", hidden_key="d_model", mlp="ffn",
+        mlp_in=("gate_proj", "up_proj"), mlp_out="down_proj", conv1d=False,
+        intermediate_key="ffn_config.ffn_hidden_size", intermediate_ratio_key="expansion_ratio", attn="attn",
+        residual_out=("attn.out_proj", "ffn.down_proj"), rotary="transformer.rotary_embedding",
+        max_positions_key="max_seq_len", rope_theta_keys=("attn_config.rope_theta",),
+        position_keys=(("attn_config.alibi", "alibi"), ("attn_config.rope", "rope")),
+        rope_scaling_key="attn_config.rope_hf_config",
+        rope_types=(("default", "no_scaling"), ("linear", "linear"), ("dynamic", "dynamic"), ("llama3", "llama3")),
+        positions_bound=True, layer_index_attrs=("block_idx",), last_layer_index_attrs=("max_block_idx",),
+        per_layer_keys=("block_overrides",), embed="transformer.wte",
     ),
 }
 
@@ -127,3 +183,26 @@ def set_path(root: Any, path: str, value: Any) -> None:
     for part in parents:
         root = getattr(root, part)
     setattr(root, last, value)
+
+
+def config_get(config: Any, key: str, default: Any = None) -> Any:
+    """A config value by dotted key; dict levels by item (``attn_config.rope``); ``default`` when absent."""
+    for part in key.split("."):
+        if isinstance(config, dict):
+            config = config.get(part, default)
+        else:
+            config = getattr(config, part, default)
+        if config is default:
+            return default
+    return config
+
+
+def config_set(config: Any, key: str, value: Any) -> None:
+    """Set a config value by dotted key (dict levels by item; missing dict levels are created)."""
+    *parents, last = key.split(".")
+    for part in parents:
+        config = config.setdefault(part, {}) if isinstance(config, dict) else getattr(config, part)
+    if isinstance(config, dict):
+        config[last] = value
+    else:
+        setattr(config, last, value)

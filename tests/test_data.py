@@ -7,6 +7,7 @@ import json
 import os
 
 import numpy as np
+import torch
 import pytest
 from streaming.base.format import reader_from_json
 
@@ -99,3 +100,58 @@ def test_local_jsonl_and_text_files(tmp_path):
 def test_bad_arguments(tmp_path, kwargs, key):
     with pytest.raises(ConfigError, match=rf"^{key}="):
         prepare_dataset(str(tmp_path / "x"), **kwargs)
+
+
+def test_bad_column(tmp_path):
+    with pytest.raises(ConfigError, match=r"^column="):
+        prepare_dataset(str(tmp_path / "x"), column="text")
+
+
+def _loader_rows(path, split="train"):
+    from composer_growth.data.loaders import build_lm_dataloader
+
+    return [b["input_ids"] for b in build_lm_dataloader(path, split, 4, shuffle=False, drop_last=False)]
+
+
+def test_prepare_writes_llm_foundrys_tokens_column(tmp_path):
+    kw = dict(seq_len=16, vocab_size=300, max_bytes=100_000, val_percent=20)
+    ours = prepare_dataset(str(tmp_path / "ours"), **kw)
+    foundry = prepare_dataset(str(tmp_path / "foundry"), column="tokens", **kw)
+    assert foundry["column"] == "tokens" and foundry["splits"] == ours["splits"]
+    with open(tmp_path / "foundry" / "train" / "index.json") as f:
+        shard = json.load(f)["shards"][0]
+    # llm-foundry's text loader reads a `tokens` column; convert_dataset_json writes ndarray:int32
+    assert shard["column_names"] == ["tokens"] and shard["column_encodings"] == ["ndarray:int32"]
+    a, b = _loader_rows(str(tmp_path / "ours")), _loader_rows(str(tmp_path / "foundry"))
+    assert len(a) == len(b) > 0 and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("encoding", ["ndarray:int32", "bytes"])
+def test_recipes_read_an_mds_folder_with_a_tokens_column_and_no_manifest(tiny_data, tiny_recipe, tmp_path, encoding):
+    """llm-foundry's convert_dataset_json output: `tokens` (int32 arrays; older converters: int64 bytes)."""
+    from streaming import MDSWriter
+
+    from composer_growth.data.prepare import read_manifest
+    from composer_growth.recipe import run, validate
+
+    folder = tmp_path / "converted"
+    for split in ("train", "val"):
+        with MDSWriter(out=str(folder / split), columns={"tokens": encoding}) as writer:
+            for row in _read_split(os.path.join(tiny_data, split)):
+                row = row.astype(np.int32 if encoding != "bytes" else np.int64)
+                writer.write({"tokens": row if encoding != "bytes" else row.tobytes()})
+    manifest = read_manifest(str(folder))
+    assert manifest["inferred"] and manifest["seq_len"] == 32 and manifest["column"] == "tokens"
+    assert set(manifest["splits"]) == {"train", "val"}
+    a, b = _loader_rows(tiny_data, "val"), _loader_rows(str(folder), "val")
+    assert len(a) == len(b) > 0 and all(torch.equal(x, y) for x, y in zip(a, b))
+
+    tiny_recipe.update(data={"path": str(folder)}, max_duration="2ba", eval_interval="2ba", save_folder=None)
+    with pytest.raises(ConfigError, match=r"^tokenizer=None"):  # no tokenizer/ folder there: name one
+        validate(tiny_recipe)
+    tiny_recipe["tokenizer"] = os.path.join(tiny_data, "tokenizer")
+    tiny_recipe["algorithms"] = {"seq_length_warmup": {"min_seq_length": 16, "max_seq_length": 32, "step_size": 16,
+                                                       "duration": "1ba", "preallocate": False}}
+    run(validate(tiny_recipe))
+    with open(tiny_recipe["summary_file"]) as f:
+        assert json.load(f)["tokens_trained"] == 8 * (16 + 32)

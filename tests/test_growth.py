@@ -210,6 +210,17 @@ def test_family_outside_the_table_is_named():
         Trainer(model=model, algorithms=[StackLayers(at="2ba")], max_duration="2ba")
 
 
+def test_widen_refuses_a_config_that_cannot_record_the_width():
+    """transformers' own MPT (model_type 'mpt', like llm-foundry's) has a fixed 4x MLP: refused at INIT."""
+    from composer import Trainer
+    from composer.models import HuggingFaceModel
+    from transformers import MptConfig, MptForCausalLM
+
+    model = HuggingFaceModel(MptForCausalLM(MptConfig(d_model=16, n_heads=2, n_layers=1, vocab_size=64)))
+    with pytest.raises(ConfigError, match=r"^widen_mlp: model='MptConfig': its config has no 'ffn_config'"):
+        Trainer(model=model, algorithms=[WidenMLP(at="2ba")], max_duration="2ba")
+
+
 def test_direct_use_in_a_script_grows_a_plain_trainer():
     from composer import Trainer
     from composer.models import HuggingFaceModel

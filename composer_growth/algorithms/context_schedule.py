@@ -47,12 +47,14 @@ from composer.core.precision import get_precision_context
 from composer.loggers import Logger
 from composer.utils import dist, ensure_tuple
 
+from composer_growth.algorithms.order import set_batch_lengths
 from composer_growth.algorithms.surgery import install_replay_hook
 from composer_growth.errors import ConfigError, check
-from composer_growth.families import FAMILIES, Family, family_of, unwrap_composer, unwrap_hf
+from composer_growth.families import FAMILIES, Family, config_get, family_of, unwrap_composer, unwrap_hf
 from composer_growth.functional.batch import MODES, batch_seq_length, batch_tokens, set_batch_sequence_length
 from composer_growth.functional.lora import merged_state_dict
-from composer_growth.functional.rope import apply_rope_scaling, max_addressable_positions, validate_rope_scaling
+from composer_growth.functional.rope import (apply_rope_scaling, max_addressable_positions, position_kind,
+                                            validate_rope_scaling)
 from composer_growth.registry import register_algorithm
 from composer_growth.timeutil import check_progress_known, elapsed, parse_time, uncount_tokens
 
@@ -158,14 +160,15 @@ def _rope_snapshot(config: Any, family: Family) -> dict[str, Any]:
     """The rope fields of a config: what a phase with ``rope_scaling: null`` trains with."""
     theta = None
     for name in family.rope_theta_keys:
-        if getattr(config, name, None) is not None:
-            theta = float(getattr(config, name))
+        if config_get(config, name) is not None:
+            theta = float(config_get(config, name))
             break
     return {
-        "rope_scaling": copy.deepcopy(getattr(config, "rope_scaling", None)),
+        "rope_scaling": copy.deepcopy(family.rope_scaling(config)),
         "rope_theta": theta,
-        "max_positions": int(getattr(config, family.max_positions_key)),
+        "max_positions": int(config_get(config, family.max_positions_key)),
         "original_max_position_embeddings": getattr(config, "original_max_position_embeddings", None),
+        "positions": family.positions(config),
     }
 
 
@@ -180,6 +183,7 @@ class _RopeTarget:
     scaling: dict[str, Any] | None  # what apply_rope_scaling gets (with rope_theta); None: no rotary
     max_positions: int              # the config's declared context in the phase
     reach: float                    # the longest sequence the phase's positions address
+    kind: str = "rope"              # the model's positions: rope, alibi or learned
 
     @property
     def factor(self) -> float:
@@ -199,10 +203,13 @@ def _rope_target(phase: Phase, original: dict[str, Any], family: Family, config:
     """
     key = f"phases[{phase.index}]"
     p0 = original["max_positions"]
-    if family.rotary is None:
+    kind = position_kind(family, config) if config is not None else original.get("positions") or position_kind(family)
+    if kind != "rope":
         if phase.rope_scaling is not None:
-            validate_rope_scaling(phase.rope_scaling, f"{key}.rope_scaling", family)  # raises: no RoPE
-        return _RopeTarget(None, p0, p0)
+            validate_rope_scaling(phase.rope_scaling, f"{key}.rope_scaling", family, config=config)  # raises: no RoPE
+        # ALiBi extends to any length with no scaling, up to what the model accepts (positions_bound)
+        reach = p0 if kind == "learned" or family.positions_bound else math.inf
+        return _RopeTarget(None, p0, reach, kind)
     if phase.rope_scaling is not None:
         scaling = dict(phase.rope_scaling)
     elif original["rope_scaling"]:
@@ -226,14 +233,22 @@ def _rope_target(phase: Phase, original: dict[str, Any], family: Family, config:
     view = {"model_type": family.name, family.max_positions_key: declared,
             "rope_scaling": {k: v for k, v in full.items() if k != "rope_theta"},
             "original_max_position_embeddings": original.get("original_max_position_embeddings")}
-    return _RopeTarget(full, declared, max_addressable_positions(view))
+    reach = max_addressable_positions(view, bound=False)
+    if family.positions_bound and phase.max_position_embeddings is None:
+        # the model refuses sequences past its declared context: raise it to what the phase trains,
+        # as far as the rope reaches
+        declared = max(declared, min(phase.seq_length, int(min(reach, 2**62))))
+        reach = min(reach, declared)
+    return _RopeTarget(full, declared, reach)
 
 
 def _describe(target: _RopeTarget) -> str:
+    if target.kind == "alibi":
+        return "ALiBi (longer sequences need no scaling)"
     if target.scaling is None:
         return "learned positions"
     rtype = _rope_type(target.scaling)
-    text = rtype if rtype == "default" else f"{rtype} x{target.factor:g}"
+    text = "rope " + (rtype if rtype == "default" else f"{rtype} x{target.factor:g}")
     if target.theta is not None:
         text += f", theta {target.theta:g}"
     return text
@@ -259,9 +274,10 @@ def _sample_length(loader: Any) -> int | None:
     if dataset is None:
         return None
     try:
+        from composer_growth.data.prepare import sample_ids
+
         sample = dataset[0]
-        ids = sample["input_ids"] if isinstance(sample, Mapping) else sample
-        return int(len(ids))
+        return int(len(sample_ids(dict(sample) if isinstance(sample, Mapping) else sample)))
     except Exception:  # noqa: BLE001 - any dataset we cannot index: length unknown
         return None
 
@@ -373,8 +389,8 @@ class ContextLengthSchedule(Algorithm):
               dataset only; default: keep tokens per step);
             * ``description``: free text, logged with the schedule.
         enabled: ``False`` leaves training untouched.
-        save_folder: where ``<phase name>/`` folders go at each phase end (a recipe's ``save_folder``
-            when left ``None`` in a recipe; no phase exports when ``None``).
+        save_folder: where ``<phase name>/`` folders go at each phase end (default: the Trainer's
+            ``save_folder``; with neither, no phase checkpoints or exports, said once at the start).
         mode: how batches longer than the phase are cut: ``reshape`` (keep every token in more rows)
             or ``truncate`` (keep each row's head).
         tokens_per_step: tokens per optimizer step over all ranks (default: the Trainer's global batch
@@ -390,6 +406,8 @@ class ContextLengthSchedule(Algorithm):
         num_workers: DataLoader workers of phase datasets.
         verbose: print the schedule and each transition (rank 0).
     """
+
+    name = "context_length_schedule"
 
     def __init__(self, phases: list[dict[str, Any]], enabled: bool = True, save_folder: str | None = None,
                  mode: str = "reshape", tokens_per_step: int | None = None, save_checkpoints: bool = True,
@@ -589,7 +607,11 @@ class ContextLengthSchedule(Algorithm):
         for phase in self.phases:
             target = _rope_target(phase, original, family, config)
             if phase.seq_length > target.reach:
-                if family.rotary is None:
+                if target.kind == "alibi":
+                    allowed = (f"at most {family.name}'s {family.max_positions_key} ({original['max_positions']}): "
+                               f"ALiBi needs no scaling, but the model refuses longer sequences; build it with "
+                               f"{family.max_positions_key} >= {max(p.seq_length for p in self.phases)}")
+                elif target.kind == "learned":
                     allowed = (f"at most {family.name}'s learned position table ({family.max_positions_key}="
                                f"{original['max_positions']}); {family.name} has no RoPE to scale")
                 else:
@@ -661,7 +683,8 @@ class ContextLengthSchedule(Algorithm):
                 if self.train_split not in manifest.get("splits", {}):
                     raise ConfigError(f"{key}.dataset", path,
                                       f"has no '{self.train_split}' split (splits: {', '.join(manifest.get('splits', {}))})")
-                if base_manifest is not None and manifest.get("vocab_size") != base_manifest.get("vocab_size"):
+                vocabs = (manifest.get("vocab_size"), (base_manifest or {}).get("vocab_size"))
+                if None not in vocabs and vocabs[0] != vocabs[1]:
                     raise ConfigError(f"{key}.dataset", path,
                                       f"its tokenizer has {manifest.get('vocab_size')} tokens, data.path's "
                                       f"{base_manifest.get('vocab_size')}: prepare it with data.path's tokenizer")
@@ -719,7 +742,8 @@ class ContextLengthSchedule(Algorithm):
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         handler = {
             Event.INIT: self._init, Event.AFTER_LOAD: self._after_load, Event.FIT_START: self._fit_start,
-            Event.BEFORE_DATALOADER: self._before_dataloader, Event.AFTER_DATALOADER: self._after_dataloader,
+            Event.BEFORE_DATALOADER: self._before_dataloader,
+            Event.AFTER_DATALOADER: lambda state, logger: set_batch_lengths(self, state, logger),
             Event.BATCH_START: self._batch_start, Event.BATCH_END: self._batch_end,
             Event.BATCH_CHECKPOINT: self._batch_checkpoint, Event.EVAL_START: self._eval_start,
             Event.EVAL_BATCH_START: self._eval_batch_start, Event.EVAL_END: self._eval_end,
@@ -728,28 +752,30 @@ class ContextLengthSchedule(Algorithm):
         handler(state, logger)
 
     def _init(self, state: State, logger: Logger) -> None:
-        self._stand_after_warmups(state)
         hf = unwrap_hf(state.model)
-        self._family = family_of(hf, key="model")
+        self._family = family_of(hf, key=f"{self.name}: model family")
         self._original = _rope_snapshot(hf.config, self._family)
-        self.check_model_config(hf.config, self._family, self._original)
+        try:
+            self.check_model_config(hf.config, self._family, self._original)
+        except ConfigError as err:
+            raise ConfigError(f"{self.name}: {err.key}", err.value, err.allowed) from None
         install_replay_hook(state)
+        self._default_save_folder(state)
 
-    def _stand_after_warmups(self, state: State) -> None:
-        """Move this schedule after every SeqLengthWarmup in ``state.algorithms``.
+    def _default_save_folder(self, state: State) -> None:
+        """No save_folder of its own: the Trainer's (its checkpoint saver's local folder); neither: say so once."""
+        if self.save_folder is not None:
+            return
+        from composer.callbacks import CheckpointSaver
 
-        Composer runs ``AFTER_*`` events last-listed first, so at ``AFTER_DATALOADER`` the schedule then
-        cuts a batch to its phase before a warmup shortens it further, however a YAML lists them (a
-        Trainer built by llm-foundry takes no algorithm passes). The order within each class is kept,
-        so checkpointed algorithm states still match.
-        """
-        from composer_growth.algorithms.seq_length_warmup import SeqLengthWarmup
-
-        algs = state.algorithms
-        last = max((i for i, a in enumerate(algs) if isinstance(a, SeqLengthWarmup)), default=-1)
-        mine = next((i for i, a in enumerate(algs) if a is self), None)
-        if mine is not None and mine < last:
-            algs.insert(last, algs.pop(mine))
+        saver = next((c for c in state.callbacks if isinstance(c, CheckpointSaver)), None)
+        if saver is not None and getattr(saver, "folder", None):
+            self.save_folder = str(saver.folder)
+        elif self.save_checkpoints or self.export_hf:
+            text = (f"{self.name}: no save_folder (neither its own nor the Trainer's): phase checkpoints and HF "
+                    "exports are off")
+            log.warning(text)
+            self._warn_once(text)
 
     def replay(self, state: State, saved: dict[str, Any]) -> None:
         """Called before a checkpoint's weights load: the model takes its saved phase's rope config."""
@@ -810,7 +836,10 @@ class ContextLengthSchedule(Algorithm):
         if self._loader is not None:
             self._current_source = self._source_key(state, self.phase)
 
-    def _after_dataloader(self, state: State, logger: Logger) -> None:
+    #: sets the phase's length before any warmup acts inside the phase (see algorithms.order)
+    length_rank = 0
+
+    def set_batch_length(self, state: State, logger: Logger) -> None:
         batch = state.batch
         if not isinstance(batch, Mapping):
             raise ValueError(f"ContextLengthSchedule needs a mapping batch of [batch, seq] tensors, "
@@ -893,7 +922,7 @@ class ContextLengthSchedule(Algorithm):
         if self._original is None:
             self._original = _rope_snapshot(hf.config, family)
         target = _rope_target(self.phases[index], self._original, family, hf.config)
-        if family.rotary is None:
+        if target.kind != "rope":
             return None
         return apply_rope_scaling(hf, target.scaling, max_position_embeddings=target.max_positions,
                                   key=f"phases[{index}].rope_scaling")
@@ -920,7 +949,7 @@ class ContextLengthSchedule(Algorithm):
         logger.log_metrics(metrics)
         old_max = report["old_max_positions"] if report else target.max_positions
         text = (f"context_length_schedule: phase '{after.name}' at {state.timestamp.batch}: seq_len "
-                f"{before.seq_length} -> {after.seq_length}; rope {_describe(target)}; max positions "
+                f"{before.seq_length} -> {after.seq_length}; {_describe(target)}; max positions "
                 f"{old_max} -> {target.max_positions} (addressable {reach:g})"
                 + (f"; lr x{after.lr_multiplier:g}" if after.lr_multiplier != 1.0 else ""))
         logger.log_traces({"context/transition": text})
@@ -1210,7 +1239,7 @@ class ContextLengthSchedule(Algorithm):
                          ("lr_multiplier", p.lr_multiplier), ("dataset", p.dataset or BASE)):
                 params[f"context/schedule/{p.name}/{k}"] = v
             lines.append(f"  {p.index}. {p.name:<12} {p.seq_length:>7} tokens from {start:g}{self._unit.value}"
-                         f"  rope {_describe(t)}  max positions {t.max_positions}"
+                         f"  {_describe(t)}  max positions {t.max_positions}"
                          f"  lr x{p.lr_multiplier:g}  data {p.dataset or 'trainer'}"
                          + (f"  ({p.description})" if p.description else "")
                          if start is not None else f"  {p.index}. {p.name} {p.seq_length}")

@@ -19,7 +19,7 @@ from torch import nn
 
 from composer_growth.algorithms.surgery import check_supported, composer_model, grow, install_replay_hook
 from composer_growth.errors import ConfigError, check, check_flag, check_int
-from composer_growth.families import FAMILIES, family_of, get_path, unwrap_hf
+from composer_growth.families import FAMILIES, config_get, family_of, get_path, unwrap_hf
 from composer_growth.functional.growth import STACK_INITS, STACK_MODES, stack_layers, widen_mlp
 from composer_growth.functional.batch import select_rows
 from composer_growth.functional.lora import add_lora
@@ -79,7 +79,10 @@ class _Growth(Algorithm):
         if event == Event.INIT:
             model = composer_model(state)
             family_of(model, key=f"{self.name}: model family")
-            self._check_model_config(unwrap_hf(model).config)
+            try:
+                self._check_model_config(unwrap_hf(model).config)
+            except ConfigError as err:
+                raise ConfigError(f"{self.name}: {err.key}", err.value, err.allowed) from None
             install_replay_hook(state)
         elif event == Event.FIT_START:
             check_supported(state, self.name)
@@ -212,7 +215,10 @@ class StackLayers(_Growth):
 
     def _check_model_config(self, config: Any) -> None:
         family = family_of(getattr(config, "model_type", None), key="model.family")
-        n = getattr(config, family.num_layers_key)
+        n = config_get(config, family.num_layers_key)
+        for key in family.per_layer_keys:
+            check(not config_get(config, key), "model", f"{key}={config_get(config, key)!r}",
+                  f"{family.name} blocks configured per position ({key}) cannot be stacked")
         if self.mode == "explicit":
             bad = [i for i in self.source_layers if i >= n]
             check(not bad, "source_layers", self.source_layers, f"indices below the model's layer count ({n})")
@@ -284,6 +290,13 @@ class WidenMLP(_Growth):
         check(isinstance(noise_std, (int, float)) and noise_std >= 0, "noise_std", noise_std, "a number >= 0")
         check_int(seed, "seed")
         self.factor, self.noise_std, self.seed = float(factor), float(noise_std), seed
+
+    def _check_model_config(self, config: Any) -> None:
+        family = family_of(getattr(config, "model_type", None), key="model.family")
+        parent = family.intermediate_key.rpartition(".")[0]
+        check(not parent or isinstance(config_get(config, parent), dict), "model", type(config).__name__,
+              f"its config has no '{parent}' to record the MLP width in (e.g. transformers' MptConfig fixes its "
+              "MLP at 4x the width; llm-foundry's MPTConfig has it)")
 
     def _op(self, model: nn.Module):
         return widen_mlp(model, self.factor, noise_std=self.noise_std, seed=self.seed)

@@ -19,6 +19,7 @@ from composer.core.precision import get_precision_context
 from composer.loggers import Logger
 from composer.utils import ensure_tuple
 
+from composer_growth.algorithms.order import set_batch_lengths
 from composer_growth.errors import ConfigError, check, check_flag, check_int
 from composer_growth.functional.batch import (MODES, batch_seq_length, batch_tokens, select_rows,
                                               set_batch_sequence_length)
@@ -168,11 +169,14 @@ class SeqLengthWarmup(Algorithm):
             mb = state.device_train_microbatch_size
             self._base_microbatch = mb if isinstance(mb, int) else None
         elif event == Event.AFTER_DATALOADER:
-            self._after_dataloader(state, logger)
+            set_batch_lengths(self, state, logger)
         elif event == Event.BATCH_END:
             self._batch_end(state, logger)
 
-    def _after_dataloader(self, state: State, logger: Logger) -> None:
+    #: runs after a context schedule's phase length is set, whatever the list order (see algorithms.order)
+    length_rank = 1
+
+    def set_batch_length(self, state: State, logger: Logger) -> None:
         batch = state.batch
         if not isinstance(batch, Mapping):
             raise ValueError(f"SeqLengthWarmup needs a Mapping batch (dict, BatchEncoding, ...) with [batch, seq] "

@@ -1,4 +1,4 @@
-"""Loaders over the MDS shards written by :mod:`composer_growth.data.prepare`."""
+"""Loaders over the MDS shards written by :mod:`composer_growth.data.prepare` (or llm-foundry's converters)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,11 @@ from torch.utils.data import DataLoader
 
 
 def lm_collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Stack packed sequences into a causal-LM batch (labels = inputs; the model shifts them)."""
-    ids = torch.from_numpy(np.stack([np.asarray(s["input_ids"], dtype=np.int64) for s in samples]))
+    """Stack packed sequences (an ``input_ids`` or llm-foundry's ``tokens`` column) into a causal-LM batch
+    (labels = inputs; the model shifts them)."""
+    from composer_growth.data.prepare import sample_ids
+
+    ids = torch.from_numpy(np.stack([sample_ids(s).astype(np.int64) for s in samples]))
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 

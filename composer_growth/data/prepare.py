@@ -4,10 +4,14 @@ Layout of ``out_dir``::
 
     tokenizer/      a transformers fast-tokenizer directory with an EOS token
     train/ val/     MDS shards; each sample is ``input_ids``: ``seq_len`` token ids,
-                    documents packed back to back, separated by EOS
+                    documents packed back to back, separated by EOS (``column="tokens"``:
+                    llm-foundry's layout instead, a ``tokens`` column of ``ndarray:int32``, as its
+                    ``convert_dataset_json`` writes and its ``text`` loader reads)
     manifest.json   source, arguments, sizes and token counts
 
-Re-running with the same arguments reuses what is there.
+Re-running with the same arguments reuses what is there. A folder without ``manifest.json``
+whose splits are MDS shards with a ``tokens`` or ``input_ids`` column (llm-foundry's
+``convert_dataset_json`` output) is read too: :func:`read_manifest` infers what a manifest says.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from tqdm.auto import tqdm
 from composer_growth.errors import ConfigError
 
 SOURCES = ("python-source", "files", "hub")
+COLUMNS = ("input_ids", "tokens")  # ours; llm-foundry's
 EOS = "<|endoftext|>"
 MANIFEST = "manifest.json"
 _MAX_FILE_BYTES = 512 * 1024  # generated giants (tables, vendored bundles) are skipped
@@ -159,15 +164,17 @@ def load_tokenizer(name_or_path: str):
     return tok
 
 
-def _write_split(texts: list[str], tokenizer, seq_len: int, out_dir: str, desc: str) -> dict[str, int]:
+def _write_split(texts: list[str], tokenizer, seq_len: int, out_dir: str, desc: str,
+                 column: str = "input_ids") -> dict[str, int]:
     from streaming import MDSWriter
 
-    dtype = "uint16" if len(tokenizer) <= 65535 else "uint32"
+    # llm-foundry's column holds int32 (its convert_dataset_json's encoding); ours the smallest that fits
+    dtype = "int32" if column == "tokens" else "uint16" if len(tokenizer) <= 65535 else "uint32"
     eos = tokenizer.eos_token_id
     buf = np.empty(0, dtype=np.int64)
     n_seq = n_tok = 0
     batch = 256
-    with MDSWriter(out=out_dir, columns={"input_ids": f"ndarray:{dtype}"}, size_limit="32mb") as writer:
+    with MDSWriter(out=out_dir, columns={column: f"ndarray:{dtype}"}, size_limit="32mb") as writer:
         for start in tqdm(range(0, len(texts), batch), desc=desc, unit="chunk", mininterval=1.0):
             enc = tokenizer(texts[start:start + batch], add_special_tokens=False)["input_ids"]
             parts = [buf]
@@ -177,7 +184,7 @@ def _write_split(texts: list[str], tokenizer, seq_len: int, out_dir: str, desc: 
             buf = np.concatenate(parts)
             n_full = len(buf) // seq_len
             for i in range(n_full):
-                writer.write({"input_ids": buf[i * seq_len:(i + 1) * seq_len].astype(dtype)})
+                writer.write({column: buf[i * seq_len:(i + 1) * seq_len].astype(dtype)})
             n_seq += n_full
             buf = buf[n_full * seq_len:]
     n_tok = n_seq * seq_len
@@ -188,10 +195,15 @@ def prepare_dataset(out_dir: str, source: str = "python-source", seq_len: int = 
                     tokenizer: str | None = None, max_bytes: int = 8_000_000, val_percent: float = 5.0,
                     files: list[str] | None = None, hub_name: str | None = None, hub_split: str = "train",
                     text_field: str = "text", tokenizer_max_bytes: int = 20_000_000,
-                    overwrite: bool = False) -> dict[str, Any]:
-    """Build (or reuse) a dataset in ``out_dir`` and return its manifest."""
+                    overwrite: bool = False, column: str = "input_ids") -> dict[str, Any]:
+    """Build (or reuse) a dataset in ``out_dir`` and return its manifest.
+
+    ``column``: ``input_ids`` (ours) or ``tokens`` (llm-foundry's ``text`` loader reads it; so do ours).
+    """
     if source not in SOURCES:
         raise ConfigError("source", source, f"one of {', '.join(SOURCES)}")
+    if column not in COLUMNS:
+        raise ConfigError("column", column, f"one of {', '.join(COLUMNS)} (tokens: llm-foundry's layout)")
     if seq_len < 2:
         raise ConfigError("seq_len", seq_len, "an integer >= 2")
     if tokenizer is None and not 256 < vocab_size <= 65535 * 4:
@@ -206,6 +218,8 @@ def prepare_dataset(out_dir: str, source: str = "python-source", seq_len: int = 
                 tokenizer=tokenizer, max_bytes=max_bytes, val_percent=val_percent,
                 files=sorted(files) if files else None, hub_name=hub_name, hub_split=hub_split,
                 text_field=text_field, tokenizer_max_bytes=tokenizer_max_bytes)
+    if column != "input_ids":
+        args["column"] = column  # manifests written before the option stay reusable
     manifest_path = os.path.join(out_dir, MANIFEST)
     if not overwrite and os.path.exists(manifest_path):
         with open(manifest_path) as f:
@@ -241,15 +255,15 @@ def prepare_dataset(out_dir: str, source: str = "python-source", seq_len: int = 
         tok.save_pretrained(tok_dir)
 
     splits = {
-        "train": _write_split(train_texts, tok, seq_len, os.path.join(out_dir, "train"), "tokenizing train"),
-        "val": _write_split(val_texts, tok, seq_len, os.path.join(out_dir, "val"), "tokenizing val"),
+        "train": _write_split(train_texts, tok, seq_len, os.path.join(out_dir, "train"), "tokenizing train", column),
+        "val": _write_split(val_texts, tok, seq_len, os.path.join(out_dir, "val"), "tokenizing val", column),
     }
     for name, stats in splits.items():
         if stats["sequences"] == 0:
             raise ConfigError("max_bytes", max_bytes, f"too small: split '{name}' holds no full sequence")
     manifest = {
         "args": args, "source": source, "bytes": n_bytes, "seq_len": seq_len, "vocab_size": len(tok),
-        "eos_token_id": tok.eos_token_id, "tokenizer": "tokenizer", "splits": splits,
+        "eos_token_id": tok.eos_token_id, "tokenizer": "tokenizer", "splits": splits, "column": column,
     }
     with open(manifest_path + ".tmp", "w") as f:
         json.dump(manifest, f, indent=2)
@@ -258,8 +272,61 @@ def prepare_dataset(out_dir: str, source: str = "python-source", seq_len: int = 
 
 
 def read_manifest(path: str) -> dict[str, Any] | None:
+    """The dataset's ``manifest.json``; for a folder of MDS splits without one (llm-foundry's
+    ``convert_dataset_json`` output), what :func:`infer_manifest` reads from the shards; else None."""
     try:
         with open(os.path.join(path, MANIFEST)) as f:
             return json.load(f)
     except (OSError, json.JSONDecodeError):
+        return infer_manifest(path)
+
+
+def infer_manifest(path: str) -> dict[str, Any] | None:
+    """A manifest read from the MDS splits of ``path`` (subfolders with an ``index.json``): the token
+    column (``tokens`` or ``input_ids``), ``seq_len`` (the first sample's length), samples per split.
+    ``vocab_size`` and ``tokenizer`` are unknown (None). None when no split holds such a column."""
+    splits, column, seq_len = {}, None, None
+    try:
+        names = sorted(os.listdir(path))
+    except OSError:
         return None
+    for name in names:
+        try:
+            with open(os.path.join(path, name, "index.json")) as f:
+                index = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            continue
+        shards = index.get("shards") or []
+        found = [c for c in COLUMNS if shards and c in shards[0].get("column_names", [])]
+        if not found:
+            continue
+        column = column or found[-1]
+        samples = sum(int(shard.get("samples", 0)) for shard in shards)
+        splits[name] = {"sequences": samples}
+        if seq_len is None and samples:
+            seq_len = _first_sample_length(os.path.join(path, name), shards[0], found[-1])
+    if not splits or seq_len is None:
+        return None
+    return {"args": None, "source": "mds", "seq_len": seq_len, "vocab_size": None, "eos_token_id": None,
+            "tokenizer": None, "splits": splits, "column": column, "inferred": True}
+
+
+def _first_sample_length(split_dir: str, shard: dict[str, Any], column: str) -> int | None:
+    from streaming.base.format import reader_from_json
+
+    try:
+        reader = reader_from_json(split_dir, None, shard)
+        return len(sample_ids(reader.get_item(0), column))
+    except Exception:  # noqa: BLE001 - shards we cannot read: no length, so no dataset
+        return None
+
+
+def sample_ids(sample: Any, column: str | None = None) -> np.ndarray:
+    """The token ids of one MDS sample: ``input_ids`` (ours) or ``tokens`` (llm-foundry's: an ndarray, or
+    bytes of int64 as its older converters wrote them); a bare sequence as is."""
+    if not isinstance(sample, dict):
+        return np.asarray(sample)
+    ids = sample[column] if column else sample["input_ids"] if "input_ids" in sample else sample["tokens"]
+    if isinstance(ids, (bytes, bytearray)):
+        return np.frombuffer(ids, dtype=np.int64)
+    return np.asarray(ids)

@@ -27,7 +27,7 @@ import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
 from composer_growth.errors import check
-from composer_growth.families import Family, family_of, get_path, set_path, unwrap_hf
+from composer_growth.families import Family, config_set, family_of, get_path, set_path, unwrap_hf
 
 __all__ = ["ParamSource", "STACK_MODES", "STACK_INITS", "param_names", "stack_layers", "widen_mlp"]
 
@@ -156,16 +156,19 @@ def _reinit(hf: nn.Module, blocks: list[nn.Module], seed: int) -> None:
 
 
 def _renumber(hf: nn.Module, family: Family, sources: list[int]) -> None:
-    """Layer count, every ``layer_idx`` inside each block, and per-layer config lists (by source index)."""
+    """Layer count, every layer index attribute inside each block (``layer_idx``; MPT's ``block_idx`` and
+    ``max_block_idx``), and per-layer config lists (by source index)."""
     config = hf.config
     layer_types = getattr(config, "layer_types", None)
     if isinstance(layer_types, list):
         config.layer_types = [layer_types[src] for src in sources]
-    setattr(config, family.num_layers_key, len(sources))
+    config_set(config, family.num_layers_key, len(sources))
     for idx, block in enumerate(get_path(hf, family.layers)):
         for module in block.modules():  # the block, its attention (self_attn / attn / attention), ...
-            if hasattr(module, "layer_idx"):
-                module.layer_idx = idx
+            for attrs, value in ((family.layer_index_attrs, idx), (family.last_layer_index_attrs, len(sources) - 1)):
+                for attr in attrs:
+                    if hasattr(module, attr):
+                        setattr(module, attr, value)
 
 
 def stack_layers(model: nn.Module, mode: str = "repeat", times: int = 2,
@@ -193,7 +196,7 @@ def stack_layers(model: nn.Module, mode: str = "repeat", times: int = 2,
     * ``random``: ``model._init_weights`` on a copy, seeded with ``seed`` (no mapping entry).
 
     Updates the config's layer count, ``config.layer_types`` when it is a list, and every
-    ``layer_idx`` attribute inside each block (the KV cache is indexed by it).
+    layer index attribute inside each block (``family.layer_index_attrs``: the KV cache is indexed by it).
     """
     hf = unwrap_hf(model)
     family = family_of(hf)
@@ -251,6 +254,9 @@ def _grow_projection(family: Family, old: nn.Module, names: dict[int, str], inde
         params[key] = nn.Parameter(src.apply(old_p.detach()), requires_grad=old_p.requires_grad)
         made[id(params[key])] = src
     module = _projection(family, params["weight"], params.get("bias"))
+    for attr, value in vars(old).items():  # plain attributes the model set (MPT's _is_residual, block_idx)
+        if attr not in vars(module):
+            setattr(module, attr, value)
     module.train(old.training)
     return module
 
@@ -305,12 +311,12 @@ def widen_mlp(model: nn.Module, factor: float, noise_std: float = 0.0, seed: int
         mlp = get_path(block, family.mlp)
         index = torch.cat([torch.arange(n), torch.randint(0, n, (m - n,), generator=pick)])
         scale = 1.0 / torch.bincount(index, minlength=n).to(torch.float32)[index]
-        for name in family.mlp_in:
+        for name in (n for n in family.mlp_in if hasattr(mlp, n)):  # e.g. MPT's mptmlp has no gate_proj
             proj = _grow_projection(family, get_path(mlp, name), before, index, in_dim, None, True, made)
             if noise_std > 0:
                 _add_noise(proj.weight, in_dim, n, noise_std, noise)
             set_path(mlp, name, proj)
         proj = _grow_projection(family, get_path(mlp, family.mlp_out), before, index, out_dim, scale, False, made)
         set_path(mlp, family.mlp_out, proj)
-    setattr(hf.config, family.intermediate_key, m)
+    config_set(hf.config, family.intermediate_key, m)
     return _collect_mapping(model, before, made)

@@ -28,7 +28,7 @@ import torch.nn as nn
 from transformers import modeling_rope_utils as hf_rope
 
 from composer_growth.errors import ConfigError
-from composer_growth.families import FAMILIES, Family, family_of, get_path, set_path, unwrap_hf
+from composer_growth.families import FAMILIES, Family, config_get, config_set, family_of, get_path, set_path, unwrap_hf
 
 #: Rope types this transformers build can initialise (read from its registry, never hard-coded).
 SUPPORTED_ROPE_TYPES: tuple[str, ...] = tuple(sorted(set(hf_rope.ROPE_INIT_FUNCTIONS) | {"default"}))
@@ -66,13 +66,18 @@ def validate_rope_scaling(
     family = _resolve_family(family, config)
     if rope_scaling is None:
         return None
-    if family is not None and family.rotary is None:
-        raise ConfigError(key, rope_scaling, f"{family.name} has learned positions, not RoPE: only null is allowed")
+    kind = position_kind(family, config)
+    if kind != "rope":
+        why = " (ALiBi needs no scaling for longer sequences)" if kind == "alibi" else ""
+        raise ConfigError(key, rope_scaling, f"{family.name} has {kind} positions, not RoPE{why}: only null is allowed")
     if not isinstance(rope_scaling, Mapping):
         raise ConfigError(key, rope_scaling, "null or a mapping with rope_type and its parameters")
 
     params = dict(rope_scaling)
     rope_type = _pop_rope_type(params, key)
+    if family is not None and family.rope_types is not None and rope_type not in dict(family.rope_types):
+        raise ConfigError(f"{key}.rope_type", rope_type,
+                          f"one of {', '.join(dict(family.rope_types))} ({family.name}'s config takes these)")
     theta = params.pop("rope_theta", None)
     params = {name: _coerce_param(value, f"{key}.{name}", name) for name, value in params.items()}
     if params.get("factor") is not None and params["factor"] <= 0:
@@ -80,7 +85,7 @@ def validate_rope_scaling(
     clean = {"rope_type": rope_type, "type": rope_type, **params}
 
     if max_position_embeddings is None and config is not None:
-        max_position_embeddings = getattr(config, _max_positions_key(family), None)
+        max_position_embeddings = config_get(config, _max_positions_key(family))
     if original_max_position_embeddings is None and config is not None:
         original_max_position_embeddings = getattr(config, "original_max_position_embeddings", None)
     view = _validation_view(clean, config, max_position_embeddings, original_max_position_embeddings)
@@ -89,6 +94,15 @@ def validate_rope_scaling(
     if theta is not None:
         clean["rope_theta"] = _positive_number(theta, f"{key}.rope_theta")
     return clean
+
+
+def position_kind(family: Family | None, config: Any = None) -> str:
+    """``rope``, ``alibi`` or ``learned``: from the config when given, else the family's usual kind."""
+    if family is None:
+        return "rope"
+    if config is not None:
+        return family.positions(config)
+    return "rope" if family.rotary is not None else "learned"
 
 
 def _resolve_family(family: Family | str | None, config: Any) -> Family | None:
@@ -209,7 +223,7 @@ def _captured_warnings() -> Iterator[list[str]]:
 # --------------------------------------------------------------------------- reach
 
 
-def max_addressable_positions(config_like: Any) -> int | float:
+def max_addressable_positions(config_like: Any, bound: bool = True) -> int | float:
     """The longest sequence a config's positions are meant to address (``math.inf``: no bound).
 
     ``config_like`` is a model (wrappers allowed), a config, or a mapping with the config's keys.
@@ -223,11 +237,22 @@ def max_addressable_positions(config_like: Any) -> int | float:
     * otherwise (``linear``, ``yarn``, ``llama3``, ``longrope``, ...): ``factor`` times the original
       context, i.e. ``rope_scaling["original_max_position_embeddings"]``, else the config's top-level
       ``original_max_position_embeddings``, else the declared context.
+
+    ALiBi addresses any length; learned positions their table. With ``bound``, a family whose model
+    refuses sequences past its declared context (``positions_bound``: llm-foundry's MPT) reaches no further.
     """
     config = _config_of(config_like)
     family = FAMILIES.get(_field(config, "model_type"))
     declared = _field(config, _max_positions_key(family))
-    scaling = _field(config, "rope_scaling") or {}
+    if family is not None and not isinstance(config, Mapping) and position_kind(family, config) != "rope":
+        return declared if family.positions_bound or position_kind(family, config) == "learned" else math.inf
+    reach = _rope_reach(config, family, declared)
+    return min(reach, declared) if bound and family is not None and family.positions_bound else reach
+
+
+def _rope_reach(config: Any, family: Family | None, declared: int) -> int | float:
+    scaling = (family.rope_scaling(config) if family is not None and not isinstance(config, Mapping)
+               else _field(config, "rope_scaling")) or {}
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type == "default":
         return declared
@@ -250,7 +275,7 @@ def _config_of(config_like: Any) -> Any:
 
 
 def _field(config: Any, name: str) -> Any:
-    return config.get(name) if isinstance(config, Mapping) else getattr(config, name, None)
+    return config.get(name) if isinstance(config, Mapping) else config_get(config, name)
 
 
 # --------------------------------------------------------------------------- apply
@@ -281,40 +306,63 @@ def apply_rope_scaling(
     family = family_of(hf)
     config = hf.config
     before = _rope_state(config, family)
-    max_positions = _check_max_positions(max_position_embeddings, family, before["max_positions"])
+    max_positions = _check_max_positions(max_position_embeddings, family, before["max_positions"], config)
     clean = validate_rope_scaling(rope_scaling, key, family, max_positions, config=config)
 
     updates = _config_updates(clean, family, config, max_positions)
     paths = _rotary_paths(hf, family)
     trial = copy.deepcopy(config)
     _set_fields(trial, updates)
-    rebuilt = {path: _rebuild(get_path(hf, path), trial, key, clean) for path in paths}
+    rebuilt = {}
+    for path in paths:
+        old = get_path(hf, path)
+        own = getattr(old, "config", None) is not config  # a rotary config of its own (llm-foundry's MPT)
+        module_config = _own_rotary_config(old.config, clean, max_positions) if own else trial
+        rebuilt[path] = (_rebuild(old, module_config, key, clean), own)
 
     _set_fields(config, updates)
-    for path, module in rebuilt.items():
-        module.config = config  # the live config, as in a freshly built model
+    for path, (module, own) in rebuilt.items():
+        if not own:
+            module.config = config  # the live config, as in a freshly built model
         set_path(hf, path, module)
     return _report(family, paths, updates, before, _rope_state(config, family), config)
 
 
+def _own_rotary_config(own: Any, clean: dict[str, Any] | None, max_positions: int | None) -> Any:
+    """A config of the rotary module's own config class with the new rope fields (transformers' names):
+    what its model builds the module from."""
+    scaling = dict(clean or {"rope_type": "default"})
+    theta = scaling.pop("rope_theta", None)
+    scaling.setdefault("type", scaling["rope_type"])
+    fields = {name: getattr(own, name, None) for name in
+              ("hidden_size", "num_attention_heads", "head_dim", "max_position_embeddings", "rope_theta")}
+    fields["rope_scaling"] = scaling
+    if theta is not None:
+        fields["rope_theta"] = theta
+    if max_positions is not None:
+        fields["max_position_embeddings"] = max_positions
+    return type(own)(**fields)
+
+
 def _rope_state(config: Any, family: Family) -> dict[str, Any]:
     return {
-        "rope_scaling": copy.deepcopy(getattr(config, "rope_scaling", None)),
-        "rope_theta": getattr(config, "rope_theta", None),
-        "max_positions": getattr(config, family.max_positions_key),
+        "rope_scaling": copy.deepcopy(family.rope_scaling(config)),
+        "rope_theta": config_get(config, family.rope_theta_keys[0]) if family.rope_theta_keys else None,
+        "max_positions": config_get(config, family.max_positions_key),
     }
 
 
-def _check_max_positions(value: int | None, family: Family, current: int) -> int | None:
+def _check_max_positions(value: int | None, family: Family, current: int, config: Any = None) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
         raise ConfigError("max_position_embeddings", value, "a positive integer")
-    if family.rotary is None and value != current:
+    kind = position_kind(family, config)
+    if kind != "rope" and value != current:
         raise ConfigError(
             "max_position_embeddings", value,
-            f"{family.name} has a learned position table ({family.max_positions_key}={current}); "
-            "resizing it is not a rope change",
+            f"{family.name} has {kind} positions ({family.max_positions_key}={current}); "
+            "resizing them is not a rope change",
         )
     return int(value)
 
@@ -322,30 +370,30 @@ def _check_max_positions(value: int | None, family: Family, current: int) -> int
 def _config_updates(
     clean: dict[str, Any] | None, family: Family, config: Any, max_positions: int | None
 ) -> dict[str, Any]:
-    """The config fields to set: attribute name -> new value."""
-    if family.rotary is None:
+    """The config fields to set: (dotted) config key -> new value."""
+    if position_kind(family, config) != "rope":
         return {}
     clean = dict(clean or {"rope_type": "default"})
     theta = clean.pop("rope_theta", None)
     plain = clean["rope_type"] == "default" and set(clean) <= set(_TYPE_KEYS)
-    updates: dict[str, Any] = {"rope_scaling": None if plain else clean}
+    updates: dict[str, Any] = {family.rope_scaling_key: family.rope_scaling_value(None if plain else clean)}
     if theta is not None:
         updates.update({name: theta for name in family.rope_theta_keys})
     if max_positions is not None:
         updates[family.max_positions_key] = max_positions
-    if hasattr(config, "head_dim") and config.head_dim is None:
+    if hasattr(config, "head_dim") and config.head_dim is None and hasattr(config, "num_attention_heads"):
         updates["head_dim"] = getattr(config, family.hidden_key) // config.num_attention_heads
     return updates
 
 
 def _set_fields(config: Any, updates: Mapping[str, Any]) -> None:
     for name, value in updates.items():
-        setattr(config, name, copy.deepcopy(value))
+        config_set(config, name, copy.deepcopy(value))
 
 
 def _rotary_paths(hf: nn.Module, family: Family) -> list[str]:
     """Every path (shared modules included) to a module of the family's rotary class."""
-    if family.rotary is None:
+    if position_kind(family, hf.config) != "rope":
         return []
     rotary_cls = type(get_path(hf, family.rotary))
     return [name for name, module in hf.named_modules(remove_duplicate=False) if type(module) is rotary_cls]

@@ -110,6 +110,9 @@ def _check_data(recipe: Recipe) -> None:
         split = getattr(data, key)
         if split not in manifest.get("splits", {}):
             raise ConfigError(f"data.{key}", split, f"splits in {data.path}: {', '.join(manifest.get('splits', {}))}")
+    if recipe.tokenizer is None and not os.path.isdir(os.path.join(data.path, "tokenizer")):
+        raise ConfigError("tokenizer", None, f"{data.path} has no tokenizer/ folder (an MDS folder converted "
+                                             "elsewhere): name the tokenizer its tokens come from")
 
 
 def _check_model(recipe: Recipe) -> None:
@@ -298,7 +301,6 @@ def build_trainer(plan: Plan):
     from composer.core import Evaluator
     from composer.utils import reproducibility
 
-    from composer_growth.algorithms import batch_length_order
     from composer_growth.callbacks import RunSummary
     from composer_growth.data.loaders import build_lm_dataloader
 
@@ -332,7 +334,6 @@ def build_trainer(plan: Plan):
         optimizers=optimizer,
         schedulers=build_scheduler(r),
         algorithms=plan.algorithms,
-        algorithm_passes=[batch_length_order],
         callbacks=callbacks,
         loggers=plan.loggers,
         progress_bar=r.progress_bar,
