@@ -1,4 +1,4 @@
-"""``composer-growth prepare-data | train | validate``."""
+"""``composer-growth prepare-data | train | validate | plan``."""
 
 from __future__ import annotations
 
@@ -29,6 +29,20 @@ def _validate(args: argparse.Namespace):
     return validate(load_recipe(args.recipe, args.overrides))
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from composer_growth.plan import draw_plan, format_plan, plan_file, write_plan
+
+    result = plan_file(args.recipe, args.overrides)
+    print(format_plan(result))
+    out = args.out or os.path.join("runs", "plan", os.path.splitext(os.path.basename(args.recipe))[0])
+    write_plan(result, os.path.join(out, "plan.json"))
+    print(f"\nwrote {os.path.join(out, 'plan.json')}")
+    if not args.no_png:
+        why = draw_plan(result, os.path.join(out, "plan.png"))
+        print(f"no picture: {why}" if why else f"wrote {os.path.join(out, 'plan.png')}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = argparse.ArgumentParser(prog="composer-growth", description=__doc__)
@@ -55,10 +69,18 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("recipe")
         q.add_argument("overrides", nargs="*", help="key=value overrides (omegaconf dotlist)")
 
+    q = sub.add_parser("plan", help="print and draw what a recipe (or an llm-foundry YAML) will do; trains nothing")
+    q.add_argument("recipe")
+    q.add_argument("overrides", nargs="*", help="key=value overrides (omegaconf dotlist)")
+    q.add_argument("--out", default=None, help="folder for plan.json and plan.png (default: ./runs/plan/<recipe name>)")
+    q.add_argument("--no-png", action="store_true", help="write no picture")
+
     args = parser.parse_args(argv)
     try:
         if args.cmd == "prepare-data":
             return _prepare(args)
+        if args.cmd == "plan":
+            return _plan(args)
         plan = _validate(args)
         if args.cmd == "validate":
             print(f"{args.recipe}: ok ({len(plan.algorithms)} algorithms, max_duration {plan.recipe.max_duration})")

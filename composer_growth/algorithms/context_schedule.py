@@ -534,12 +534,30 @@ class ContextLengthSchedule(Algorithm):
     def _phase_at(self, state: State) -> int:
         if self._starts is None and not self._schedule(state.max_duration):
             return self._phase
-        now = elapsed(state, self._unit)
+        return max(self.phase_index(lambda unit: elapsed(state, unit)), self._phase)
+
+    def phase_index(self, now) -> int:
+        """The phase a batch trains in when the run has done ``now(unit)`` of each unit (after ``_schedule``)."""
+        done = now(self._unit)
         index = 0
         for j, start in enumerate(self._starts):
-            if now >= start - _EPS:
+            if done >= start - _EPS:
                 index = j
-        return max(index, self._phase)
+        return index
+
+    def plan_length(self, now, length: int) -> int:
+        """``composer-growth plan``: the length a batch trains at in the phase of ``now``."""
+        return self.phases[self.phase_index(now)].seq_length
+
+    def plan_rope(self, index: int, config: Any) -> dict[str, Any]:
+        """``composer-growth plan``: the positions of phase ``index`` on a model with ``config`` (as built)."""
+        family = family_of(getattr(config, "model_type", None), key="model")
+        target = _rope_target(self.phases[index], _rope_snapshot(config, family), family, config)
+        if target.kind == "alibi":
+            return {"rope_type": "alibi", "rope_factor": None, "positions": "ALiBi: no scaling needed"}
+        if target.kind != "rope":
+            return {"rope_type": target.kind, "rope_factor": None, "positions": _describe(target)}
+        return {"rope_type": _rope_type(target.scaling), "rope_factor": target.factor, "positions": _describe(target)}
 
     # ------------------------------------------------------------------ validation
 

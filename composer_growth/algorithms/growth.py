@@ -126,6 +126,15 @@ class _Growth(Algorithm):
         dist.all_reduce(loss, reduce_operation="SUM")
         return float(loss.item()) / dist.get_world_size()
 
+    # -- plan -------------------------------------------------------------------------------
+    def plan_due(self, now) -> bool:
+        """``composer-growth plan``: whether the growth fires at a batch end where the run has done ``now(unit)``."""
+        return now(self.at.unit) >= float(self.at.value)
+
+    def plan_grow(self, model: nn.Module) -> None:
+        """``composer-growth plan``: grow ``model`` (an HF model, e.g. on the meta device) as the run will."""
+        self._after(model, self._op(model))
+
     # -- resume -----------------------------------------------------------------------------
     def replay(self, state: State, saved: dict[str, Any]) -> None:
         """Called before a checkpoint's weights load: redo the recorded growth."""

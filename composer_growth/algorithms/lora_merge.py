@@ -219,8 +219,33 @@ class LoraMergeRestart(Algorithm):
         logger.log_metrics({"lora/started": int(state.timestamp.batch), "lora/trainable_params": info["trainable_after"]})
 
     def _merge_due(self, state: State) -> bool:
-        due = self.start_point + (self.merges + 1) * float(self.interval.value)
-        return elapsed(state, self.interval.unit) >= due
+        return self.merge_due(self.start_point, self.merges, elapsed(state, self.interval.unit))
+
+    def merge_due(self, start_point: float, merges: int, done: float) -> bool:
+        """Whether merge ``merges + 1`` is due once ``done`` (interval unit) of the run is done."""
+        return done >= start_point + (merges + 1) * float(self.interval.value)
+
+    def plan_events(self, now, batch: int, model: torch.nn.Module, record: dict[str, Any]) -> list[dict[str, Any]]:
+        """``composer-growth plan``: what happens at the end of batch ``batch`` (``record`` keeps the plan's state)."""
+        events = []
+        if not record.get("started", self.started) and _reached_by(now, self.start_at):
+            add_lora(model, self.add_targets, **self._lora_args())
+            record.update(started=True, start_point=now(self.interval.unit))
+            events.append({"event": "lora_start", "batch": batch, "rank": self._lora_args()["rank"]})
+        record.setdefault("started", self.started)
+        if record["started"] and self.merge_due(record.get("start_point", 0.0), record.get("merges", 0),
+                                                now(self.interval.unit)):
+            record["merges"] = record.get("merges", 0) + 1
+            record["last_merge"] = now(self.restart_warmup.unit)
+            events.append({"event": "lora_merge", "batch": batch, "merge": record["merges"]})
+        return events
+
+    def plan_lr(self, now, record: dict[str, Any]) -> float:
+        """``composer-growth plan``: the LR multiplier of the restart ramp (see :meth:`ramp`)."""
+        last = record.get("last_merge")
+        if last is None or self.restart_warmup.value == 0:
+            return 1.0
+        return min(1.0, max(0.0, (now(self.restart_warmup.unit) - last) / float(self.restart_warmup.value)))
 
     @torch.no_grad()
     def _merge(self, state: State, logger: Logger) -> None:
@@ -290,7 +315,11 @@ class LoraMergeRestart(Algorithm):
 
 
 def _reached(state: State, t: Time | None) -> bool:
-    return t is not None and elapsed(state, t.unit) >= float(t.value)
+    return _reached_by(lambda unit: elapsed(state, unit), t)
+
+
+def _reached_by(now, t: Time | None) -> bool:
+    return t is not None and now(t.unit) >= float(t.value)
 
 
 def _value_in(max_duration: Time, unit: TimeUnit) -> float:

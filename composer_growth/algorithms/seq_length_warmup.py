@@ -141,19 +141,31 @@ class SeqLengthWarmup(Algorithm):
 
     # -- schedule ---------------------------------------------------------------------------
     def _over(self, state: State) -> bool:
-        return elapsed(state, self.end.unit) >= float(self.end.value)
+        return self.over_at(lambda unit: elapsed(state, unit))
+
+    def over_at(self, now) -> bool:
+        """Whether the warmup is over when the run has done ``now(unit)`` of each unit."""
+        return now(self.end.unit) >= float(self.end.value)
 
     def length_at(self, state: State) -> int:
+        return self.length_for(lambda unit: elapsed(state, unit))
+
+    def length_for(self, now) -> int:
+        """The warmup's length when the run has done ``now(unit)`` of each unit (a pure function of time)."""
         if self.steps is not None:
             length = self.steps[0][1]
             for t, n in self.steps:
-                if t.value == 0 or elapsed(state, t.unit) >= float(t.value):
+                if t.value == 0 or now(t.unit) >= float(t.value):
                     length = n
             return length
-        done = elapsed(state, self.duration.unit)
+        done = now(self.duration.unit)
         p = 1.0 if self.duration.value == 0 else done / float(self.duration.value)
         return _warmup_length(p, self.min_seq_length, self.max_seq_length, self.step_size, self.schedule,
                               self.root_degree)
+
+    def plan_length(self, now, length: int) -> int:
+        """``composer-growth plan``: the length a batch of ``length`` tokens trains at (see set_batch_length)."""
+        return length if self.over_at(now) else min(length, self.length_for(now))
 
     # -- events -----------------------------------------------------------------------------
     def match(self, event: Event, state: State) -> bool:

@@ -1,0 +1,408 @@
+"""``composer-growth plan``: what a recipe will do, from the recipe alone (no data read, no training, no GPU).
+
+The run's facts (max duration, batch size, the data's sequence length from its manifest, the model
+config) drive a batch-by-batch walk of the run's clock. At each batch every algorithm answers with
+its own functions (the same ones it calls in training, on that clock instead of the Trainer's
+state): the sequence length (``plan_length``), the phase and its RoPE (``phase_index``,
+``plan_rope``), growth (``plan_due``, ``plan_grow`` on a model built on the meta device) and LoRA
+merges (``plan_events``). The result is a timeline of segments (a new one wherever something
+changes), the events, and the training FLOPs against the same run without the suite's algorithms.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from composer.core import Time, TimeUnit
+
+from composer_growth.errors import ConfigError
+from composer_growth.families import config_get, family_of
+from composer_growth.timeutil import parse_time
+
+#: a run longer than this is walked in strides (events still land on their batch)
+MAX_WALK = 2_000_000
+
+
+@dataclass
+class RunFacts:
+    """What the plan needs to know about a run, read from its recipe (and the data's manifest)."""
+    max_duration: Time
+    global_batch: int
+    data_seq_len: int
+    model_config: Any
+    batches_per_epoch: int | None = None
+    source: str = ""
+
+
+class Clock:
+    """The run's time at a batch boundary, read as :func:`composer_growth.timeutil.elapsed` reads a State."""
+
+    def __init__(self, facts: RunFacts):
+        self.facts = facts
+        self.batch = 0
+        self.tokens = 0
+        self.samples = 0
+
+    def __call__(self, unit: TimeUnit) -> float:
+        md = self.facts.max_duration
+        if unit == TimeUnit.DURATION:
+            if md.unit == TimeUnit.EPOCH and self.facts.batches_per_epoch:
+                return self.batch / (self.facts.batches_per_epoch * float(md.value))
+            return self(md.unit) / float(md.value)
+        if unit == TimeUnit.BATCH:
+            return float(self.batch)
+        if unit == TimeUnit.TOKEN:
+            return float(self.tokens)
+        if unit == TimeUnit.SAMPLE:
+            return float(self.samples)
+        if unit == TimeUnit.EPOCH:
+            n = self.facts.batches_per_epoch
+            if n is None:
+                raise ConfigError("max_duration", str(md), "an epoch's length is unknown (no manifest): use ba, tok or sp")
+            return self.batch / n
+        raise ConfigError("time", unit.value, "a unit in dur, ba, tok, sp or ep")
+
+    def done(self) -> bool:
+        return self(self.facts.max_duration.unit) >= float(self.facts.max_duration.value)
+
+
+# --------------------------------------------------------------------------- facts
+
+
+def meta_model(config: Any):
+    """A causal LM built from ``config`` on the meta device (no memory, no weights)."""
+    import torch
+
+    config = copy.deepcopy(config)
+    with torch.device("meta"):
+        if type(config).__module__.startswith("llmfoundry"):
+            from llmfoundry.models.mpt import MPTForCausalLM
+
+            return MPTForCausalLM(config)
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_config(config)
+
+
+def facts_from_recipe(plan: Any) -> RunFacts:
+    """The facts of a validated recipe (:func:`composer_growth.recipe.validate`)."""
+    from transformers import AutoConfig
+
+    from composer_growth.data.prepare import read_manifest
+
+    r = plan.recipe
+    manifest = read_manifest(r.data.path) if r.data.remote is None else None
+    if manifest is not None:
+        seq_len, vocab = manifest["seq_len"], manifest.get("vocab_size")
+        sequences = manifest.get("splits", {}).get(r.data.train_split, {}).get("sequences")
+    elif r.data.prepare is not None:
+        seq_len, vocab, sequences = r.data.prepare.seq_len, r.data.prepare.vocab_size, None
+    else:
+        raise ConfigError("data.path", r.data.path, "a prepared dataset (manifest.json) or data.prepare")
+    if r.model.pretrained is not None:
+        config = AutoConfig.from_pretrained(r.model.pretrained)
+    else:
+        extra = {"vocab_size": vocab} if vocab and "vocab_size" not in r.model.config else {}
+        config = AutoConfig.for_model(r.model.family, **extra, **r.model.config)
+    gbs = r.global_train_batch_size
+    return RunFacts(max_duration=parse_time(r.max_duration, "max_duration"), global_batch=gbs, data_seq_len=seq_len,
+                    model_config=config, batches_per_epoch=(sequences // gbs) if sequences else None,
+                    source=r.run_name or "")
+
+
+def _foundry_config(model: dict[str, Any], max_seq_len: int) -> Any:
+    name = model.get("name")
+    if name == "hf_causal_lm":
+        from transformers import AutoConfig
+
+        path = model.get("pretrained_model_name_or_path")
+        if path is None or not os.path.exists(path):
+            raise ConfigError("model.pretrained_model_name_or_path", path, "a local model folder (plan downloads nothing)")
+        config = AutoConfig.from_pretrained(path)
+        for key, value in (model.get("config_overrides") or {}).items():
+            setattr(config, key, value)
+        return config
+    if name == "mpt_causal_lm":
+        try:
+            from llmfoundry.models.mpt import MPTConfig
+        except ImportError:
+            raise ConfigError("model.name", name, "needs llm-foundry installed (its MPTConfig)") from None
+
+        skip = {"name", "init_device", "pretrained", "pretrained_model_name_or_path"}
+        kwargs = {k: v for k, v in model.items() if k not in skip}
+        kwargs.setdefault("max_seq_len", max_seq_len)
+        return MPTConfig(**kwargs)
+    raise ConfigError("model.name", name, "hf_causal_lm (with a local config) or mpt_causal_lm")
+
+
+def is_foundry(data: dict[str, Any]) -> bool:
+    """Whether a YAML mapping is an llm-foundry train YAML (rather than one of our recipes)."""
+    return "train_loader" in data or "max_seq_len" in data
+
+
+def foundry_run(data: dict[str, Any]) -> tuple[RunFacts, list[tuple[str, Any]]]:
+    """The facts and our algorithms of an llm-foundry train YAML (``algorithms:``, ``max_duration``,
+    ``global_train_batch_size``, ``max_seq_len``, ``model``)."""
+    from composer_growth.recipe.build import _construct
+    from composer_growth.registry import ALGORITHMS, load_all
+
+    load_all()
+    max_seq_len = data.get("max_seq_len")
+    if not isinstance(max_seq_len, int):
+        raise ConfigError("max_seq_len", max_seq_len, "an integer")
+    gbs = data.get("global_train_batch_size")
+    if not isinstance(gbs, int) or gbs <= 0:
+        raise ConfigError("global_train_batch_size", gbs, "a positive integer")
+    config = _foundry_config(dict(data.get("model") or {}), max_seq_len)
+    if getattr(config, "vocab_size", None) is None:
+        raise ConfigError("model.vocab_size", None, "needed to count parameters")
+    algs = [(name, _construct("algorithms", name, ALGORITHMS, dict(kw or {})))
+            for name, kw in (data.get("algorithms") or {}).items() if name in ALGORITHMS]
+    facts = RunFacts(max_duration=parse_time(str(data.get("max_duration")), "max_duration"), global_batch=gbs,
+                     data_seq_len=max_seq_len, model_config=config, source=str(data.get("run_name") or ""))
+    return facts, algs
+
+
+# --------------------------------------------------------------------------- the walk
+
+
+def _shape(model: Any) -> dict[str, int]:
+    family = family_of(model.config, key="model")
+    config = model.config
+    return {"layers": int(config_get(config, family.num_layers_key)), "mlp_width": family.intermediate_size(config),
+            "params": int(sum(p.numel() for p in model.parameters())),
+            "trainable": int(sum(p.numel() for p in model.parameters() if p.requires_grad))}
+
+
+def _flops_per_token(model: Any, seq_len: int) -> int:
+    from composer_growth.functional.flops import training_flops_per_token
+
+    return int(training_flops_per_token(model.config, seq_len))
+
+
+def _mode(alg: Any) -> str:
+    return getattr(alg, "mode", "reshape")
+
+
+def plan_run(facts: RunFacts, algorithms: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Walk the run batch by batch; return segments, events and FLOPs totals (a JSON-able mapping)."""
+    from composer_growth.algorithms.context_schedule import ContextLengthSchedule
+    from composer_growth.algorithms.growth import _Growth
+    from composer_growth.algorithms.lora_merge import LoraMergeRestart
+
+    md = facts.max_duration
+    for name, alg in algorithms:
+        hook = getattr(alg, "validate_run", None)
+        if hook is not None and not isinstance(alg, ContextLengthSchedule):
+            try:
+                hook(md)
+            except ConfigError as e:
+                raise ConfigError(f"algorithms.{name}.{e.key}", e.value, e.allowed) from None
+        if isinstance(alg, ContextLengthSchedule):
+            alg._schedule(md)
+    schedule = next((a for _, a in algorithms if isinstance(a, ContextLengthSchedule) and a.enabled), None)
+    lengths = sorted((a for _, a in algorithms if hasattr(a, "plan_length")
+                      and getattr(a, "enabled", True)), key=lambda a: getattr(a, "length_rank", 0))
+    growths = [(n, a) for n, a in algorithms if isinstance(a, _Growth)]
+    loras = [(n, a, {}) for n, a in algorithms if isinstance(a, LoraMergeRestart)]
+
+    model = meta_model(facts.model_config)
+    base_model_flops = {}  # seq_len -> flops per token of the model as built
+    clock = Clock(facts)
+    gbs, full = facts.global_batch, facts.data_seq_len
+    segments: list[dict[str, Any]] = []
+    events: list[dict[str, Any]] = []
+    fired: set[str] = set()
+    shape = _shape(model)
+    flops_cache: dict[tuple[int, int], int] = {}
+    total = baseline = 0.0
+    baseline_tokens = 0
+    phase_index = None
+    while not clock.done():
+        if clock.batch >= MAX_WALK:
+            raise ConfigError("max_duration", str(md), f"at most {MAX_WALK} batches for a plan")
+        b = clock.batch
+        # BEFORE_DATALOADER / AFTER_DATALOADER: phase, then lengths in the suite's one order
+        info: dict[str, Any] = {}
+        mult = 1.0
+        if schedule is not None:
+            index = max(schedule.phase_index(clock), phase_index or 0)
+            phase = schedule.phases[index]
+            info = {"phase": phase.name, **schedule.plan_rope(index, facts.model_config)}
+            mult *= phase.lr_multiplier
+            if index != phase_index:
+                if phase_index is not None:
+                    events.append({"event": "phase", "batch": b, "tokens": clock.tokens, "phase": phase.name,
+                                   "seq_len": phase.seq_length, "positions": info["positions"],
+                                   "lr_multiplier": phase.lr_multiplier})
+                phase_index = index
+        length, token_len = full, full
+        if schedule is not None and schedule.phases[phase_index].dataset is not None:
+            length = token_len = schedule.phases[phase_index].seq_length
+        for alg in lengths:
+            new = alg.plan_length(clock, length)
+            if new < length and _mode(alg) == "truncate":  # reshape keeps every token, truncate the head
+                token_len = token_len * new // length
+            length = new
+        for _, alg, record in loras:
+            mult *= alg.plan_lr(clock, record)
+        tokens = gbs * token_len
+        key = (id(model), shape["params"], length)
+        if key not in flops_cache:
+            flops_cache[key] = _flops_per_token(model, length)
+        fpt = flops_cache[key]
+        if full not in base_model_flops:
+            base_model_flops[full] = _flops_per_token(meta_model(facts.model_config), full)
+        row = {"batch": b, "tokens": clock.tokens, "seq_len": length, **info, "lr_multiplier": round(mult, 6),
+               **{k: shape[k] for k in ("layers", "mlp_width", "params")}, "flops_per_token": fpt}
+        same = segments and all(segments[-1][k] == row[k] for k in row if k not in ("batch", "tokens", "batches"))
+        if same:
+            segments[-1]["batches"] += 1
+        else:
+            segments.append({**row, "batches": 1})
+        total += tokens * fpt
+        baseline += gbs * full * base_model_flops[full]
+        baseline_tokens += gbs * full
+        clock.batch += 1
+        clock.tokens += tokens
+        clock.samples += gbs
+        # BATCH_END: growth and LoRA, in list order
+        for name, alg in algorithms:
+            if name in [n for n, _ in growths] and name not in fired and alg.plan_due(clock):
+                before = dict(shape)
+                alg.plan_grow(model)
+                shape = _shape(model)
+                fired.add(name)
+                events.append({"event": name, "batch": clock.batch, "tokens": clock.tokens,
+                               "layers": [before["layers"], shape["layers"]],
+                               "mlp_width": [before["mlp_width"], shape["mlp_width"]],
+                               "params": [before["params"], shape["params"]],
+                               "flops_per_token": [fpt, _flops_per_token(model, length)]})
+            for n, lora, record in loras:
+                if n == name:
+                    for e in lora.plan_events(clock, clock.batch, model, record):
+                        shape = _shape(model)
+                        events.append({**e, "tokens": clock.tokens, "params": shape["params"],
+                                       "trainable": shape["trainable"]})
+    return {
+        "source": facts.source,
+        "max_duration": str(md),
+        "batches": clock.batch,
+        "tokens": clock.tokens,
+        "global_batch": gbs,
+        "data_seq_len": full,
+        "algorithms": [n for n, _ in algorithms],
+        "final_params": shape["params"],
+        "segments": segments,
+        "events": events,
+        "training_flops": total,
+        "baseline_flops": baseline,
+        "baseline_tokens": baseline_tokens,
+        "flops_ratio": total / baseline if baseline else None,
+    }
+
+
+def plan_file(path: str, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The plan of a recipe, or of an llm-foundry train YAML that names our algorithms."""
+    from composer_growth.recipe import load_recipe, validate
+
+    data = load_recipe(path, overrides)
+    if is_foundry(data):
+        facts, algs = foundry_run(data)
+    else:
+        plan = validate(data)
+        facts, algs = facts_from_recipe(plan), list(zip(plan.recipe.algorithms, plan.algorithms))
+    return plan_run(facts, algs)
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _when(seg: dict[str, Any]) -> str:
+    return f"batch {seg['batch']:>7,}  tok {seg['tokens']:>14,}"
+
+
+def format_plan(result: dict[str, Any]) -> str:
+    lines = [f"plan: {result['source'] or 'run'}  max_duration {result['max_duration']}  "
+             f"({result['batches']:,} batches, {result['tokens']:,} tokens, global batch {result['global_batch']}, "
+             f"data {result['data_seq_len']} tokens/row)",
+             f"algorithms: {', '.join(result['algorithms']) or 'none'}", "", "timeline:"]
+    for seg in result["segments"]:
+        rope = ""
+        if "phase" in seg:
+            factor = seg.get("rope_factor")
+            rope = f"  phase {seg['phase']}  {seg['positions']}" + (
+                f" (factor {factor:g})" if factor is not None and seg.get("rope_type") not in (None, "alibi") else "")
+        lines.append(f"  {_when(seg)}  x{seg['batches']:<6} seq {seg['seq_len']:>6}{rope}  layers {seg['layers']}  "
+                     f"mlp {seg['mlp_width']}  params {seg['params']:,}  {seg['flops_per_token']:.3g} FLOPs/tok  "
+                     f"lr x{seg['lr_multiplier']:g}")
+    lines += ["", "events:"]
+    for e in result["events"]:
+        head = f"  batch {e['batch']:>7,}  tok {e['tokens']:>14,}  "
+        if e["event"] == "phase":
+            lines.append(head + f"phase {e['phase']}: seq {e['seq_len']}, {e['positions']}, lr x{e['lr_multiplier']:g}")
+        elif e["event"] in ("stack_layers", "widen_mlp"):
+            lines.append(head + f"{e['event']}: layers {e['layers'][0]} -> {e['layers'][1]}, mlp {e['mlp_width'][0]} -> "
+                         f"{e['mlp_width'][1]}, params {e['params'][0]:,} -> {e['params'][1]:,}, FLOPs/tok "
+                         f"{e['flops_per_token'][0]:.3g} -> {e['flops_per_token'][1]:.3g}")
+        elif e["event"] == "lora_start":
+            lines.append(head + f"lora adapters on (rank {e['rank']}): trainable {e['trainable']:,} of {e['params']:,}")
+        elif e["event"] == "lora_merge":
+            lines.append(head + f"lora merge {e['merge']} (adapters restart)")
+        else:
+            lines.append(head + json.dumps(e))
+    if not result["events"]:
+        lines.append("  none")
+    ratio = result["flops_ratio"]
+    lines += ["", f"final parameter count: {result['final_params']:,}",
+              f"training FLOPs: {result['training_flops']:.4g} (the same run without the suite's algorithms: "
+              f"{result['baseline_flops']:.4g} over {result['baseline_tokens']:,} tokens; ratio "
+              f"{ratio:.3f})" if ratio is not None else "training FLOPs: 0"]
+    return "\n".join(lines)
+
+
+def draw_plan(result: dict[str, Any], path: str) -> str | None:
+    """The plan's curves over the run as a PNG; returns why not when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no PNG (pip install matplotlib)"
+    segs = result["segments"]
+    xs = [s["batch"] for s in segs] + [result["batches"]]
+
+    def steps(key):
+        return [s[key] for s in segs] + [segs[-1][key]]
+
+    panels = [("seq_len", "sequence length"), ("layers", "layers"), ("mlp_width", "MLP width"),
+              ("params", "parameters"), ("flops_per_token", "FLOPs / token"), ("lr_multiplier", "LR multiplier")]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 2.0 * len(panels)), sharex=True)
+    for ax, (key, label) in zip(axes, panels):
+        ax.step(xs, steps(key), where="post")
+        ax.set_ylabel(label, fontsize=8)
+        for e in result["events"]:
+            ax.axvline(e["batch"], color="grey", lw=0.6, ls="--")
+    for e in result["events"]:
+        axes[0].annotate(e.get("phase", e["event"]), (e["batch"], axes[0].get_ylim()[1]), fontsize=7,
+                         rotation=90, va="top", ha="right")
+    axes[-1].set_xlabel("batch")
+    fig.suptitle(f"composer-growth plan: {result['source'] or 'run'} (FLOPs x{result['flops_ratio']:.2f} of the "
+                 "plain run)" if result["flops_ratio"] else "composer-growth plan", fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return None
+
+
+def write_plan(result: dict[str, Any], json_path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+    with open(json_path, "w") as f:
+        json.dump(result, f, indent=1, default=lambda x: None if isinstance(x, float) and math.isinf(x) else str(x))

@@ -1,0 +1,100 @@
+"""``composer-growth plan``: every shipped recipe plans; the plan of a shortened quickstart is what the run does."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import pytest
+import yaml
+from composer.loggers import InMemoryLogger
+
+from composer_growth.cli import main
+from composer_growth.errors import ConfigError
+from composer_growth.plan import plan_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = sorted(glob.glob(os.path.join(ROOT, "yamls", "*.yaml")))
+FOUNDRY = sorted(glob.glob(os.path.join(ROOT, "yamls", "foundry", "*.yaml")))
+
+
+@pytest.mark.parametrize("path", RECIPES + FOUNDRY, ids=os.path.basename)
+def test_every_recipe_plans(path, tmp_path):
+    if "mpt" in os.path.basename(path):
+        pytest.importorskip("llmfoundry")
+    out = tmp_path / "plan"
+    assert main(["plan", path, "--out", str(out), "--no-png"]) == 0
+    result = json.loads((out / "plan.json").read_text())
+    assert result["batches"] > 0 and result["segments"][0]["batch"] == 0
+    assert sum(s["batches"] for s in result["segments"]) == result["batches"]
+    assert result["training_flops"] > 0 and result["baseline_flops"] > 0
+
+
+def _short_quickstart(tiny_data: str, tmp_path) -> str:
+    """The quickstart, shortened to 8 batches of a tiny model on the 32-token fixture data."""
+    with open(os.path.join(ROOT, "yamls", "quickstart.yaml")) as f:
+        recipe = yaml.safe_load(f)
+    recipe["data"] = {"path": tiny_data}
+    recipe["model"]["config"].update(hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                                     num_key_value_heads=2, max_position_embeddings=16)
+    algs = recipe["algorithms"]
+    algs["context_length_schedule"].update(
+        eval_batches=0, save_checkpoints=False, export_hf=False,
+        phases=[{"name": "ctx16", "seq_length": 16, "duration": "0.5dur"},
+                {"name": "ctx32", "seq_length": 32, "duration": "0.5dur",
+                 "rope_scaling": {"rope_type": "linear", "factor": 2.0}}])
+    algs["seq_length_warmup"].update(min_seq_length=8, max_seq_length=16, step_size=8, duration="0.25dur",
+                                     preallocate=False)
+    algs["stack_layers"]["at"] = "0.25dur"
+    algs["widen_mlp"]["at"] = "0.625dur"
+    recipe.update(global_train_batch_size=4, device_train_microbatch_size=4, device_eval_batch_size=8,
+                  max_duration="8ba", eval_interval="8ba", eval_first=False, eval_subset_num_batches=1,
+                  save_folder=None, save_interval="100ba", progress_bar=False,
+                  summary_file=str(tmp_path / "summary.json"))
+    recipe.pop("callbacks", None)
+    path = tmp_path / "quickstart_short.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+def test_plan_matches_the_run(tiny_data, tmp_path, one_thread):
+    from composer_growth.recipe import load_recipe, run, validate
+
+    path = _short_quickstart(tiny_data, tmp_path)
+    out = tmp_path / "plan"
+    assert main(["plan", path, "--out", str(out)]) == 0
+    planned = json.loads((out / "plan.json").read_text())
+    assert (out / "plan.png").stat().st_size > 0
+
+    plan = validate(load_recipe(path))
+    memory = InMemoryLogger()
+    plan.loggers.append(memory)
+    trainer = run(plan)
+
+    # lengths batch by batch: the warmup logs the length each batch trains at
+    lengths = [s["seq_len"] for s in planned["segments"] for _ in range(s["batches"])]
+    assert [int(v) for _, v in memory.data["seq_len"]] == lengths == [8, 8, 16, 16, 32, 32, 32, 32]
+    # phase changes: the schedule logs context/prev_seq_len only at a transition, before the batch
+    changes = [int(ts.batch) for ts, _ in memory.data["context/prev_seq_len"]]
+    assert changes == [e["batch"] for e in planned["events"] if e["event"] == "phase"] == [4]
+
+    # growth: when, layers and parameters
+    growth = {e["event"]: e for e in planned["events"] if e["event"] in ("stack_layers", "widen_mlp")}
+    by_name = dict(zip(plan.recipe.algorithms, plan.algorithms))
+    for name in ("stack_layers", "widen_mlp"):
+        record = by_name[name].record
+        assert record["batch"] == growth[name]["batch"], name
+        assert [record["params_before"], record["params_after"]] == growth[name]["params"], name
+    assert [e["batch"] for e in planned["events"]] == [2, 4, 5]
+    hf = trainer.state.model.model
+    assert hf.config.num_hidden_layers == growth["stack_layers"]["layers"][1] == 4
+    assert hf.config.intermediate_size == growth["widen_mlp"]["mlp_width"][1] == 128
+    assert sum(p.numel() for p in hf.parameters()) == planned["final_params"]
+    assert int(trainer.state.timestamp.token) == planned["tokens"]
+
+
+def test_plan_rejects_a_bad_recipe(tiny_data, tmp_path):
+    path = _short_quickstart(tiny_data, tmp_path)
+    with pytest.raises(ConfigError, match="stack_layers.at"):
+        plan_file(path, ["algorithms.stack_layers.at=9ba"])
