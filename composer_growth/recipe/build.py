@@ -9,11 +9,12 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from composer_growth.errors import ConfigError, check
-from composer_growth.families import FAMILIES
+from composer_growth.families import FAMILIES, mark_fsdp_blocks
 from composer_growth.recipe.schema import Recipe, from_mapping
 from composer_growth.registry import ALGORITHMS, CALLBACKS, LOGGERS, load_all
 from composer_growth.timeutil import parse_time
@@ -112,6 +113,66 @@ def _check_data(recipe: Recipe) -> None:
             raise ConfigError(f"data.{key}", split, f"splits in {data.path}: {', '.join(manifest.get('splits', {}))}")
 
 
+def _fsdp_fields(version: int) -> list[str]:
+    from composer.utils.parallelism import FSDP2Config, FSDPConfig
+
+    if version == 2:
+        return sorted(FSDP2Config.settable_attrs() - {"device_mesh"})
+    return sorted(f.name for f in dataclasses.fields(FSDPConfig) if not f.name.startswith("_"))
+
+
+def _on_gpu(recipe: Recipe) -> bool:
+    import torch
+
+    return recipe.device == "gpu" or (recipe.device is None and torch.cuda.is_available())
+
+
+def _check_fsdp(recipe: Recipe) -> None:
+    """``parallelism.fsdp``: a mapping with ``version`` 1 (Composer's FSDPConfig, CUDA only) or 2
+    (``FSDP2Config``) and that version's keys."""
+    fsdp = recipe.parallelism.get("fsdp")
+    if fsdp is None:
+        return
+    check(isinstance(fsdp, dict), "parallelism.fsdp", fsdp, "a mapping (version: 2 and FSDP2Config keys)")
+    version = fsdp.get("version", 1)
+    check(version in (1, 2) and not isinstance(version, bool), "parallelism.fsdp.version", version, "1 or 2")
+    allowed = _fsdp_fields(version)
+    for key, value in fsdp.items():
+        check(key == "version" or key in allowed, f"parallelism.fsdp.{key}", value,
+              f"not an FSDP{version} key; allowed: version, {', '.join(allowed)}")
+    if version == 1 and not _on_gpu(recipe):
+        raise ConfigError("parallelism.fsdp.version", version,
+                          "FSDP1 needs CUDA and this machine has none; set parallelism.fsdp.version: 2 (FSDP2)")
+    check(fsdp.get("state_dict_type", "sharded") in ("full", "sharded"), "parallelism.fsdp.state_dict_type",
+          fsdp.get("state_dict_type"), "full or sharded")
+    if version == 2:
+        check(recipe.device_train_microbatch_size != "auto", "device_train_microbatch_size", "auto",
+              "a positive integer under FSDP2 (Composer has no auto microbatching there)")
+
+
+def parallelism_config(recipe: Recipe) -> dict[str, Any] | None:
+    """The Trainer's ``parallelism_config``: ``parallelism.fsdp`` with ``version: 2`` as an ``FSDP2Config``
+    (whatever the FSDP_VERSION environment variable says), version 1 as Composer's ``FSDPConfig``."""
+    if recipe.parallelism is None:
+        return None
+    out = dict(recipe.parallelism)
+    fsdp = out.get("fsdp")
+    if fsdp is not None:
+        from composer.utils.parallelism import FSDP2Config, FSDPConfig
+
+        kwargs = {k: v for k, v in fsdp.items() if k != "version"}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="FSDP2 Config/APIs are experimental")
+            out["fsdp"] = FSDP2Config(**kwargs) if fsdp.get("version", 1) == 2 else FSDPConfig(**kwargs)
+    return out
+
+
+def fsdp_version(recipe: Recipe) -> int | None:
+    """1 or 2 when the recipe shards the model with FSDP, else None."""
+    fsdp = (recipe.parallelism or {}).get("fsdp")
+    return None if fsdp is None else int(fsdp.get("version", 1))
+
+
 def _check_model(recipe: Recipe) -> None:
     model = recipe.model
     if model.pretrained is not None:
@@ -175,6 +236,7 @@ def validate(data: dict[str, Any], world_size: int | None = None) -> Plan:
         for key in recipe.parallelism:
             check(key in PARALLELISM_KEYS, f"parallelism.{key}", recipe.parallelism[key],
                   f"unknown key; allowed: {', '.join(PARALLELISM_KEYS)}")
+        _check_fsdp(recipe)
     _check_model(recipe)
     _check_data(recipe)
 
@@ -255,11 +317,14 @@ def build_model(recipe: Recipe, tokenizer):
         from peft import LoraConfig
 
         peft_config = LoraConfig(**{"task_type": "CAUSAL_LM", **cfg.peft})
-    return HuggingFaceModel(
+    composer_model = HuggingFaceModel(
         model, tokenizer=tokenizer, use_logits=True, shift_labels=True, peft_config=peft_config,
         metrics=[LanguageCrossEntropy()], eval_metrics=[LanguageCrossEntropy(), LanguagePerplexity()],
         should_save_peft_only=False,
     )
+    if getattr(model.config, "model_type", None) in FAMILIES:
+        mark_fsdp_blocks(composer_model)  # FSDP wraps one unit per block (read only under FSDP)
+    return composer_model
 
 
 def build_optimizer(recipe: Recipe, model):
@@ -346,7 +411,7 @@ def build_trainer(plan: Plan):
         autoresume=r.autoresume,
         load_path=r.load_path,
         load_weights_only=r.load_weights_only,
-        parallelism_config=r.parallelism,
+        parallelism_config=parallelism_config(r),
         compile_config={} if r.compile else None,
         dist_timeout=r.dist_timeout,
         python_log_level="error",
