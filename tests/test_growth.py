@@ -217,18 +217,19 @@ def test_growth_under_fsdp2_matches_ddp_and_resumes_sharded_and_full(tiny_recipe
     recipe["algorithms"]["widen_mlp"]["noise_std"] = 0.01
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    proc = launch(os.path.join(ROOT, "tests", "scripts", "grow_fsdp.py"), [str(path), str(tmp_path / "p{rank}.json")],
-                  tmp_path)
+    runs = ["ddp", "sharded", "sharded@ep0-ba6", "full", "full@ep0-ba9-rank0.pt"]
+    proc = launch(os.path.join(ROOT, "tests", "scripts", "fsdp_runs.py"),
+                  [str(path), str(tmp_path / "p{rank}.json"), *runs], tmp_path)
     assert proc.returncode == 0, launch_failure(proc, tmp_path)
     for rank in (0, 1):
-        runs = _summary(tmp_path / f"p{rank}.json")
-        ddp = runs["ddp"]
+        results = _summary(tmp_path / f"p{rank}.json")
+        ddp = results["ddp"]
         assert not ddp["fsdp"] and ddp["layers"] == 4 and len(ddp["losses"]) == 10
         for kind in ("sharded", "full"):
-            run_, resumed = runs[kind], runs[f"{kind}_resumed"]
+            run_, resumed = results[kind], results[next(r for r in runs if r.startswith(f"{kind}@"))]
             assert run_["fsdp"] and run_["layers"] == 4
             assert run_["units"] == 4 + 1  # one FSDP unit per block of the grown model, and the root
-            assert all(g["applied"] for g in run_["grown"])
+            assert all(g["applied"] for g in run_["replayed"])
             assert run_["losses"] == pytest.approx(ddp["losses"], abs=1e-5)
             assert run_["params"].keys() == ddp["params"].keys()
             assert run_["params"] == pytest.approx(ddp["params"], rel=1e-3, abs=1e-3)
@@ -236,7 +237,7 @@ def test_growth_under_fsdp2_matches_ddp_and_resumes_sharded_and_full(tiny_recipe
             assert resumed["layers"] == 4 and resumed["units"] == 5
             assert resumed["losses"] == pytest.approx(run_["losses"][-len(resumed["losses"]):], abs=1e-6)
             assert resumed["params"] == pytest.approx(run_["params"], rel=1e-6, abs=1e-6)
-        assert len(runs["sharded_resumed"]["losses"]) == 4 and len(runs["full_resumed"]["losses"]) == 1
+        assert len(results["sharded@ep0-ba6"]["losses"]) == 4 and len(results["full@ep0-ba9-rank0.pt"]["losses"]) == 1
 
 
 def test_family_outside_the_table_is_named():

@@ -282,3 +282,21 @@ def _replay_before_sharded_load() -> None:
 
     load_sharded_checkpoint._growth_replay = True
     checkpoint.load_sharded_checkpoint = load_sharded_checkpoint
+
+
+def gather_hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The full weights of the HF model inside a sharded ``model``, on global rank 0 (None on the
+    other ranks). Collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(unwrap_hf(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return full if dist.get_global_rank() == 0 else None
+
+
+def save_pretrained(hf: nn.Module, folder: str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """``hf.save_pretrained``, naming the model's own class even where ``fully_shard`` swapped it."""
+    hf.save_pretrained(folder, state_dict=state_dict)
+    own = _base_class(hf).__name__
+    if hf.config.architectures != [own]:
+        hf.config.architectures = [own]
+        hf.config.save_pretrained(folder)
