@@ -76,6 +76,30 @@ def launch(script: str, args: list[str], workdir):
         capture_output=True, text=True, timeout=600, cwd=str(workdir), env=dict(os.environ))
 
 
+def launch_nodes(script: str, args: list[str], workdirs: list, timeout: int = 600) -> list:
+    """Nodes of one rank each on loopback: one ``composer -n 1 --world_size N --node_rank K`` launcher
+    per work dir (run there), each with its own /dev/shm (StreamingDataset's shared memory would
+    collide). Returns the finished processes, with ``out`` and ``err``: the rank's own output (a
+    local rank 0 writes to its launcher's)."""
+    import shlex
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank, workdir in enumerate(workdirs):
+        cmd = ["composer", "-n", "1", "--world_size", str(len(workdirs)), "--node_rank", str(rank),
+               "--master_addr", "127.0.0.1", "--master_port", str(port), script, *args]
+        shell = f"mount -t tmpfs tmpfs /dev/shm && exec {shlex.join(cmd)}"
+        procs.append(subprocess.Popen(["unshare", "--mount", "sh", "-c", shell], cwd=str(workdir), env=dict(os.environ),
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        proc.out, proc.err = proc.communicate(timeout=timeout)
+    return procs
+
+
 def launch_failure(proc, workdir) -> str:
     logs = [f.read_text()[-2000:] for f in sorted(workdir.glob("err*.txt"))]
     return proc.stderr[-2000:] + "".join(logs)

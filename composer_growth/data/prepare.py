@@ -12,6 +12,7 @@ Re-running with the same arguments reuses what is there.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -189,7 +190,11 @@ def prepare_dataset(out_dir: str, source: str = "python-source", seq_len: int = 
                     files: list[str] | None = None, hub_name: str | None = None, hub_split: str = "train",
                     text_field: str = "text", tokenizer_max_bytes: int = 20_000_000,
                     overwrite: bool = False) -> dict[str, Any]:
-    """Build (or reuse) a dataset in ``out_dir`` and return its manifest."""
+    """Build (or reuse) a dataset in ``out_dir`` and return its manifest.
+
+    Holds an exclusive lock on ``<out_dir>.lock`` while it checks and builds, so processes (or nodes
+    sharing a filesystem) that ask for the same folder at once build it once; the others reuse it.
+    """
     if source not in SOURCES:
         raise ConfigError("source", source, f"one of {', '.join(SOURCES)}")
     if seq_len < 2:
@@ -206,6 +211,30 @@ def prepare_dataset(out_dir: str, source: str = "python-source", seq_len: int = 
                 tokenizer=tokenizer, max_bytes=max_bytes, val_percent=val_percent,
                 files=sorted(files) if files else None, hub_name=hub_name, hub_split=hub_split,
                 text_field=text_field, tokenizer_max_bytes=tokenizer_max_bytes)
+    with build_lock(out_dir):
+        return _build(out_dir, args, overwrite, files)
+
+
+@contextlib.contextmanager
+def build_lock(out_dir: str):
+    """An exclusive ``flock`` on ``<out_dir>.lock`` (next to the folder, on the same filesystem)."""
+    import fcntl
+
+    lock_path = os.path.abspath(out_dir).rstrip(os.sep) + ".lock"
+    os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build(out_dir: str, args: dict[str, Any], overwrite: bool, files: list[str] | None) -> dict[str, Any]:
+    source, seq_len, vocab_size, tokenizer = args["source"], args["seq_len"], args["vocab_size"], args["tokenizer"]
+    max_bytes, val_percent = args["max_bytes"], args["val_percent"]
+    hub_name, hub_split, text_field = args["hub_name"], args["hub_split"], args["text_field"]
+    tokenizer_max_bytes = args["tokenizer_max_bytes"]
     manifest_path = os.path.join(out_dir, MANIFEST)
     if not overwrite and os.path.exists(manifest_path):
         with open(manifest_path) as f:
