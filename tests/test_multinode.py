@@ -37,17 +37,6 @@ def _small(recipe):
     return recipe
 
 
-def test_separate_data_folders_node_without_data_builds_its_own(tiny_recipe, tiny_data, tmp_path):
-    recipe = _small(tiny_recipe)
-    recipe["data"] = {"path": "./data", "prepare": PREPARE}  # node-local: relative to each node's folder
-    nodes, path = _nodes(tmp_path, recipe)
-    shutil.copytree(tiny_data, nodes[0] / "data")  # node 0 has it, node 1 has not
-    procs = launch_nodes(TRAIN, [path], nodes)
-    assert [p.returncode for p in procs] == [0, 0], [p.err[-3000:] for p in procs]
-    assert (nodes[1] / "data" / "manifest.json").exists()
-    assert "training a 512-token" not in _logs(procs[0]) and "training a 512-token" in _logs(procs[1])
-
-
 def test_shared_data_folder_is_built_once(tiny_recipe, tmp_path):
     recipe = _small(tiny_recipe)
     recipe["data"] = {"path": str(tmp_path / "shared-data"), "prepare": PREPARE}
@@ -59,19 +48,29 @@ def test_shared_data_folder_is_built_once(tiny_recipe, tmp_path):
     assert logs.count("reusing dataset") == 1       # the other found it built
 
 
-@pytest.mark.parametrize("case", ["data_without_prepare", "local_save_folder_with_autoresume"])
-def test_what_stops_every_rank_with_one_line(tiny_recipe, tiny_data, tmp_path, case):
+def test_node_without_data_and_without_prepare_stops_every_rank(tiny_recipe, tiny_data, tmp_path):
     recipe = _small(tiny_recipe)
-    if case == "data_without_prepare":
-        recipe["data"] = {"path": "./data"}
-        expected = "composer-growth: error: data.path='./data': no dataset there on node 1"
-    else:
-        recipe.update(save_folder="./ckpt", autoresume=True)
-        expected = "composer-growth: error: save_folder='./ckpt': autoresume on 2 nodes needs a folder all nodes share"
+    recipe["data"] = {"path": "./data"}  # node-local: relative to each node's folder
     nodes, path = _nodes(tmp_path, recipe)
-    if case == "data_without_prepare":
-        shutil.copytree(tiny_data, nodes[0] / "data")
+    shutil.copytree(tiny_data, nodes[0] / "data")  # node 0 has it, node 1 has not
     procs = launch_nodes(TRAIN, [path], nodes, timeout=300)
     for proc in procs:
         assert proc.returncode != 0
-        assert expected in _logs(proc), _logs(proc)[-3000:]
+        assert "composer-growth: error: data.path='./data': no dataset there on node 1 (no manifest.json)" in _logs(proc)
+
+
+def test_separate_data_folders_then_a_local_save_folder_with_autoresume(tiny_recipe, tiny_data, tmp_path):
+    """Node 1 lacks the data and builds its own copy (node 0 keeps its own); then, before training,
+    autoresume into a save folder each node holds alone stops every rank."""
+    recipe = _small(tiny_recipe)
+    recipe["data"] = {"path": "./data", "prepare": PREPARE}
+    recipe.update(save_folder="./ckpt", autoresume=True)
+    nodes, path = _nodes(tmp_path, recipe)
+    shutil.copytree(tiny_data, nodes[0] / "data")
+    procs = launch_nodes(TRAIN, [path], nodes, timeout=300)
+    assert (nodes[1] / "data" / "manifest.json").exists()
+    assert "training a 512-token" not in _logs(procs[0]) and "training a 512-token" in _logs(procs[1])
+    for proc in procs:
+        assert proc.returncode != 0
+        assert ("composer-growth: error: save_folder='./ckpt': autoresume on 2 nodes needs a folder all nodes "
+                "share (or a remote URI)") in _logs(proc), _logs(proc)[-3000:]
