@@ -122,6 +122,15 @@ def test_model_blocks_are_the_fsdp_units(tiny_recipe):
     assert [name for name, m in hf.named_modules() if hf.activation_checkpointing_fn(m)] == units
 
 
+def test_missing_data_on_several_ranks_is_decided_after_dist_starts(tiny_recipe, tmp_path):
+    """One process stops at validation; several defer to ensure_data, where every rank learns which
+    nodes lack the data and all stop together (tests/test_multinode.py)."""
+    tiny_recipe["data"] = {"path": str(tmp_path / "absent")}
+    with pytest.raises(ConfigError, match=r"^data.path=.*no dataset there \(no manifest.json\)"):
+        validate(tiny_recipe, world_size=1)
+    validate(tiny_recipe, world_size=2)
+
+
 def test_batch_size_must_divide_world_size(tiny_recipe):
     tiny_recipe["global_train_batch_size"] = 6
     tiny_recipe["device_train_microbatch_size"] = 3

@@ -88,6 +88,8 @@ class _Growth(Algorithm):
             install_replay_hook(state)
         elif event == Event.FIT_START:
             check_supported(state, self.name)
+            if getattr(self, "trunk", "train") == "lora" and state.fsdp_enabled:
+                raise ValueError(f"{self.name}: trunk 'lora' needs DDP (or one process), not FSDP")
             if state.max_duration is not None:
                 self.validate_run(state.max_duration)
         elif event == Event.AFTER_DATALOADER:

@@ -221,8 +221,13 @@ def build_lock(out_dir: str):
     import fcntl
 
     lock_path = os.path.abspath(out_dir).rstrip(os.sep) + ".lock"
-    os.makedirs(os.path.dirname(lock_path), exist_ok=True)
-    with open(lock_path, "a") as f:
+    try:
+        os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+        f = open(lock_path, "a")
+    except OSError:  # a read-only parent: nothing can be built there anyway, so nothing to guard
+        yield
+        return
+    with f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
