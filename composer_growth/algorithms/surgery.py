@@ -80,21 +80,22 @@ def reshard(model: nn.Module) -> None:
 
 def grow(state: State, op: Callable[[nn.Module], dict[str, ParamSource]],
          after: Callable[[nn.Module, dict[str, ParamSource]], None] | None = None) -> dict[str, Any]:
-    """Apply ``op`` to the model and rebuild optimizers, schedulers, DDP and compile around it.
+    """Apply ``op`` to the model and rebuild optimizers, schedulers, DDP / FSDP2 and compile around it.
 
     ``after(model, mapping)`` runs once the op is done and before the optimizer is rebuilt
-    (e.g. to freeze parameters). Returns timing and parameter counts.
+    (e.g. to freeze parameters). Returns timing and parameter counts. Under FSDP2 every rank runs
+    ``op`` on its own full copy and keeps its shard of the result, so ``op`` must give the same
+    tensors on every rank (the growth ops seed their randomness).
     """
     start = time.perf_counter()
     model = composer_model(state)
     ddp = state.model if isinstance(state.model, nn.parallel.DistributedDataParallel) else None
     compiled = getattr(state.model.forward, "_torchdynamo_orig_callable", None) is not None
     sharded = is_fsdp2(state)
-    before = count_params(model) if not sharded else None
     old_optimizers = list(state.optimizers)
     if sharded:
         mesh, old_optimizers = _unshard(model, old_optimizers)
-        before = count_params(model)
+    before = count_params(model)
     names = param_names(model)
     mapping = op(model)
     if after is not None:
