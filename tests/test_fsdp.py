@@ -33,7 +33,7 @@ def test_warmup_and_context_schedule_under_fsdp2_match_ddp(tiny_recipe, tmp_path
     path.write_text(yaml.safe_dump(tiny_recipe))
     runs = ["ddp", "sharded", "sharded@ep0-ba6"]
     proc = launch(os.path.join(ROOT, "tests", "scripts", "fsdp_runs.py"),
-                  [str(path), str(tmp_path / "p{rank}.json"), *runs], tmp_path)
+                  [str(path), str(tmp_path / "p{rank}.json"), *runs], tmp_path, own_shm=True)
     assert proc.returncode == 0, launch_failure(proc, tmp_path)
     for rank in (0, 1):
         with open(tmp_path / f"p{rank}.json") as f:

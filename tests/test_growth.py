@@ -219,7 +219,7 @@ def test_growth_under_fsdp2_matches_ddp_and_resumes_sharded_and_full(tiny_recipe
     path.write_text(yaml.safe_dump(recipe))
     runs = ["ddp", "sharded", "sharded@ep0-ba6", "full", "full@ep0-ba9-rank0.pt"]
     proc = launch(os.path.join(ROOT, "tests", "scripts", "fsdp_runs.py"),
-                  [str(path), str(tmp_path / "p{rank}.json"), *runs], tmp_path)
+                  [str(path), str(tmp_path / "p{rank}.json"), *runs], tmp_path, own_shm=True)
     assert proc.returncode == 0, launch_failure(proc, tmp_path)
     for rank in (0, 1):
         results = _summary(tmp_path / f"p{rank}.json")

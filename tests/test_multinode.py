@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 
 import pytest
 import yaml
 
-from conftest import launch_nodes
+from conftest import launch_nodes, own_shm_available
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "scripts", "train.py")
 PREPARE = {"source": "python-source", "seq_len": 32, "vocab_size": 512, "max_bytes": 600_000, "val_percent": 10}
 
-pytestmark = pytest.mark.skipif(subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0,
+pytestmark = pytest.mark.skipif(not own_shm_available(),
                                 reason="needs unshare --mount (root) for a /dev/shm per simulated node")
 
 
