@@ -206,3 +206,27 @@ def config_set(config: Any, key: str, value: Any) -> None:
         config[last] = value
     else:
         setattr(config, last, value)
+
+
+def block_types(model: nn.Module) -> tuple[type, ...]:
+    """The classes of the transformer blocks of an HF model (or any wrapper of one), from the table."""
+    hf = unwrap_hf(model)
+    return tuple({type(block) for block in get_path(hf, family_of(hf).layers)})
+
+
+def mark_fsdp_blocks(model: nn.Module) -> None:
+    """One FSDP unit (and one activation-checkpointing unit) per transformer block.
+
+    Composer's FSDP2 wraps each direct child of the ``ComposerModel`` (here the HF model) and, inside
+    it, every module for which the child's ``fsdp_wrap_fn`` answers True; activation checkpointing
+    asks its ``activation_checkpointing_fn`` the same way. Blocks added later by growth are of the
+    same classes.
+    """
+    hf = unwrap_hf(model)
+    kinds = block_types(hf)
+
+    def is_block(module: nn.Module) -> bool:
+        return isinstance(module, kinds)
+
+    hf.fsdp_wrap_fn = is_block
+    hf.activation_checkpointing_fn = is_block

@@ -62,18 +62,59 @@ def tiny_recipe(tiny_data, tmp_path) -> dict:
     })
 
 
-def launch(script: str, args: list[str], workdir):
-    """Run ``composer -n 2 SCRIPT ARGS`` on the CPU, on a free port, logging each rank to workdir."""
+def own_shm_available() -> bool:
+    """Whether a process can get a /dev/shm of its own here (``unshare --mount``, as root)."""
+    import subprocess
+
+    return subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode == 0
+
+
+def _own_shm(cmd: list[str]) -> list[str]:
+    """``cmd`` in a mount namespace with an empty /dev/shm of its own."""
+    import shlex
+
+    return ["unshare", "--mount", "sh", "-c", f"mount -t tmpfs tmpfs /dev/shm && exec {shlex.join(cmd)}"]
+
+
+def launch(script: str, args: list[str], workdir, own_shm: bool = False):
+    """Run ``composer -n 2 SCRIPT ARGS`` on the CPU, on a free port, logging each rank to workdir.
+
+    ``own_shm``: where possible, in a /dev/shm of its own, so that StreamingDataset's shared-memory
+    names cannot collide with other processes on the machine (the two ranks still share theirs).
+    """
     import socket
     import subprocess
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    return subprocess.run(
-        ["composer", "-n", "2", "--master_port", str(port), "--stdout", str(workdir / "out{rank}.txt"),
-         "--stderr", str(workdir / "err{rank}.txt"), script, *args],
-        capture_output=True, text=True, timeout=600, cwd=str(workdir), env=dict(os.environ))
+    cmd = ["composer", "-n", "2", "--master_port", str(port), "--stdout", str(workdir / "out{rank}.txt"),
+           "--stderr", str(workdir / "err{rank}.txt"), script, *args]
+    if own_shm and own_shm_available():
+        cmd = _own_shm(cmd)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(workdir), env=dict(os.environ))
+
+
+def launch_nodes(script: str, args: list[str], workdirs: list, timeout: int = 600) -> list:
+    """Nodes of one rank each on loopback: one ``composer -n 1 --world_size N --node_rank K`` launcher
+    per work dir (run there), each with its own /dev/shm (StreamingDataset's shared memory would
+    collide). Returns the finished processes, with ``out`` and ``err``: the rank's own output (a
+    local rank 0 writes to its launcher's)."""
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank, workdir in enumerate(workdirs):
+        cmd = ["composer", "-n", "1", "--world_size", str(len(workdirs)), "--node_rank", str(rank),
+               "--master_addr", "127.0.0.1", "--master_port", str(port), script, *args]
+        procs.append(subprocess.Popen(_own_shm(cmd), cwd=str(workdir), env=dict(os.environ),
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        proc.out, proc.err = proc.communicate(timeout=timeout)
+    return procs
 
 
 def launch_failure(proc, workdir) -> str:

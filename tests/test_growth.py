@@ -192,11 +192,52 @@ def test_bad_growth_recipes_fail_before_training(tiny_recipe, alg, kwargs, key):
     assert str(err.value).startswith(f"{key}="), str(err.value)
 
 
-def test_fsdp_is_rejected_at_validation(tiny_recipe):
-    tiny_recipe["algorithms"] = {"widen_mlp": {"at": "4ba"}}
-    tiny_recipe["parallelism"] = {"fsdp": {"sharding_strategy": "FULL_SHARD"}}
-    with pytest.raises(ConfigError, match=r"^parallelism.fsdp=.*growth under FSDP is not supported"):
+@pytest.mark.parametrize("fsdp, extra, key", [
+    ({"version": 2, "activation_checkpointing": True}, {}, "parallelism.fsdp.activation_checkpointing"),
+    ({"version": 2}, {"model.peft": {"r": 4, "target_modules": ["q_proj"]}}, "model.peft"),
+    ({"version": 2}, {"trunk": "lora"}, "algorithms.stack_layers.trunk"),
+])
+def test_growth_under_fsdp_rejects_what_it_cannot_carry(tiny_recipe, fsdp, extra, key):
+    tiny_recipe["algorithms"] = {"stack_layers": {"at": "4ba", **({"trunk": extra["trunk"]} if "trunk" in extra else {})}}
+    if "model.peft" in extra:
+        tiny_recipe["model"]["peft"] = extra["model.peft"]
+    tiny_recipe["parallelism"] = {"fsdp": fsdp}
+    with pytest.raises(ConfigError) as err:
         validate(tiny_recipe)
+    assert str(err.value).startswith(f"{key}="), str(err.value)
+
+
+def test_growth_under_fsdp2_matches_ddp_and_resumes_sharded_and_full(tiny_recipe, tmp_path):
+    """Under composer -n 2: the same growth run under DDP and under FSDP2 (sharded and full
+    checkpoints) gives the same per-batch training losses; each FSDP2 run resumed from a checkpoint
+    written after the growth (before the second growth for sharded, after both for full) goes on
+    exactly as the uninterrupted run, with the grown layers restored."""
+    recipe = _grow_twice(tiny_recipe)
+    recipe.update(max_duration="10ba", eval_first=False, eval_interval="10ba", save_interval="3ba")
+    recipe["algorithms"]["widen_mlp"]["noise_std"] = 0.01
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    runs = ["ddp", "sharded", "sharded@ep0-ba6", "full", "full@ep0-ba9-rank0.pt"]
+    proc = launch(os.path.join(ROOT, "tests", "scripts", "fsdp_runs.py"),
+                  [str(path), str(tmp_path / "p{rank}.json"), *runs], tmp_path, own_shm=True)
+    assert proc.returncode == 0, launch_failure(proc, tmp_path)
+    for rank in (0, 1):
+        results = _summary(tmp_path / f"p{rank}.json")
+        ddp = results["ddp"]
+        assert not ddp["fsdp"] and ddp["layers"] == 4 and len(ddp["losses"]) == 10
+        for kind in ("sharded", "full"):
+            run_, resumed = results[kind], results[next(r for r in runs if r.startswith(f"{kind}@"))]
+            assert run_["fsdp"] and run_["layers"] == 4
+            assert run_["units"] == 4 + 1  # one FSDP unit per block of the grown model, and the root
+            assert all(g["applied"] for g in run_["replayed"])
+            assert run_["losses"] == pytest.approx(ddp["losses"], abs=1e-5)
+            assert run_["params"].keys() == ddp["params"].keys()
+            assert run_["params"] == pytest.approx(ddp["params"], rel=1e-3, abs=1e-3)
+            # the resumed run has the grown model: same layers, same losses, same parameters at the end
+            assert resumed["layers"] == 4 and resumed["units"] == 5
+            assert resumed["losses"] == pytest.approx(run_["losses"][-len(resumed["losses"]):], abs=1e-6)
+            assert resumed["params"] == pytest.approx(run_["params"], rel=1e-6, abs=1e-6)
+        assert len(results["sharded@ep0-ba6"]["losses"]) == 4 and len(results["full@ep0-ba9-rank0.pt"]["losses"]) == 1
 
 
 def test_family_outside_the_table_is_named():

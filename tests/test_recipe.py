@@ -72,6 +72,14 @@ def test_resume_matches_uninterrupted_run(tiny_recipe, tmp_path):
     (lambda r: r.update(scheduler={"name": "cosine_with_warmup", "t_warmup": "3weeks"}), "scheduler.t_warmup"),
     (lambda r: r.update(parallelism={"pipeline": {}}), "parallelism.pipeline"),
     (lambda r: r.update(autoresume=True, run_name=None), "autoresume"),
+    (lambda r: r.update(parallelism={"fsdp": {"version": 3}}), "parallelism.fsdp.version"),
+    (lambda r: r.update(parallelism={"fsdp": {"version": 2, "sharding_strategy": "FULL_SHARD"}}),
+     "parallelism.fsdp.sharding_strategy"),
+    (lambda r: r.update(parallelism={"fsdp": {"version": 2, "state_dict_type": "local"}}),
+     "parallelism.fsdp.state_dict_type"),
+    (lambda r: r.update(parallelism={"fsdp": {"version": 2}}, device_train_microbatch_size="auto"),
+     "device_train_microbatch_size"),
+    (lambda r: r.update(parallelism={"fsdp": "yes"}), "parallelism.fsdp"),
 ])
 def test_validation_names_the_key(tiny_recipe, mutate, key):
     mutate(tiny_recipe)
@@ -80,6 +88,47 @@ def test_validation_names_the_key(tiny_recipe, mutate, key):
     msg = str(err.value)
     assert msg.startswith(f"{key}="), msg
     assert "\n" not in msg
+
+
+def test_fsdp_version_2_builds_an_fsdp2_config(tiny_recipe, monkeypatch):
+    from composer.utils.parallelism import FSDP2Config
+
+    from composer_growth.recipe.build import parallelism_config
+
+    monkeypatch.setenv("FSDP_VERSION", "1")  # the recipe decides, not the environment
+    tiny_recipe["parallelism"] = {"fsdp": {"version": 2, "state_dict_type": "full", "reshard_after_forward": False}}
+    built = parallelism_config(validate(tiny_recipe).recipe)["fsdp"]
+    assert isinstance(built, FSDP2Config)
+    assert built.state_dict_type == "full" and built.reshard_after_forward is False
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="FSDP1 is allowed where CUDA is")
+@pytest.mark.parametrize("fsdp", [{}, {"version": 1, "sharding_strategy": "FULL_SHARD"}])
+def test_fsdp1_without_cuda_fails_at_validation(tiny_recipe, fsdp):
+    tiny_recipe["parallelism"] = {"fsdp": fsdp}
+    with pytest.raises(ConfigError, match=r"^parallelism.fsdp.version=1: FSDP1 needs CUDA and this machine has none; "
+                                          r"set parallelism.fsdp.version: 2"):
+        validate(tiny_recipe)
+
+
+def test_model_blocks_are_the_fsdp_units(tiny_recipe):
+    from composer_growth.recipe.build import build_model, build_tokenizer
+
+    recipe = validate(tiny_recipe).recipe
+    model = build_model(recipe, build_tokenizer(recipe))
+    hf = model.model
+    units = [name for name, m in hf.named_modules() if hf.fsdp_wrap_fn(m)]
+    assert units == ["model.layers.0", "model.layers.1"]
+    assert [name for name, m in hf.named_modules() if hf.activation_checkpointing_fn(m)] == units
+
+
+def test_missing_data_on_several_ranks_is_decided_after_dist_starts(tiny_recipe, tmp_path):
+    """One process stops at validation; several defer to ensure_data, where every rank learns which
+    nodes lack the data and all stop together (tests/test_multinode.py)."""
+    tiny_recipe["data"] = {"path": str(tmp_path / "absent")}
+    with pytest.raises(ConfigError, match=r"^data.path=.*no dataset there \(no manifest.json\)"):
+        validate(tiny_recipe, world_size=1)
+    validate(tiny_recipe, world_size=2)
 
 
 def test_batch_size_must_divide_world_size(tiny_recipe):

@@ -48,7 +48,7 @@ from composer.loggers import Logger
 from composer.utils import dist, ensure_tuple
 
 from composer_growth.algorithms.order import set_batch_lengths
-from composer_growth.algorithms.surgery import install_replay_hook
+from composer_growth.algorithms.surgery import gather_hf_state_dict, install_replay_hook, save_pretrained
 from composer_growth.errors import ConfigError, check
 from composer_growth.families import FAMILIES, Family, config_get, family_of, unwrap_composer, unwrap_hf
 from composer_growth.functional.batch import MODES, batch_seq_length, batch_tokens, set_batch_sequence_length
@@ -1206,11 +1206,10 @@ class ContextLengthSchedule(Algorithm):
         os.makedirs(folder, exist_ok=True)
         if self.save_checkpoints:
             save_checkpoint(state, os.path.join(folder, "checkpoint.pt"))
-        if self.export_hf and dist.get_global_rank() == 0:
-            if state.fsdp_enabled:
-                self._warn_once("ContextLengthSchedule: no HF export under FSDP (use the phase's Composer checkpoint)")
-            else:
-                self._export_hf(state, folder, ppl)
+        if self.export_hf:
+            full = gather_hf_state_dict(state.model) if state.fsdp_enabled else None  # all ranks, rank 0 keeps it
+            if dist.get_global_rank() == 0:
+                self._export_hf(state, folder, ppl, full)
         dist.barrier()
         logger.log_metrics({"context/exported_phase": phase.index})
         if self.verbose and dist.get_global_rank() == 0:
@@ -1218,13 +1217,17 @@ class ContextLengthSchedule(Algorithm):
                   f"saved {folder}" + (f"; perplexity {', '.join(f'{n}: {v:.2f}' for n, v in ppl.items())}"
                                        if ppl else ""), flush=True)
 
-    def _export_hf(self, state: State, folder: str, ppl: dict[int, float]) -> None:
+    def _export_hf(self, state: State, folder: str, ppl: dict[int, float], full: dict | None = None) -> None:
         import json
 
         hf = unwrap_hf(state.model)
         peft = _peft_model(state.model)
         if peft is None:  # adapters injected mid-run (lora_merge start_at, trunk: lora) are merged in
-            hf.save_pretrained(folder, state_dict=merged_state_dict(hf))
+            save_pretrained(hf, folder, state_dict=full if full is not None else merged_state_dict(hf))
+        elif state.fsdp_enabled:
+            self._warn_once("ContextLengthSchedule: no HF export of LoRA adapters under FSDP (use the phase's "
+                            "Composer checkpoint)")
+            return
         else:
             if self.export_base_weights:
                 hf.save_pretrained(folder, state_dict=_base_state_dict(hf))

@@ -17,7 +17,7 @@ from composer.loggers import Logger
 from composer.utils import dist, ensure_tuple
 from torch import nn
 
-from composer_growth.algorithms.surgery import check_supported, composer_model, grow, install_replay_hook
+from composer_growth.algorithms.surgery import check_supported, composer_model, grow, install_replay_hook, reshard
 from composer_growth.errors import ConfigError, check, check_flag, check_int
 from composer_growth.families import FAMILIES, config_get, family_of, get_path, unwrap_hf
 from composer_growth.functional.growth import STACK_INITS, STACK_MODES, stack_layers, widen_mlp
@@ -60,9 +60,16 @@ class _Growth(Algorithm):
             raise ConfigError("at", str(self.at), f"must fall before the end of the run (max_duration {max_duration})")
         if recipe is None:
             return
-        if recipe.parallelism and "fsdp" in recipe.parallelism:
-            raise ConfigError("parallelism.fsdp", recipe.parallelism["fsdp"],
-                              f"{self.name} needs DDP (or one process); growth under FSDP is not supported")
+        fsdp = (recipe.parallelism or {}).get("fsdp")
+        if isinstance(fsdp, dict):
+            if fsdp.get("version", 1) != 2:
+                raise ConfigError("parallelism.fsdp.version", fsdp.get("version", 1),
+                                  f"2 for {self.name} (growth runs under FSDP2 or DDP, not FSDP1)")
+            for key in ("activation_checkpointing", "activation_cpu_offload"):
+                if fsdp.get(key):
+                    raise ConfigError(f"parallelism.fsdp.{key}", fsdp[key], f"false with {self.name} (growth under FSDP2)")
+            if recipe.model.peft is not None:
+                raise ConfigError("model.peft", recipe.model.peft, f"null with {self.name} under FSDP2")
         if recipe.model.pretrained is None:
             if recipe.model.family not in FAMILIES:
                 raise ConfigError("model.family", recipe.model.family,
@@ -86,6 +93,8 @@ class _Growth(Algorithm):
             install_replay_hook(state)
         elif event == Event.FIT_START:
             check_supported(state, self.name)
+            if getattr(self, "trunk", "train") == "lora" and state.fsdp_enabled:
+                raise ValueError(f"{self.name}: trunk 'lora' needs DDP (or one process), not FSDP")
             if state.max_duration is not None:
                 self.validate_run(state.max_duration, batches_per_epoch=epoch_batches(state))
             check_progress_known(state, {"at": self.at}, within=False)
@@ -122,6 +131,7 @@ class _Growth(Algorithm):
         with torch.no_grad(), get_precision_context(state.precision, state.precision_config):
             loss = sum(ensure_tuple(model.loss(model(batch), batch)))
         model.train(was_training)
+        reshard(model)  # under FSDP2 a no_grad forward leaves the root unsharded
         loss = loss.detach().float().reshape(1)
         dist.all_reduce(loss, reduce_operation="SUM")
         return float(loss.item()) / dist.get_world_size()
@@ -236,6 +246,8 @@ class StackLayers(_Growth):
         super().validate_run(max_duration, recipe, batches_per_epoch)
         if recipe is not None and self.trunk == "lora" and recipe.model.peft is not None:
             raise ConfigError("trunk", self.trunk, "'lora' needs a model without model.peft adapters")
+        if recipe is not None and self.trunk == "lora" and (recipe.parallelism or {}).get("fsdp") is not None:
+            raise ConfigError("trunk", self.trunk, "train or frozen under FSDP2 ('lora' needs DDP)")
 
     def _op(self, model: nn.Module):
         layers = get_path(unwrap_hf(model), family_of(model).layers)

@@ -6,15 +6,26 @@ state carried by parameter name), the schedulers (bound to the new optimizers at
 progress), the DDP wrapper and the compiled forward. The grad scaler keeps its scale (its
 per-optimizer state is rebuilt every step).
 
+Under FSDP2 (Composer's ``FSDP2Config``) the op runs on a full, unsharded copy: every rank
+gathers the full parameters and optimizer state, rebuilds the HF model from them, grows it with
+the same op, shards it again on the same device mesh as Composer did (one unit per block, the HF
+model as root) and carries the optimizer state by name as under DDP, then shards that too. Peak
+memory during the growth is one full copy of the model and its optimizer state per rank.
+
 Resuming: Composer loads a checkpoint's model weights before any algorithm's state, so an
 algorithm that changed the architecture must replay its change first. ``install_replay_hook``
 wraps ``state.load_model_state`` once; before the weights load it calls, in algorithm order,
-``replay(state, saved_state)`` on every algorithm that has it.
+``replay(state, saved_state)`` on every algorithm that has it. A sharded (FSDP) checkpoint is
+read into a template built from the current model before ``load_model_state`` runs, so there the
+algorithm states are read from the checkpoint first and replayed before Composer builds that
+template (``_replay_before_sharded_load``).
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,7 +35,7 @@ from composer.core import State
 from composer.utils import dist
 from torch import nn
 
-from composer_growth.families import unwrap_composer
+from composer_growth.families import unwrap_composer, unwrap_hf
 from composer_growth.functional.growth import ParamSource, param_names
 from composer_growth.functional.optim import transfer_optimizer_state
 
@@ -38,28 +49,63 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
+def is_fsdp2(state: State) -> bool:
+    from composer.utils.parallelism import FSDP2Config
+
+    return isinstance(state.fsdp_config, FSDP2Config) and state.fsdp_enabled
+
+
 def check_supported(state: State, name: str) -> None:
-    if state.fsdp_enabled:
-        raise ValueError(f"{name}: growth surgery under FSDP is not supported; use DDP (no `parallelism.fsdp`)")
+    if state.fsdp_enabled and not is_fsdp2(state):
+        raise ValueError(f"{name}: growth surgery under FSDP1 is not supported; use FSDP2 "
+                         "(parallelism.fsdp.version: 2) or DDP")
+    if is_fsdp2(state):
+        model = composer_model(state)
+        hf = unwrap_hf(model)
+        if not any(child is hf for child in model.children()):
+            raise ValueError(f"{name}: growth under FSDP2 needs the HF model as a direct child of the ComposerModel "
+                             "(no peft wrapper)")
+        if state.fsdp_config.activation_checkpointing or state.fsdp_config.activation_cpu_offload:
+            raise ValueError(f"{name}: growth under FSDP2 does not support activation checkpointing or offload")
+
+
+def reshard(model: nn.Module) -> None:
+    """Reshard every FSDP2 unit: a forward outside backward (``no_grad``) leaves the root unsharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def grow(state: State, op: Callable[[nn.Module], dict[str, ParamSource]],
          after: Callable[[nn.Module, dict[str, ParamSource]], None] | None = None) -> dict[str, Any]:
-    """Apply ``op`` to the model and rebuild optimizers, schedulers, DDP and compile around it.
+    """Apply ``op`` to the model and rebuild optimizers, schedulers, DDP / FSDP2 and compile around it.
 
     ``after(model, mapping)`` runs once the op is done and before the optimizer is rebuilt
-    (e.g. to freeze parameters). Returns timing and parameter counts.
+    (e.g. to freeze parameters). Returns timing and parameter counts. Under FSDP2 every rank runs
+    ``op`` on its own full copy and keeps its shard of the result, so ``op`` must give the same
+    tensors on every rank (the growth ops seed their randomness).
     """
     start = time.perf_counter()
     model = composer_model(state)
     ddp = state.model if isinstance(state.model, nn.parallel.DistributedDataParallel) else None
     compiled = getattr(state.model.forward, "_torchdynamo_orig_callable", None) is not None
+    sharded = is_fsdp2(state)
+    old_optimizers = list(state.optimizers)
+    if sharded:
+        mesh, old_optimizers = _unshard(model, old_optimizers)
     before = count_params(model)
     names = param_names(model)
     mapping = op(model)
     if after is not None:
         after(model, mapping)
-    new_optimizers = [transfer_optimizer_state(opt, names, model, mapping) for opt in state.optimizers]
+    if sharded:
+        _shard(state, model, mesh)
+    new_optimizers = [transfer_optimizer_state(opt, names, model, mapping) for opt in old_optimizers]
+    if sharded:
+        for opt in new_optimizers:
+            _shard_optimizer_state(opt)
     state.schedulers = [_rebind_scheduler(s, state.optimizers, new_optimizers) for s in state.schedulers]
     state.optimizers = new_optimizers
     if compiled:
@@ -73,6 +119,90 @@ def grow(state: State, op: Callable[[nn.Module], dict[str, ParamSource]],
     return {"params_before": before, "params_after": count_params(model),
             "trainable_after": count_params(model, trainable_only=True),
             "seconds": time.perf_counter() - start}
+
+
+def _base_class(module: nn.Module) -> type:
+    """The class a module had before ``fully_shard`` swapped in its ``FSDP<Class>`` subclass."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _unshard(model: nn.Module, optimizers: list[torch.optim.Optimizer]):
+    """Replace the sharded HF model inside ``model`` by a full, plain copy built from the gathered
+    parameters; return the device mesh and optimizers over the copy holding the gathered state.
+
+    Collective: every rank gathers every tensor, in the same order.
+    """
+    from torch.distributed.tensor import DTensor
+
+    from composer_growth.functional.optim import same_kind
+
+    reshard(model)
+    hf = unwrap_hf(model)
+    child = next(name for name, m in model.named_children() if m is hf)
+    prefix = f"{child}."
+    mesh = next(p.device_mesh for p in hf.parameters() if isinstance(p, DTensor))
+    old_names = {id(p): name for name, p in model.named_parameters()}
+    full = {name[len(prefix):]: _full(p.detach()) for name, p in model.named_parameters()}
+    grads = {name: p.requires_grad for name, p in hf.named_parameters()}
+    with torch.device("meta"):
+        plain = _base_class(hf)(hf.config)
+    plain.load_state_dict(full, strict=False, assign=True)
+    for name, buf in hf.named_buffers():  # buffers are not sharded; non-persistent ones are not in a state dict
+        owner, _, leaf = name.rpartition(".")
+        plain.get_submodule(owner)._buffers[leaf] = buf
+    if getattr(hf.config, "tie_word_embeddings", False):
+        plain.tie_weights()
+    for name, p in plain.named_parameters():
+        if p.is_meta:
+            raise RuntimeError(f"growth under FSDP2: parameter {name} was not restored from the sharded model")
+        p.requires_grad_(grads.get(name, True))
+    for attr in ("generation_config", "fsdp_wrap_fn", "activation_checkpointing_fn"):
+        if attr in vars(hf):
+            setattr(plain, attr, vars(hf)[attr])
+    plain.train(hf.training)
+    setattr(model, child, plain)
+    new_params = dict(model.named_parameters())
+    plain_optimizers = []
+    for opt in optimizers:
+        groups = [[new_params[old_names[id(p)]] for p in g["params"]] for g in opt.param_groups]
+        gathered = same_kind(opt, groups)
+        for g_old, g_new in zip(opt.param_groups, gathered.param_groups):
+            for p_old, p_new in zip(g_old["params"], g_new["params"]):
+                if p_old in opt.state:
+                    gathered.state[p_new] = {k: _full(v) if torch.is_tensor(v) else v
+                                             for k, v in opt.state[p_old].items()}
+        plain_optimizers.append(gathered)
+    return mesh, plain_optimizers
+
+
+def _shard(state: State, model: nn.Module, mesh: Any) -> None:
+    """Shard the grown model as Composer did: its own FSDP2 wrap policy, on the same mesh."""
+    from composer.distributed.fsdp2 import prepare_fully_shard
+    from composer.distributed.fsdp2_utils import generate_composer_model_policy
+
+    config = copy.copy(state.fsdp_config)
+    config.device_mesh = mesh
+    prepare_fully_shard(model, config, state.precision, generate_composer_model_policy(model))
+
+
+def _shard_optimizer_state(opt: torch.optim.Optimizer) -> None:
+    """Shard the full state tensors of an optimizer over sharded parameters like the parameters."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for p, st in opt.state.items():
+        if not isinstance(p, DTensor):
+            continue
+        for key, value in st.items():
+            if torch.is_tensor(value) and not isinstance(value, DTensor) and value.shape == p.shape:
+                st[key] = distribute_tensor(value.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
 
 
 def _rebind_scheduler(scheduler: Any, old: list[torch.optim.Optimizer], new: list[torch.optim.Optimizer]) -> Any:
@@ -108,6 +238,24 @@ def _track_steps(optimizer: torch.optim.Optimizer, called: bool) -> None:
         optimizer._opt_called = True
 
 
+def _replay(state: State, saved: Any) -> None:
+    """Call ``replay(state, saved_state)`` on every algorithm that has it, in algorithm order, with
+    the state saved for it (matched by class name and position among algorithms of that class)."""
+    if not isinstance(saved, (list, tuple)):
+        return
+    by_class: dict[str, list[Any]] = {}
+    for cls_name, alg_state in saved:
+        by_class.setdefault(cls_name, []).append(alg_state)
+    seen: dict[str, int] = {}
+    for alg in state.algorithms:
+        name = type(alg).__qualname__
+        i = seen.get(name, 0)
+        seen[name] = i + 1
+        entries = by_class.get(name, [])
+        if hasattr(alg, "replay") and i < len(entries):
+            alg.replay(state, entries[i])
+
+
 def install_replay_hook(state: State) -> None:
     """Make checkpoint loading replay recorded architecture changes before the weights load."""
     if getattr(state, "_growth_replay_installed", False):
@@ -115,20 +263,62 @@ def install_replay_hook(state: State) -> None:
     original = state.load_model_state
 
     def load_model_state(state_dict: dict[str, Any], *args: Any, **kwargs: Any):
-        saved = state_dict.get("algorithms")
-        if isinstance(saved, list):
-            by_class: dict[str, list[Any]] = {}
-            for cls_name, alg_state in saved:
-                by_class.setdefault(cls_name, []).append(alg_state)
-            seen: dict[str, int] = {}
-            for alg in state.algorithms:
-                name = type(alg).__qualname__
-                i = seen.get(name, 0)
-                seen[name] = i + 1
-                entries = by_class.get(name, [])
-                if hasattr(alg, "replay") and i < len(entries):
-                    alg.replay(state, entries[i])
+        _replay(state, state_dict.get("algorithms"))
         return original(state_dict, *args, **kwargs)
 
     state.load_model_state = load_model_state
     state._growth_replay_installed = True
+    _replay_before_sharded_load()
+
+
+def _saved_algorithm_states(path: str) -> Any:
+    """The ``algorithms`` entry of a sharded (torch.distributed.checkpoint) Composer checkpoint, read
+    alone (collective: every rank reads it)."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    if os.path.islink(path):
+        path = os.path.join(os.path.dirname(path), os.readlink(path))
+    return _load_state_dict_from_keys(keys={"state.algorithms"}, checkpoint_id=path).get("state", {}).get("algorithms")
+
+
+def _replay_before_sharded_load() -> None:
+    """Wrap Composer's sharded checkpoint loader (once per process) so that, for a state with the
+    replay hook, the checkpoint's algorithm states are read and replayed before Composer builds the
+    load template from the current model (which would otherwise drop a grown model's new tensors).
+    A state without the hook loads exactly as before."""
+    from composer.utils import checkpoint
+
+    original = checkpoint.load_sharded_checkpoint
+    if getattr(original, "_growth_replay", False):
+        return
+
+    def load_sharded_checkpoint(*args: Any, **kwargs: Any):
+        bound = inspect.signature(original).bind(*args, **kwargs)
+        state, path = bound.arguments["state"], bound.arguments["source_path"]
+        if getattr(state, "_growth_replay_installed", False):
+            if bound.arguments.get("object_store") is not None:
+                raise ValueError("resuming growth from a sharded checkpoint in an object store is not supported; "
+                                 "load it from a local or shared folder, or use parallelism.fsdp.state_dict_type: full")
+            _replay(state, _saved_algorithm_states(path))
+        return original(*args, **kwargs)
+
+    load_sharded_checkpoint._growth_replay = True
+    checkpoint.load_sharded_checkpoint = load_sharded_checkpoint
+
+
+def gather_hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The full weights of the HF model inside a sharded ``model``, on global rank 0 (None on the
+    other ranks). Collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(unwrap_hf(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return full if dist.get_global_rank() == 0 else None
+
+
+def save_pretrained(hf: nn.Module, folder: str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """``hf.save_pretrained``, naming the model's own class even where ``fully_shard`` swapped it."""
+    hf.save_pretrained(folder, state_dict=state_dict)
+    own = _base_class(hf).__name__
+    if hf.config.architectures != [own]:
+        hf.config.architectures = [own]
+        hf.config.save_pretrained(folder)

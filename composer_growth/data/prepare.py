@@ -16,6 +16,7 @@ whose splits are MDS shards with a ``tokens`` or ``input_ids`` column (llm-found
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -199,6 +200,8 @@ def prepare_dataset(out_dir: str, source: str = "python-source", seq_len: int = 
     """Build (or reuse) a dataset in ``out_dir`` and return its manifest.
 
     ``column``: ``input_ids`` (ours) or ``tokens`` (llm-foundry's ``text`` loader reads it; so do ours).
+    Holds an exclusive lock on ``<out_dir>.lock`` while it checks and builds, so processes (or nodes
+    sharing a filesystem) that ask for the same folder at once build it once; the others reuse it.
     """
     if source not in SOURCES:
         raise ConfigError("source", source, f"one of {', '.join(SOURCES)}")
@@ -220,6 +223,36 @@ def prepare_dataset(out_dir: str, source: str = "python-source", seq_len: int = 
                 text_field=text_field, tokenizer_max_bytes=tokenizer_max_bytes)
     if column != "input_ids":
         args["column"] = column  # manifests written before the option stay reusable
+    with build_lock(out_dir):
+        return _build(out_dir, args, overwrite, files)
+
+
+@contextlib.contextmanager
+def build_lock(out_dir: str):
+    """An exclusive ``flock`` on ``<out_dir>.lock`` (next to the folder, on the same filesystem)."""
+    import fcntl
+
+    lock_path = os.path.abspath(out_dir).rstrip(os.sep) + ".lock"
+    try:
+        os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+        f = open(lock_path, "a")
+    except OSError:  # a read-only parent: nothing can be built there anyway, so nothing to guard
+        yield
+        return
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build(out_dir: str, args: dict[str, Any], overwrite: bool, files: list[str] | None) -> dict[str, Any]:
+    source, seq_len, vocab_size, tokenizer = args["source"], args["seq_len"], args["vocab_size"], args["tokenizer"]
+    max_bytes, val_percent = args["max_bytes"], args["val_percent"]
+    hub_name, hub_split, text_field = args["hub_name"], args["hub_split"], args["text_field"]
+    tokenizer_max_bytes = args["tokenizer_max_bytes"]
+    column = args.get("column", "input_ids")
     manifest_path = os.path.join(out_dir, MANIFEST)
     if not overwrite and os.path.exists(manifest_path):
         with open(manifest_path) as f:

@@ -71,7 +71,7 @@ def _carry_state(state: Mapping[str, Any], old: torch.Tensor, new: torch.Tensor,
     return out
 
 
-def _same_kind(old: torch.optim.Optimizer, groups: list[list[nn.Parameter]]) -> torch.optim.Optimizer:
+def same_kind(old: torch.optim.Optimizer, groups: list[list[nn.Parameter]]) -> torch.optim.Optimizer:
     """A new optimizer of ``old``'s class and constructor defaults, group i holding ``groups[i]``
     with old group i's hyperparameters (all of them, e.g. ``initial_lr`` too)."""
     hyper = [{k: v for k, v in g.items() if k != "params"} for g in old.param_groups]
@@ -144,7 +144,7 @@ def transfer_optimizer_state(old_optimizer: torch.optim.Optimizer,
         if state:
             states[p] = state
 
-    new = _same_kind(old_optimizer, groups)
+    new = same_kind(old_optimizer, groups)
     for p, state in states.items():
         new.state[p] = state
     return new

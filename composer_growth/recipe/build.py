@@ -9,11 +9,12 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from composer_growth.errors import ConfigError, check
-from composer_growth.families import FAMILIES
+from composer_growth.families import FAMILIES, mark_fsdp_blocks
 from composer_growth.recipe.schema import Recipe, from_mapping
 from composer_growth.registry import ALGORITHMS, CALLBACKS, LOGGERS, load_all
 from composer_growth.timeutil import parse_time
@@ -90,7 +91,7 @@ def _construct(kind: str, name: str, table: dict[str, Any], kwargs: dict[str, An
         raise ConfigError(f"{kind}.{name}", kwargs, f"needs a package that is not installed: {e}") from None
 
 
-def _check_data(recipe: Recipe) -> None:
+def _check_data(recipe: Recipe, world_size: int = 1) -> None:
     from composer_growth.data.prepare import read_manifest
 
     data = recipe.data
@@ -98,6 +99,8 @@ def _check_data(recipe: Recipe) -> None:
         return  # a remote dataset is checked by streaming when it is opened
     manifest = read_manifest(data.path)
     if manifest is None:
+        if data.prepare is None and world_size > 1:
+            return  # every rank learns which nodes lack it, and stops together (ensure_data)
         if data.prepare is None:
             raise ConfigError("data.path", data.path,
                               "no dataset there (no manifest.json); run `composer-growth prepare-data` "
@@ -113,6 +116,66 @@ def _check_data(recipe: Recipe) -> None:
     if recipe.tokenizer is None and not os.path.isdir(os.path.join(data.path, "tokenizer")):
         raise ConfigError("tokenizer", None, f"{data.path} has no tokenizer/ folder (an MDS folder converted "
                                              "elsewhere): name the tokenizer its tokens come from")
+
+
+def _fsdp_fields(version: int) -> list[str]:
+    from composer.utils.parallelism import FSDP2Config, FSDPConfig
+
+    if version == 2:
+        return sorted(FSDP2Config.settable_attrs() - {"device_mesh"})
+    return sorted(f.name for f in dataclasses.fields(FSDPConfig) if not f.name.startswith("_"))
+
+
+def _on_gpu(recipe: Recipe) -> bool:
+    import torch
+
+    return recipe.device == "gpu" or (recipe.device is None and torch.cuda.is_available())
+
+
+def _check_fsdp(recipe: Recipe) -> None:
+    """``parallelism.fsdp``: a mapping with ``version`` 1 (Composer's FSDPConfig, CUDA only) or 2
+    (``FSDP2Config``) and that version's keys."""
+    fsdp = recipe.parallelism.get("fsdp")
+    if fsdp is None:
+        return
+    check(isinstance(fsdp, dict), "parallelism.fsdp", fsdp, "a mapping (version: 2 and FSDP2Config keys)")
+    version = fsdp.get("version", 1)
+    check(version in (1, 2) and not isinstance(version, bool), "parallelism.fsdp.version", version, "1 or 2")
+    allowed = _fsdp_fields(version)
+    for key, value in fsdp.items():
+        check(key == "version" or key in allowed, f"parallelism.fsdp.{key}", value,
+              f"not an FSDP{version} key; allowed: version, {', '.join(allowed)}")
+    if version == 1 and not _on_gpu(recipe):
+        raise ConfigError("parallelism.fsdp.version", version,
+                          "FSDP1 needs CUDA and this machine has none; set parallelism.fsdp.version: 2 (FSDP2)")
+    check(fsdp.get("state_dict_type", "sharded") in ("full", "sharded"), "parallelism.fsdp.state_dict_type",
+          fsdp.get("state_dict_type"), "full or sharded")
+    if version == 2:
+        check(recipe.device_train_microbatch_size != "auto", "device_train_microbatch_size", "auto",
+              "a positive integer under FSDP2 (Composer has no auto microbatching there)")
+
+
+def parallelism_config(recipe: Recipe) -> dict[str, Any] | None:
+    """The Trainer's ``parallelism_config``: ``parallelism.fsdp`` with ``version: 2`` as an ``FSDP2Config``
+    (whatever the FSDP_VERSION environment variable says), version 1 as Composer's ``FSDPConfig``."""
+    if recipe.parallelism is None:
+        return None
+    out = dict(recipe.parallelism)
+    fsdp = out.get("fsdp")
+    if fsdp is not None:
+        from composer.utils.parallelism import FSDP2Config, FSDPConfig
+
+        kwargs = {k: v for k, v in fsdp.items() if k != "version"}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="FSDP2 Config/APIs are experimental")
+            out["fsdp"] = FSDP2Config(**kwargs) if fsdp.get("version", 1) == 2 else FSDPConfig(**kwargs)
+    return out
+
+
+def fsdp_version(recipe: Recipe) -> int | None:
+    """1 or 2 when the recipe shards the model with FSDP, else None."""
+    fsdp = (recipe.parallelism or {}).get("fsdp")
+    return None if fsdp is None else int(fsdp.get("version", 1))
 
 
 def _check_model(recipe: Recipe) -> None:
@@ -178,8 +241,9 @@ def validate(data: dict[str, Any], world_size: int | None = None) -> Plan:
         for key in recipe.parallelism:
             check(key in PARALLELISM_KEYS, f"parallelism.{key}", recipe.parallelism[key],
                   f"unknown key; allowed: {', '.join(PARALLELISM_KEYS)}")
+        _check_fsdp(recipe)
     _check_model(recipe)
-    _check_data(recipe)
+    _check_data(recipe, world_size)
 
     algorithms = [_construct("algorithms", n, ALGORITHMS, kw) for n, kw in recipe.algorithms.items()]
     callbacks = [_construct("callbacks", n, CALLBACKS, kw) for n, kw in recipe.callbacks.items()]
@@ -209,26 +273,73 @@ def init_dist(plan: Plan) -> None:
 
 
 def ensure_data(plan: Plan) -> None:
-    """Build the dataset named by the recipe if it is missing: local rank 0 builds, the rest wait.
+    """Build the dataset named by the recipe where it is missing; every rank takes the same path.
 
-    Whether it is missing is decided once, on global rank 0, and shared, so every rank takes
-    the same path to the barrier.
+    Each node's local rank 0 looks at its own copy of ``data.path``; the answers are gathered, so
+    every rank knows which nodes lack the data. With no ``data.prepare`` block every rank stops with
+    the same one-line error. Otherwise local rank 0 of each node that lacks it builds it, under a
+    file lock: nodes sharing a filesystem build a shared folder once, and the others reuse it.
     """
     from composer.utils import dist
 
     from composer_growth.data.prepare import prepare_dataset, read_manifest
 
     data = plan.recipe.data
-    missing = [data.remote is None and read_manifest(data.path) is None]
-    dist.broadcast_object_list(missing, src=0)
-    if not missing[0]:
+    if data.remote is not None:
         return
-    if dist.get_local_rank() == 0:
+    node = dist.get_node_rank()
+    mine = (node, read_manifest(data.path) is None) if dist.get_local_rank() == 0 else None
+    missing = sorted(n for n, lacks in filter(None, dist.all_gather_object(mine)) if lacks)
+    if not missing:
+        return
+    if data.prepare is None:
+        where = "" if dist.get_world_size() == dist.get_local_world_size() else f" on node {', '.join(map(str, missing))}"
+        raise ConfigError("data.path", data.path,
+                          f"no dataset there{where} (no manifest.json); run `composer-growth prepare-data` "
+                          "there or give data.prepare to build it")
+    if dist.get_local_rank() == 0 and node in missing:
         p = data.prepare
         prepare_dataset(data.path, source=p.source, seq_len=p.seq_len, vocab_size=p.vocab_size,
                         tokenizer=p.tokenizer, max_bytes=p.max_bytes, val_percent=p.val_percent, files=p.files,
                         hub_name=p.hub_name, hub_split=p.hub_split, text_field=p.text_field)
     dist.barrier()
+    _check_data(plan.recipe)  # the splits of what was built
+
+
+def check_save_folder(plan: Plan) -> None:
+    """On several nodes, ``autoresume`` needs a save folder every node sees (shared or remote).
+
+    Each node's local rank 0 writes a marker into the local ``save_folder`` and looks for the other
+    nodes' markers; unless every node sees every marker, every rank stops with one line.
+    """
+    import uuid
+
+    from composer.utils import dist, format_name_with_dist
+
+    r = plan.recipe
+    nodes = dist.get_world_size() // max(dist.get_local_world_size(), 1)
+    if not r.autoresume or r.save_folder is None or "://" in r.save_folder or nodes <= 1:
+        return
+    folder = format_name_with_dist(r.save_folder, r.run_name)
+    token = [uuid.uuid4().hex]
+    dist.broadcast_object_list(token, src=0)
+    node, local0 = dist.get_node_rank(), dist.get_local_rank() == 0
+    marker = os.path.join(folder, f".node-check-{token[0]}-{node}")
+    if local0:
+        os.makedirs(folder, exist_ok=True)
+        open(marker, "w").close()
+    dist.barrier()
+    seen = None
+    if local0:
+        seen = sum(name.startswith(f".node-check-{token[0]}-") for name in os.listdir(folder))
+    counts = [c for c in dist.all_gather_object(seen) if c is not None]
+    dist.barrier()
+    if local0:
+        os.remove(marker)
+    if min(counts) < nodes:
+        raise ConfigError("save_folder", r.save_folder,
+                          f"autoresume on {nodes} nodes needs a folder all nodes share (or a remote URI); "
+                          "here each node sees only its own")
 
 
 def build_tokenizer(recipe: Recipe):
@@ -261,11 +372,14 @@ def build_model(recipe: Recipe, tokenizer, peft: bool = True):
         from peft import LoraConfig
 
         peft_config = LoraConfig(**{"task_type": "CAUSAL_LM", **cfg.peft})
-    return HuggingFaceModel(
+    composer_model = HuggingFaceModel(
         model, tokenizer=tokenizer, use_logits=True, shift_labels=True, peft_config=peft_config,
         metrics=[LanguageCrossEntropy()], eval_metrics=[LanguageCrossEntropy(), LanguagePerplexity()],
         should_save_peft_only=False,
     )
+    if getattr(model.config, "model_type", None) in FAMILIES:
+        mark_fsdp_blocks(composer_model)  # FSDP wraps one unit per block (read only under FSDP)
+    return composer_model
 
 
 def build_optimizer(recipe: Recipe, model):
@@ -307,6 +421,7 @@ def build_trainer(plan: Plan):
     r = plan.recipe
     init_dist(plan)
     ensure_data(plan)
+    check_save_folder(plan)
     reproducibility.seed_all(r.seed)
     tokenizer = build_tokenizer(r)
     model = build_model(r, tokenizer, peft=not any(getattr(a, "defers_peft", False) for a in plan.algorithms))
@@ -350,7 +465,7 @@ def build_trainer(plan: Plan):
         autoresume=r.autoresume,
         load_path=r.load_path,
         load_weights_only=r.load_weights_only,
-        parallelism_config=r.parallelism,
+        parallelism_config=parallelism_config(r),
         compile_config={} if r.compile else None,
         dist_timeout=r.dist_timeout,
         python_log_level="error",

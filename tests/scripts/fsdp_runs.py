@@ -1,0 +1,81 @@
+"""Under ``composer -n 2``: one recipe trained several ways, per rank a JSON of what each run did.
+
+    fsdp_runs.py RECIPE OUT RUN [RUN ...]
+
+RUN: ``ddp``, ``sharded`` or ``full`` (FSDP2 with that checkpoint type), or ``sharded@CKPT`` /
+``full@CKPT``: that run restarted from its checkpoint CKPT (autoresume from a folder holding only it).
+Each run saves under ``<OUT's folder>/<RUN>``; per run the JSON holds the per-batch training losses
+and sequence lengths, the trained tokens, the layer count, the FSDP unit count, a checksum of every
+full parameter and the states of the algorithms that replay.
+"""
+
+import copy
+import json
+import os
+import shutil
+import sys
+
+from composer.core import Callback
+from composer.utils import dist
+from torch.distributed.fsdp import FSDPModule
+
+from composer_growth.algorithms.surgery import composer_model
+from composer_growth.families import unwrap_hf
+from composer_growth.recipe import build_trainer, load_recipe, validate
+
+
+class Record(Callback):
+    def __init__(self):
+        self.losses, self.lengths = [], []
+
+    def after_dataloader(self, state, logger):
+        self.lengths.append(int(state.batch["input_ids"].shape[1]))
+
+    def batch_end(self, state, logger):
+        self.losses.append(float(state.loss.detach()))
+
+
+def train(recipe):
+    plan = validate(recipe)
+    record = Record()
+    plan.callbacks.append(record)
+    trainer = build_trainer(plan)
+    trainer.fit()
+    model = composer_model(trainer.state)
+    sums = {}
+    for name, p in model.named_parameters():
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        sums[name] = float(full.detach().double().sum())
+    out = {"losses": record.losses, "lengths": record.lengths, "tokens": int(trainer.state.timestamp.token),
+           "layers": unwrap_hf(model).config.num_hidden_layers, "params": sums, "fsdp": trainer.state.fsdp_enabled,
+           "units": sum(isinstance(m, FSDPModule) for m in model.modules()),
+           "replayed": [a.state_dict() for a in trainer.state.algorithms if hasattr(a, "replay")]}
+    trainer.close()
+    return out
+
+
+def with_kind(base, kind, folder):
+    recipe = dict(copy.deepcopy(base), save_folder=folder)
+    if kind != "ddp":
+        recipe["parallelism"] = {"fsdp": {"version": 2, "state_dict_type": kind}}
+    return recipe
+
+
+base, out = load_recipe(sys.argv[1]), sys.argv[2]
+work = os.path.dirname(os.path.abspath(out))
+results = {}
+for name in sys.argv[3:]:
+    kind, _, checkpoint = name.partition("@")
+    folder = os.path.join(work, name)
+    if not checkpoint:
+        results[name] = train(with_kind(base, kind, folder))
+        continue
+    if dist.get_global_rank() == 0:  # a save folder holding only that checkpoint: autoresume finds it
+        os.makedirs(folder)
+        src = os.path.join(work, kind, checkpoint)
+        (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, os.path.join(folder, checkpoint))
+        os.symlink(checkpoint, os.path.join(folder, "latest-rank0.pt"))
+    dist.barrier()
+    results[name] = train(dict(with_kind(base, kind, folder), autoresume=True))
+with open(out.format(rank=dist.get_global_rank()), "w") as f:
+    json.dump(results, f)
