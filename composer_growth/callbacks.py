@@ -11,6 +11,7 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
+from composer_growth.events import run_events
 from composer_growth.registry import register_callback
 
 
@@ -60,6 +61,8 @@ class RunSummary(Callback):
             "last_eval_loss": last,
             "evals": list(self.evals),
             "train_loss": {k: float(v) for k, v in (state.total_loss_dict or {}).items()},
+            "events": run_events(state.algorithms),
+            "final_params": int(sum(p.numel() for p in state.model.parameters())),
         }
 
     def fit_end(self, state: State, logger: Logger) -> None:
@@ -82,6 +85,10 @@ class RunSummary(Callback):
                 f"  last eval loss    {info['last_eval_loss']:.4f}  (batch {self.evals[-1]['batch']})",
                 f"  improvement       {info['first_eval_loss'] - info['last_eval_loss']:.4f} nats",
             ]
+        lines.append(f"  final params      {info['final_params']:,}")
+        if info["events"]:
+            lines.append("  events")
+            lines += [f"    batch {e['batch']:>7}  {e['name']}: {e['text']}" for e in info["events"]]
         print("\n".join(lines), flush=True)
         if self.path and "{rank}" not in self.path:
             self._write(self.path, info)

@@ -58,7 +58,7 @@ def _short_quickstart(tiny_data: str, tmp_path) -> str:
     return str(path)
 
 
-def test_plan_matches_the_run(tiny_data, tmp_path, one_thread):
+def test_plan_matches_the_run(tiny_data, tmp_path, one_thread, capsys):
     from composer_growth.recipe import load_recipe, run, validate
 
     path = _short_quickstart(tiny_data, tmp_path)
@@ -92,6 +92,16 @@ def test_plan_matches_the_run(tiny_data, tmp_path, one_thread):
     assert hf.config.intermediate_size == growth["widen_mlp"]["mlp_width"][1] == 128
     assert sum(p.numel() for p in hf.parameters()) == planned["final_params"]
     assert int(trainer.state.timestamp.token) == planned["tokens"]
+
+    # every event printed once when it happened, and listed in the summary with the final parameter count
+    out = capsys.readouterr().out
+    assert out.count("] stack_layers: layers 2 -> 4, MLP width 64 -> 64") == 1
+    assert out.count("] widen_mlp: layers 4 -> 4, MLP width 64 -> 128") == 1
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [(e["batch"], e["name"]) for e in summary["events"]] == [
+        (2, "stack_layers"), (4, "context_length_schedule"), (5, "widen_mlp")]
+    assert "loss" in summary["events"][0]["text"]
+    assert summary["final_params"] == planned["final_params"]
 
 
 def test_plan_rejects_a_bad_recipe(tiny_data, tmp_path):

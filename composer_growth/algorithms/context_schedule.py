@@ -461,6 +461,7 @@ class ContextLengthSchedule(Algorithm):
         self._eval_active = False
         self._eval_loaders: dict[str, Any] = {}
         self._warned: set[str] = set()
+        self._events: list[dict[str, Any]] = []  # phase changes, for the run summary
         self._tmp_tokenizer: str | None = None
 
     # ------------------------------------------------------------------ schedule
@@ -974,6 +975,8 @@ class ContextLengthSchedule(Algorithm):
         log.info(text)
         if self.verbose and dist.get_global_rank() == 0:
             print(text, flush=True)
+        self._events.append({"batch": int(state.timestamp.batch), "name": self.name,
+                             "text": text.split(": ", 1)[1]})
         if new > old + 1:
             self._warn_once(f"ContextLengthSchedule: phases {', '.join(p.name for p in self.phases[old + 1:new])} "
                             "end within one batch and are skipped")
@@ -1281,8 +1284,11 @@ class ContextLengthSchedule(Algorithm):
         out = super().state_dict()  # Composer's base: {'repr': ...}
         out.update({"phase": self._phase, "original": copy.deepcopy(self._original), "exported": list(self._exported),
                     "base_len": self._base_len, "base_mb": self._base_mb, "tokens_per_step": self._tokens,
-                    "sources": sources})
+                    "sources": sources, "events": [dict(e) for e in self._events]})
         return out
+
+    def run_events(self) -> list[dict[str, Any]]:
+        return [dict(e) for e in self._events]
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._phase = int(state.get("phase", 0))
@@ -1293,6 +1299,7 @@ class ContextLengthSchedule(Algorithm):
         self._base_mb = state.get("base_mb", self._base_mb)
         self._tokens = state.get("tokens_per_step", self._tokens)
         self._resume_sources = dict(state.get("sources", {}))
+        self._events = [dict(e) for e in state.get("events", [])]
 
 
 # --------------------------------------------------------------------------- helpers

@@ -18,6 +18,7 @@ from composer.utils import dist, ensure_tuple
 from torch import nn
 
 from composer_growth.algorithms.surgery import check_supported, composer_model, grow, install_replay_hook, reshard
+from composer_growth.events import announce
 from composer_growth.errors import ConfigError, check, check_flag, check_int
 from composer_growth.families import FAMILIES, config_get, family_of, get_path, unwrap_hf
 from composer_growth.functional.growth import STACK_INITS, STACK_MODES, stack_layers, widen_mlp
@@ -27,6 +28,13 @@ from composer_growth.registry import register_algorithm
 from composer_growth.timeutil import check_progress_known, epoch_batches, parse_time, reached, to_duration_fraction
 
 TRUNKS = ("train", "frozen", "lora")
+
+
+def _shape(model: nn.Module) -> tuple[int, int]:
+    """Layer count and MLP width of a model, from its config."""
+    hf = unwrap_hf(model)
+    family = family_of(hf)
+    return int(config_get(hf.config, family.num_layers_key)), family.intermediate_size(hf.config)
 STACK_LORA_PATTERNS = ("constant", "increasing")
 
 
@@ -105,8 +113,10 @@ class _Growth(Algorithm):
 
     def _fire(self, state: State, logger: Logger) -> None:
         before = self._probe(state)
+        shape_before = _shape(composer_model(state))
         info = grow(state, self._op, self._after)
         after = self._probe(state)
+        shape_after = _shape(composer_model(state))
         self.applied = True
         self.record = {"batch": int(state.timestamp.batch), "params_before": info["params_before"],
                        "params_after": info["params_after"], "trainable_after": info["trainable_after"],
@@ -118,6 +128,14 @@ class _Growth(Algorithm):
         metrics["growth/params"] = info["params_after"]
         logger.log_metrics(metrics)
         self._batch = None
+        text = (f"layers {shape_before[0]} -> {shape_after[0]}, MLP width {shape_before[1]} -> {shape_after[1]}, "
+                f"params {info['params_before']:,} -> {info['params_after']:,}, {info['seconds']:.2f} s")
+        if before is not None:
+            text += f", loss {before:.4f} -> {after:.4f}"
+        self.record["event"] = announce(logger, self.name, self.record["batch"], text)
+
+    def run_events(self) -> list[dict[str, Any]]:
+        return [self.record["event"]] if "event" in self.record else []
 
     def _probe(self, state: State) -> float | None:
         """Loss of the model on (one microbatch of) the last training batch, averaged over ranks."""

@@ -34,6 +34,7 @@ from composer.loggers import Logger
 from composer.utils import dist
 
 from composer_growth.algorithms.surgery import check_supported, composer_model, grow, install_replay_hook
+from composer_growth.events import announce
 from composer_growth.errors import ConfigError, check, check_int
 from composer_growth.families import FAMILIES, family_of, unwrap_hf
 from composer_growth.functional.growth import ParamSource
@@ -114,6 +115,7 @@ class LoraMergeRestart(Algorithm):
         self.merges = 0
         self.last_merge: float | None = None  # elapsed time (restart_warmup unit) of the last merge
         self.history: list[dict[str, Any]] = []
+        self.start_event: dict[str, Any] | None = None
         self._ramping = False
 
     # -- options ----------------------------------------------------------------------------
@@ -217,6 +219,9 @@ class LoraMergeRestart(Algorithm):
         self.started = True
         self.start_point = elapsed(state, self.interval.unit)
         logger.log_metrics({"lora/started": int(state.timestamp.batch), "lora/trainable_params": info["trainable_after"]})
+        self.start_event = announce(logger, "lora_merge", int(state.timestamp.batch),
+                                    f"adapters on (full-rank warm start over): trainable params "
+                                    f"{info['trainable_after']:,} of {info['params_after']:,}")
 
     def _merge_due(self, state: State) -> bool:
         return self.merge_due(self.start_point, self.merges, elapsed(state, self.interval.unit))
@@ -262,6 +267,13 @@ class LoraMergeRestart(Algorithm):
         self.history.append(record)
         logger.log_metrics({"lora/merges": self.merges, "lora/merge_batch": record["batch"],
                             "lora/pruned": record["pruned"], "lora/merge_seconds": record["seconds"]})
+        record["event"] = announce(logger, "lora_merge", record["batch"],
+                                   f"merge {self.merges}: {record['adapter_params']:,} adapter params restarted, "
+                                   f"{record['pruned']:,} moments pruned, {record['seconds']:.2f} s")
+
+    def run_events(self) -> list[dict[str, Any]]:
+        return [dict(h["event"]) for h in self.history if "event" in h] + (
+            [dict(self.start_event)] if self.start_event else [])
 
     def ramp(self, state: State) -> float:
         """The LR multiplier for the next batch: 0 -> 1 over ``restart_warmup`` after the last merge."""
@@ -304,7 +316,8 @@ class LoraMergeRestart(Algorithm):
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "started": self.started, "start_point": self.start_point,
-                "merges": self.merges, "last_merge": self.last_merge, "history": [dict(h) for h in self.history]}
+                "merges": self.merges, "last_merge": self.last_merge, "history": [dict(h) for h in self.history],
+                "start_event": self.start_event}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.started = bool(state.get("started", self.start_at is None))
@@ -312,6 +325,7 @@ class LoraMergeRestart(Algorithm):
         self.merges = int(state.get("merges", 0))
         self.last_merge = state.get("last_merge")
         self.history = [dict(h) for h in state.get("history", [])]
+        self.start_event = state.get("start_event")
 
 
 def _reached(state: State, t: Time | None) -> bool:
