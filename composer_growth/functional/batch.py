@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -112,3 +113,37 @@ def set_batch_sequence_length(batch: Mapping[str, torch.Tensor], seq_len: int, m
     if mode == "truncate":
         return _truncate(batch, seq_len, preserve_end_of_sequence)
     return _reshape(batch, seq_len, pad_token_id)
+
+
+def batch_rows(batch: Any) -> int:
+    """Rows of a batch: dim 0 of its first tensor (a mapping's values, or a list / tuple of tensors)."""
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
+    for value in values:
+        if isinstance(value, torch.Tensor) and value.ndim > 0:
+            return int(value.shape[0])
+    raise ValueError(f"batch has no tensor with a row dimension: {type(batch).__name__}")
+
+
+def take_rows(batch: Mapping[str, Any], start: int, stop: int) -> dict[str, Any]:
+    """Rows ``start:stop`` of every per-row entry of a mapping batch (tensors and per-row lists)."""
+    n = batch_rows(batch)
+    out = {}
+    for key, value in batch.items():
+        per_row = (isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == n) or (
+            isinstance(value, list) and len(value) == n)
+        out[key] = value[start:stop] if per_row else value
+    return out
+
+
+def cat_rows(batches: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """One batch holding the rows of ``batches`` in order (tensors concatenated, per-row lists joined)."""
+    first = batches[0]
+    out = {}
+    for key, value in first.items():
+        if isinstance(value, torch.Tensor) and value.ndim > 0:
+            out[key] = torch.cat([b[key] for b in batches])
+        elif isinstance(value, list):
+            out[key] = [x for b in batches for x in b[key]]
+        else:
+            out[key] = value
+    return out
