@@ -30,6 +30,7 @@ class Family:
     residual_out: tuple[str, ...]  # projections writing into the residual stream, from a block
     rotary: str | None          # rotary embedding module from the causal LM; None: learned positions
     max_positions_key: str      # config key holding the position table / context size
+    embed: str                  # input token embedding, from the causal LM
     rope_theta_keys: tuple[str, ...] = ()  # config keys holding the rotary base (all are set together)
 
     def intermediate_size(self, config: Any) -> int:
@@ -44,7 +45,7 @@ _SWIGLU = dict(
     mlp_in=("gate_proj", "up_proj"), mlp_out="down_proj", conv1d=False,
     intermediate_key="intermediate_size", attn="self_attn",
     residual_out=("self_attn.o_proj", "mlp.down_proj"), rotary="model.rotary_emb",
-    max_positions_key="max_position_embeddings", rope_theta_keys=("rope_theta",),
+    max_positions_key="max_position_embeddings", rope_theta_keys=("rope_theta",), embed="model.embed_tokens",
 )
 
 FAMILIES: dict[str, Family] = {
@@ -55,6 +56,7 @@ FAMILIES: dict[str, Family] = {
         name="gpt2", layers="transformer.h", num_layers_key="n_layer", hidden_key="n_embd", mlp="mlp",
         mlp_in=("c_fc",), mlp_out="c_proj", conv1d=True, intermediate_key="n_inner", attn="attn",
         residual_out=("attn.c_proj", "mlp.c_proj"), rotary=None, max_positions_key="n_positions",
+        embed="transformer.wte",
     ),
     "gpt_neox": Family(
         name="gpt_neox", layers="gpt_neox.layers", num_layers_key="num_hidden_layers",
@@ -62,6 +64,7 @@ FAMILIES: dict[str, Family] = {
         conv1d=False, intermediate_key="intermediate_size", attn="attention",
         residual_out=("attention.dense", "mlp.dense_4h_to_h"), rotary="gpt_neox.rotary_emb",
         max_positions_key="max_position_embeddings", rope_theta_keys=("rope_theta", "rotary_emb_base"),
+        embed="gpt_neox.embed_in",
     ),
 }
 

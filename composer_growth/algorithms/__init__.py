@@ -2,10 +2,11 @@
 
 from composer_growth.algorithms.context_schedule import ContextLengthSchedule
 from composer_growth.algorithms.growth import StackLayers, WidenMLP
+from composer_growth.algorithms.lora_merge import LoraMergeRestart
 from composer_growth.algorithms.orchestrator import Orchestrator
 from composer_growth.algorithms.seq_length_warmup import SeqLengthWarmup
 
-__all__ = ["ContextLengthSchedule", "Orchestrator", "SeqLengthWarmup", "StackLayers", "WidenMLP"]
+__all__ = ["ContextLengthSchedule", "LoraMergeRestart", "Orchestrator", "SeqLengthWarmup", "StackLayers", "WidenMLP"]
 
 
 def batch_length_order(algorithms, event):

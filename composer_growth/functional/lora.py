@@ -1,36 +1,196 @@
-"""LoRA adapters on chosen submodules, and merging them back into plain weights."""
+"""LoRA adapters (peft's ``LoraLayer``: ``Linear``, GPT-2 ``Conv1D``, ``Embedding``) during pre-training.
+
+* :func:`add_lora` wraps modules (by name or by group) in peft adapters; :func:`merge_lora` folds
+  every adapter back and restores the plain modules (for an HF export); :func:`merged_model` does
+  that on a copy.
+* ReLoRA's step: :func:`merge_and_reinit_lora` adds each adapter's delta into its base weight in
+  place and re-initialises the adapter as peft does (the model computes the same function, the
+  optimizer keeps the same parameter objects); :func:`prune_optimizer_state` then prunes the
+  adapters' Adam moments.
+* :func:`scale_lora_alpha` multiplies the adapters' scaling (plain or rslora);
+  :func:`resize_lora_rank` gives adapters a new rank from the truncated SVD of their delta and
+  returns the parameter mapping :func:`composer_growth.functional.optim.transfer_optimizer_state`
+  and :func:`composer_growth.algorithms.surgery.grow` take.
+
+Target groups (:data:`LORA_GROUPS`) come from the family table (:mod:`composer_growth.families`):
+``attention`` (modules inside each block's attention), ``mlp`` (inside each block's MLP),
+``embedding`` (the input token embedding) and ``all``. For the ops on live adapters, ``all`` is
+every adapter of the model; for :func:`add_lora`, ``all`` is every linear layer of the blocks
+(attention and MLP; embedding adapters only when asked for). A list of names selects modules whose
+name equals an entry or ends with ``.<entry>`` (``"q_proj"``, ``"model.layers.0.mlp.up_proj"``).
+
+Random re-initialisation draws from a CPU ``torch.Generator`` when one is given, so every rank
+(and every device) that seeds it alike gets identical adapters without a broadcast.
+"""
 
 from __future__ import annotations
 
+import copy
+import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from composer_growth.errors import check
-from composer_growth.families import set_path, unwrap_hf
+from composer_growth.errors import ConfigError, check
+from composer_growth.families import Family, family_of, get_path, set_path, unwrap_hf
+from composer_growth.functional.growth import ParamSource, _collect_mapping, param_names
+
+__all__ = ["LORA_GROUPS", "PRUNE_MODES", "add_lora", "lora_target_modules", "lora_targets", "merge_and_reinit_lora",
+           "merge_lora", "merged_model", "prune_optimizer_state", "resize_lora_rank", "scale_lora_alpha"]
+
+LORA_GROUPS = ("attention", "mlp", "embedding", "all")
+PRUNE_MODES = ("reset", "random", "magnitude")
+# Adam-style moments pruned by prune_optimizer_state (those shaped like the parameter)
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+Targets = str | Sequence[str]
 
 
-def add_lora(model: nn.Module, modules: Iterable[str], rank: int = 8, alpha: float | None = None,
-             dropout: float = 0.0) -> list[str]:
-    """Wrap the named linear submodules of the HF model in LoRA adapters (peft), in place.
+# ----------------------------------------------------------------------------------------------
+# resolving targets
+# ----------------------------------------------------------------------------------------------
 
-    Only the adapters of the wrapped modules train from then on; every other parameter keeps the
-    ``requires_grad`` it had. Returns the wrapped module names. The base weights of a wrapped
-    module are renamed ``<module>.base_layer.weight``.
+
+def _group_prefixes(hf: nn.Module, family: Family, group: str) -> list[str]:
+    """Module-name prefixes of a group (``all``: the blocks' attention and MLP)."""
+    n = len(get_path(hf, family.layers))
+    prefixes = []
+    if group in ("attention", "all"):
+        prefixes += [f"{family.layers}.{i}.{family.attn}" for i in range(n)]
+    if group in ("mlp", "all"):
+        prefixes += [f"{family.layers}.{i}.{family.mlp}" for i in range(n)]
+    if group == "embedding":
+        prefixes.append(family.embed)
+    return prefixes
+
+
+def _under(name: str, prefixes: Iterable[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def _shown(names: Sequence[str], limit: int = 6) -> str:
+    if not names:
+        return "none"
+    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _select(candidates: dict[str, nn.Module], targets: Targets, hf: nn.Module, family: Family,
+            what: str, groups_all: bool) -> dict[str, nn.Module]:
+    """The entries of ``candidates`` (name -> module) that ``targets`` names, in model order."""
+    if isinstance(targets, str):
+        check(targets in LORA_GROUPS, "targets", targets, f"one of {', '.join(LORA_GROUPS)}, or a list of module names")
+        if targets == "all" and groups_all:
+            chosen = dict(candidates)
+        else:
+            prefixes = _group_prefixes(hf, family, targets)
+            chosen = {n: m for n, m in candidates.items() if _under(n, prefixes)}
+        if not chosen:
+            raise ConfigError("targets", targets, f"no {what} of the {family.name} model there; "
+                                                  f"{what}s: {_shown(list(candidates))}")
+        return chosen
+    check(isinstance(targets, (list, tuple)) and len(targets) > 0 and all(isinstance(t, str) for t in targets),
+          "targets", targets, f"one of {', '.join(LORA_GROUPS)}, or a non-empty list of module names")
+    chosen = {}
+    for t in targets:
+        hits = {n: m for n, m in candidates.items() if n == t or n.endswith("." + t)}
+        if not hits:
+            raise ConfigError("targets", t, f"no {what} of the {family.name} model matches; "
+                                            f"{what}s: {_shown(list(candidates))}")
+        chosen.update(hits)
+    return {n: m for n, m in candidates.items() if n in chosen}
+
+
+def _check_untied(hf: nn.Module, name: str, weight: torch.Tensor) -> None:
+    out = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
+    if out is not None and getattr(out, "weight", None) is weight:
+        raise ConfigError("targets", name, "an embedding tied to the output head (tie_word_embeddings): merging its "
+                                           "adapter would change the head too; untie it or leave the embedding out")
+
+
+def lora_target_modules(model: nn.Module, targets: Targets) -> list[str]:
+    """Names (from the HF model) of the plain modules ``targets`` selects for new adapters.
+
+    Candidates are ``nn.Linear`` / GPT-2 ``Conv1D`` modules inside the blocks and the input
+    embedding. Raises :class:`ConfigError` (naming the family and the candidates) when nothing matches.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    hf = unwrap_hf(model)
+    family = family_of(hf)
+    blocks = [f"{family.layers}.{i}" for i in range(len(get_path(hf, family.layers)))]
+    candidates = {n: m for n, m in hf.named_modules()
+                  if (isinstance(m, (nn.Linear, Conv1D)) and _under(n, blocks))
+                  or (n == family.embed and isinstance(m, nn.Embedding))}
+    chosen = _select(candidates, targets, hf, family, "linear or embedding module", groups_all=False)
+    return list(chosen)
+
+
+def lora_targets(model: nn.Module, targets: Targets = "all") -> dict[str, Any]:
+    """The peft ``LoraLayer`` modules ``targets`` selects, by name (from the HF model), in model order.
+
+    ``targets``: a group of :data:`LORA_GROUPS` (``all``: every adapter) or a list of module names.
+    Raises :class:`ConfigError` naming the family and the modules that hold adapters when nothing
+    matches (or the model has none), and for adapters the ops cannot handle (DoRA, merged adapters,
+    an embedding tied to the output head).
+    """
+    from peft.tuners.lora import LoraLayer
+
+    hf = unwrap_hf(model)
+    family = family_of(hf)
+    candidates = {n: m for n, m in hf.named_modules() if isinstance(m, LoraLayer)}
+    if not candidates:
+        raise ConfigError("targets", targets, f"the {family.name} model has no LoRA adapters "
+                                              "(add them first: model.peft, add_lora or start_at)")
+    chosen = _select(candidates, targets, hf, family, "LoRA adapter", groups_all=True)
+    for name, layer in chosen.items():
+        check(not getattr(layer, "merged", False), "targets", name, "adapters that are not merged (peft merge())")
+        check(not any(getattr(layer, "use_dora", {}).values()) and not getattr(layer, "lora_variant", None),
+              "targets", name, "plain LoRA adapters (DoRA and other variants are not supported)")
+        if layer.lora_embedding_A:
+            _check_untied(hf, name, layer.get_base_layer().weight)
+    return chosen
+
+
+def _adapters(layer: Any) -> list[str]:
+    return list(layer.lora_A.keys()) + list(layer.lora_embedding_A.keys())
+
+
+# ----------------------------------------------------------------------------------------------
+# adding and merging
+# ----------------------------------------------------------------------------------------------
+
+
+def add_lora(model: nn.Module, modules: Iterable[str] | str, rank: int = 8, alpha: float | None = None,
+             dropout: float = 0.0, use_rslora: bool = False) -> list[str]:
+    """Wrap submodules of the HF model in peft LoRA adapters, in place.
+
+    ``modules``: a group of :data:`LORA_GROUPS` or a list of module names (full, or the end of a
+    name such as ``q_proj``), resolved with :func:`lora_target_modules`. Linear, GPT-2 ``Conv1D`` (peft sets ``fan_in_fan_out``) and
+    ``nn.Embedding`` modules can be wrapped. Only the adapters of the wrapped modules train from
+    then on; every other parameter keeps the ``requires_grad`` it had. Returns the wrapped module
+    names. The base weights of a wrapped module are renamed ``<module>.base_layer.weight``.
     """
     from peft import LoraConfig, inject_adapter_in_model
 
-    check(isinstance(rank, int) and rank >= 1, "rank", rank, "an integer >= 1")
+    check(isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1, "rank", rank, "an integer >= 1")
+    check(alpha is None or (isinstance(alpha, (int, float)) and alpha > 0), "alpha", alpha, "null or a number > 0")
     hf = unwrap_hf(model)
-    targets = sorted(set(modules))
-    if not targets:
+    modules = modules if isinstance(modules, str) else list(modules)
+    if not modules:
         return []
+    targets = lora_target_modules(hf, modules)
+    for name in targets:
+        module = get_path(hf, name)
+        if isinstance(module, nn.Embedding):
+            _check_untied(hf, name, module.weight)
     trainable = {id(p) for p in hf.parameters() if p.requires_grad}
     # a string target is matched against each module's full name with re.fullmatch
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
-                        target_modules="|".join(re.escape(t) for t in targets))
+                        use_rslora=use_rslora, target_modules="|".join(re.escape(t) for t in targets))
     inject_adapter_in_model(config, hf)
     for name, p in hf.named_parameters():
         if "lora_" in name:
@@ -57,3 +217,222 @@ def merge_lora(model: nn.Module) -> int:
         module.merge()
         set_path(hf, name, module.get_base_layer())
     return len(wrapped)
+
+
+def merged_model(model: nn.Module) -> nn.Module:
+    """A copy of the HF model with every adapter folded in: a plain ``PreTrainedModel`` for
+    ``save_pretrained`` (the model passed in is left as it is)."""
+    hf = unwrap_hf(model)
+    plain = copy.deepcopy(hf)
+    merge_lora(plain)
+    for attr in ("peft_config", "_hf_peft_config_loaded"):
+        if attr in plain.__dict__:
+            delattr(plain, attr)
+    for p in plain.parameters():
+        p.requires_grad_(True)
+    return plain
+
+
+def _fresh_adapter(layer: Any, adapter: str, generator: torch.Generator | None) -> list[nn.Parameter]:
+    """Re-initialise one adapter as peft does (``init_lora_weights=True``), drawing from ``generator``.
+
+    Linear / Conv1D: A Kaiming-uniform (a = sqrt(5)), B (and its bias) zero. Embedding: A zero,
+    B standard normal. The draws are made on the CPU in float32 and copied into the parameters.
+    """
+    if adapter in layer.lora_A:
+        a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+        init = torch.empty(a.shape, dtype=torch.float32)
+        nn.init.kaiming_uniform_(init, a=math.sqrt(5), generator=generator)
+        a.copy_(init)
+        b.zero_()
+        params = [a, b]
+        bias = layer.lora_B[adapter].bias
+        if bias is not None:
+            bias.zero_()
+            params.append(bias)
+        return params
+    a, b = layer.lora_embedding_A[adapter], layer.lora_embedding_B[adapter]
+    a.zero_()
+    init = torch.empty(b.shape, dtype=torch.float32)
+    nn.init.normal_(init, generator=generator)
+    b.copy_(init)
+    return [a, b]
+
+
+@torch.no_grad()
+def merge_and_reinit_lora(model: nn.Module, targets: Targets = "all",
+                          generator: torch.Generator | None = None) -> list[nn.Parameter]:
+    """ReLoRA's merge: add each selected adapter's delta into its base weight, in place, and
+    re-initialise the adapter (A as peft does, B = 0; for embeddings A = 0, B normal).
+
+    The model computes the same function before and after, and every parameter stays the same
+    object (an optimizer holding them stays valid). Pass a CPU ``generator`` seeded alike on every
+    rank for identical adapters everywhere (else the global RNG draws). Returns the adapter
+    parameters that were re-initialised (e.g. for :func:`prune_optimizer_state`).
+    """
+    fresh: list[nn.Parameter] = []
+    for layer in lora_targets(model, targets).values():
+        base = layer.get_base_layer()
+        for adapter in _adapters(layer):
+            base.weight.add_(layer.get_delta_weight(adapter).to(base.weight.dtype))
+            if adapter in layer.lora_A and layer.lora_B[adapter].bias is not None:
+                check(base.bias is not None, "targets", type(base).__name__, "a base layer with a bias (lora_bias)")
+                base.bias.add_(layer.lora_B[adapter].bias * layer.scaling[adapter])
+            fresh += _fresh_adapter(layer, adapter, generator)
+    return fresh
+
+
+# ----------------------------------------------------------------------------------------------
+# scaling and rank
+# ----------------------------------------------------------------------------------------------
+
+
+def scale_lora_alpha(model: nn.Module, factor: float, targets: Targets = "all") -> int:
+    """Multiply the selected adapters' ``lora_alpha`` and their ``scaling`` by ``factor`` (so the
+    scaling stays ``alpha / r`` or, with rslora, ``alpha / sqrt(r)``). Returns how many adapters
+    changed."""
+    ok = isinstance(factor, (int, float)) and not isinstance(factor, bool) and math.isfinite(factor) and factor > 0
+    check(ok, "factor", factor, "a finite number > 0")
+    n = 0
+    for layer in lora_targets(model, targets).values():
+        for adapter in _adapters(layer):
+            layer.lora_alpha[adapter] = layer.lora_alpha[adapter] * factor
+            layer.scaling[adapter] = layer.scaling[adapter] * factor
+            n += 1
+    return n
+
+
+def _uses_rslora(hf: nn.Module, layer: Any, adapter: str) -> bool:
+    """Whether the adapter's scaling is ``alpha / sqrt(r)`` (rslora) rather than ``alpha / r``."""
+    r, alpha, scaling = layer.r[adapter], layer.lora_alpha[adapter], layer.scaling[adapter]
+    if r > 1 and alpha:
+        per = scaling / alpha
+        return abs(per - r ** -0.5) < abs(per - 1 / r)
+    config = getattr(hf, "peft_config", {}).get(adapter)
+    return bool(getattr(config, "use_rslora", False))
+
+
+def _nominal(alpha: float, r: int, rslora: bool) -> float:
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+@torch.no_grad()
+def resize_lora_rank(model: nn.Module, rank: int | None = None, divisor: int | None = None,
+                     targets: Targets = "attention") -> dict[str, ParamSource]:
+    """Give the selected adapters a new rank from the truncated SVD of their delta, in place.
+
+    New rank: ``rank``, or the old rank ``// divisor`` (at least 1); exactly one of them is given.
+    With ``delta = B @ A * scaling = U S V^T`` (in ``B @ A``'s orientation) and ``k`` the new rank,
+    the scaling becomes the one the new rank has (``alpha / k``, or ``alpha / sqrt(k)`` with rslora,
+    times any extra factor the old scaling held) and, for Linear / Conv1D adapters,
+    ``A = c V_k^T``, ``B = U_k S_k / (c scaling)`` with ``c`` the old rows' RMS norm (so A keeps its
+    magnitude and, as peft's init, B holds the delta); for Embedding adapters the roles of A and B
+    swap. The delta is the best rank-``k`` approximation of the old one: exact when ``k`` is at
+    least the old rank.
+
+    The new A and B are new parameters (same names); every other parameter stays the same object.
+    Returns the mapping of every parameter of ``model`` (names as in ``model.named_parameters()``)
+    to its source, the new A and B left out (they start with fresh optimizer state), for
+    :func:`~composer_growth.functional.optim.transfer_optimizer_state`; usable as ``op`` of
+    :func:`composer_growth.algorithms.surgery.grow`.
+    """
+    check((rank is None) != (divisor is None), "rank", rank, "exactly one of rank and divisor")
+    if rank is not None:
+        check(isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1, "rank", rank, "an integer >= 1")
+    else:
+        check(isinstance(divisor, int) and not isinstance(divisor, bool) and divisor >= 1, "divisor", divisor,
+              "an integer >= 1")
+    hf = unwrap_hf(model)
+    before = {id(p): name for p, name in param_names(model).items()}
+    for name, layer in lora_targets(model, targets).items():
+        for adapter in _adapters(layer):
+            _resize(hf, name, layer, adapter, rank if rank is not None else max(1, layer.r[adapter] // divisor))
+    return _collect_mapping(model, before, {})
+
+
+def _resize(hf: nn.Module, name: str, layer: Any, adapter: str, k: int) -> None:
+    linear = adapter in layer.lora_A
+    if linear:
+        old_a, old_b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    else:
+        old_a, old_b = layer.lora_embedding_A[adapter], layer.lora_embedding_B[adapter]
+    r, alpha, scaling = layer.r[adapter], layer.lora_alpha[adapter], layer.scaling[adapter]
+    out_dim, in_dim = old_b.shape[0], old_a.shape[1]
+    check(k <= min(out_dim, in_dim), "rank", k, f"at most {min(out_dim, in_dim)} for {name} ({out_dim} x {in_dim})")
+    if k == r:
+        return
+    rslora = _uses_rslora(hf, layer, adapter)
+    new_scaling = scaling * _nominal(alpha, k, rslora) / _nominal(alpha, r, rslora)
+    delta = old_b.detach().float() @ old_a.detach().float() * scaling
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    u, s, vh = u[:, :k], s[:k], vh[:k]
+    fixed = old_a if linear else old_b  # the factor peft initialises at random
+    c = float(fixed.detach().float().norm()) / math.sqrt(r) or 1.0
+    if linear:
+        new_a, new_b = c * vh, u * (s / (c * new_scaling))
+    else:
+        new_a, new_b = (s / (c * new_scaling))[:, None] * vh, c * u
+    new_a = new_a.to(dtype=old_a.dtype, device=old_a.device).contiguous()
+    new_b = new_b.to(dtype=old_b.dtype, device=old_b.device).contiguous()
+    if linear:
+        lin_a = nn.Linear(in_dim, k, bias=False, device="meta")
+        lin_a.weight = nn.Parameter(new_a, requires_grad=old_a.requires_grad)
+        old_bias = layer.lora_B[adapter].bias
+        lin_b = nn.Linear(k, out_dim, bias=False, device="meta")
+        lin_b.weight = nn.Parameter(new_b, requires_grad=old_b.requires_grad)
+        lin_b.bias = old_bias  # the same object: it does not depend on the rank
+        lin_a.train(layer.lora_A[adapter].training)
+        lin_b.train(layer.lora_B[adapter].training)
+        layer.lora_A[adapter], layer.lora_B[adapter] = lin_a, lin_b
+    else:
+        layer.lora_embedding_A[adapter] = nn.Parameter(new_a, requires_grad=old_a.requires_grad)
+        layer.lora_embedding_B[adapter] = nn.Parameter(new_b, requires_grad=old_b.requires_grad)
+    layer.r[adapter] = k
+    layer.scaling[adapter] = new_scaling
+
+
+# ----------------------------------------------------------------------------------------------
+# optimizer state
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def prune_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter], mode: str = "reset",
+                          ratio: float = 0.9, generator: torch.Generator | None = None) -> int:
+    """Prune the Adam moments (:data:`MOMENT_KEYS`) of ``params`` in ``optimizer``, in place (ReLoRA).
+
+    ``reset`` zeroes them; ``random`` zeroes a random ``ratio`` share of each moment tensor (drawn
+    on the CPU from ``generator``); ``magnitude`` zeroes the ``ratio`` share of each moment tensor
+    with the smallest magnitudes. Scalars such as ``step`` are kept. Returns how many entries were
+    zeroed.
+    """
+    check(mode in PRUNE_MODES, "mode", mode, f"one of {', '.join(PRUNE_MODES)}")
+    ok = isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 <= ratio < 1
+    check(ok, "ratio", ratio, "a number in [0, 1)")
+    zeroed = 0
+    for p in params:
+        state = optimizer.state.get(p)
+        if not state:
+            continue
+        for key in MOMENT_KEYS:
+            t = state.get(key)
+            if not torch.is_tensor(t) or t.shape != p.shape:
+                continue
+            if mode == "reset":
+                t.zero_()
+                zeroed += t.numel()
+            elif mode == "random":
+                mask = torch.rand(t.shape, generator=generator) < ratio
+                t.masked_fill_(mask.to(t.device), 0)
+                zeroed += int(mask.sum())
+            else:
+                n = int(ratio * t.numel())
+                if n:
+                    flat = t.view(-1) if t.is_contiguous() else None
+                    idx = torch.topk(t.abs().reshape(-1), n, largest=False).indices
+                    if flat is not None:
+                        flat.index_fill_(0, idx, 0)
+                    else:
+                        t.copy_(t.reshape(-1).index_fill(0, idx, 0).view(t.shape))
+                    zeroed += n
+    return zeroed

@@ -235,8 +235,11 @@ def build_tokenizer(recipe: Recipe):
     return AutoTokenizer.from_pretrained(path)
 
 
-def build_model(recipe: Recipe, tokenizer):
-    """An HF causal LM (from a config or a local path) in Composer's ``HuggingFaceModel``."""
+def build_model(recipe: Recipe, tokenizer, peft: bool = True):
+    """An HF causal LM (from a config or a local path) in Composer's ``HuggingFaceModel``.
+
+    ``peft=False`` leaves the ``model.peft`` adapters off (an algorithm adds them mid-run).
+    """
     from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
     from composer.models import HuggingFaceModel
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -251,7 +254,7 @@ def build_model(recipe: Recipe, tokenizer):
         )
         model = AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
     peft_config = None
-    if cfg.peft is not None:
+    if cfg.peft is not None and peft:
         from peft import LoraConfig
 
         peft_config = LoraConfig(**{"task_type": "CAUSAL_LM", **cfg.peft})
@@ -304,7 +307,7 @@ def build_trainer(plan: Plan):
     ensure_data(plan)
     reproducibility.seed_all(r.seed)
     tokenizer = build_tokenizer(r)
-    model = build_model(r, tokenizer)
+    model = build_model(r, tokenizer, peft=not any(getattr(a, "defers_peft", False) for a in plan.algorithms))
     optimizer = build_optimizer(r, model)
     train_loader = build_lm_dataloader(r.data.path, r.data.train_split, plan.device_train_batch_size,
                                        shuffle=r.data.shuffle, seed=r.seed, num_workers=r.data.num_workers,

@@ -1,0 +1,303 @@
+"""ReLoRA during pre-training: ``LoraMergeRestart`` merges the LoRA adapters into the base weights and
+restarts them every ``interval``, with the adapters' Adam moments pruned and a warm restart of the LR.
+
+The model trains through peft LoRA adapters: from the recipe's ``model.peft`` block, or added at
+``start_at`` after a full-rank warm start. Every ``interval`` after the adapters start (at the end
+of a batch, after the optimizer step):
+
+1. :func:`~composer_growth.functional.lora.merge_and_reinit_lora` adds each adapter's delta into
+   its base weight and re-initialises the adapter (the model computes the same function; the
+   parameters stay the same objects, so optimizer, schedulers and DDP stay valid);
+2. :func:`~composer_growth.functional.lora.prune_optimizer_state` prunes the re-initialised
+   adapters' Adam moments (``reset`` | ``random`` | ``magnitude``, ``ratio``);
+3. the LR restarts: for ``restart_warmup`` after the merge it is the recipe schedule's LR times a
+   linear ramp from 0 to 1 (ReLoRA's jagged cosine under a cosine schedule).
+
+The re-initialisation draws from a CPU generator seeded with ``(seed, merge index)``: every rank
+draws the same adapters, and a resumed run draws what the uninterrupted one did.
+
+The ramp multiplies the LR the schedulers set, at the end of every batch: Composer steps its
+``LambdaLR`` schedulers before it advances the timestamp, so a wrapped lambda would see the
+previous batch's time. The multiplied LR is what the optimizer's param groups hold, so it is
+saved and restored with the optimizer in checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+from composer.core import Algorithm, Event, State, Time, TimeUnit
+from composer.loggers import Logger
+from composer.utils import dist
+
+from composer_growth.algorithms.surgery import check_supported, composer_model, grow, install_replay_hook
+from composer_growth.errors import ConfigError, check, check_int
+from composer_growth.families import FAMILIES, family_of, unwrap_hf
+from composer_growth.functional.growth import ParamSource
+from composer_growth.functional.lora import (LORA_GROUPS, PRUNE_MODES, add_lora, lora_target_modules, lora_targets,
+                                             merge_and_reinit_lora, merged_model, prune_optimizer_state)
+from composer_growth.registry import register_algorithm
+from composer_growth.timeutil import elapsed, parse_time, to_duration_fraction
+
+__all__ = ["LoraMergeRestart"]
+
+
+def _check_targets(value: Any, key: str) -> None:
+    ok = value is None or value in LORA_GROUPS or (
+        isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(t, str) for t in value))
+    check(ok, key, value, f"null, one of {', '.join(LORA_GROUPS)}, or a non-empty list of module names")
+
+
+@register_algorithm("lora_merge")
+class LoraMergeRestart(Algorithm):
+    """ReLoRA: merge the LoRA adapters into the base weights and restart them every ``interval``.
+
+    Args:
+        interval: time between merges, counted from the start of the adapters (``"500ba"``,
+            ``"0.1dur"``, ``"2e7tok"``, ...).
+        targets: the adapters to merge (and, with ``start_at``, the modules to put adapters on): a
+            group (``attention`` | ``mlp`` | ``embedding`` | ``all``) or a list of module names.
+            Default: ``all`` when merging; for ``start_at``, ``model.peft.target_modules`` of the
+            recipe, else ``all`` (every linear layer of the blocks).
+        prune: ``reset`` | ``random`` | ``magnitude``: how the re-initialised adapters' Adam
+            moments are pruned after each merge.
+        ratio: the share of each moment tensor ``random`` / ``magnitude`` zero, in [0, 1).
+        restart_warmup: length of the linear LR ramp after each merge (``"0ba"``: none). The first
+            batch after a merge runs at LR 0 (it refills the pruned moments), as Composer's own
+            warmups start.
+        start_at: time of the full-rank warm start's end: until then every parameter trains; then
+            adapters go on (through ``surgery.grow``) and the base weights of the wrapped modules
+            freeze. ``None``: the model has adapters from the start (``model.peft``).
+        rank, alpha, use_rslora: the adapters added at ``start_at`` (default: the recipe's
+            ``model.peft`` ``r`` / ``lora_alpha`` / ``use_rslora``, else rank 8, alpha = rank).
+        seed: seeds the re-initialisation of the adapters (with the merge index).
+        export_folder: at the end of the run, rank 0 writes a plain HF model there with every
+            adapter merged (``from_pretrained`` loads it), and the tokenizer.
+    """
+
+    def __init__(self, interval: Any = "0.25dur", targets: Any = None, prune: str = "magnitude", ratio: float = 0.9,
+                 restart_warmup: Any = "0ba", start_at: Any = None, rank: int | None = None,
+                 alpha: float | None = None, use_rslora: bool | None = None, seed: int = 0,
+                 export_folder: str | None = None):
+        self.interval: Time = parse_time(interval, "interval")
+        check(self.interval.value > 0, "interval", interval, "a positive time")
+        _check_targets(targets, "targets")
+        check(prune in PRUNE_MODES, "prune", prune, f"one of {', '.join(PRUNE_MODES)}")
+        check(isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 <= ratio < 1, "ratio", ratio,
+              "a number in [0, 1)")
+        self.restart_warmup: Time = parse_time(restart_warmup, "restart_warmup")
+        self.start_at: Time | None = None if start_at is None else parse_time(start_at, "start_at")
+        if rank is not None:
+            check_int(rank, "rank", minimum=1)
+        check(alpha is None or (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha > 0),
+              "alpha", alpha, "null or a number > 0")
+        check(use_rslora is None or isinstance(use_rslora, bool), "use_rslora", use_rslora, "null, true or false")
+        check_int(seed, "seed")
+        check(export_folder is None or isinstance(export_folder, str), "export_folder", export_folder,
+              "null or a folder path")
+        if self.start_at is None:
+            for key, value in (("rank", rank), ("alpha", alpha), ("use_rslora", use_rslora)):
+                check(value is None, key, value, "only with start_at (adapters added mid-run)")
+        self.targets = targets
+        self.prune, self.ratio, self.seed = prune, float(ratio), seed
+        self.rank, self.alpha, self.use_rslora = rank, alpha, use_rslora
+        self.export_folder = export_folder
+        # set by validate_run from the recipe's model.peft when start_at adds the adapters
+        self.defers_peft = False
+        self._peft_targets: Any = None
+        # run state (saved)
+        self.started = self.start_at is None
+        self.start_point = 0.0      # elapsed time (interval unit) at which the adapters started
+        self.merges = 0
+        self.last_merge: float | None = None  # elapsed time (restart_warmup unit) of the last merge
+        self.history: list[dict[str, Any]] = []
+        self._ramping = False
+
+    # -- options ----------------------------------------------------------------------------
+    @property
+    def merge_targets(self) -> Any:
+        return "all" if self.targets is None else self.targets
+
+    @property
+    def add_targets(self) -> Any:
+        if self.targets is not None:
+            return self.targets
+        return self._peft_targets if self._peft_targets is not None else "all"
+
+    def _lora_args(self) -> dict[str, Any]:
+        rank = self.rank if self.rank is not None else 8
+        return {"rank": rank, "alpha": self.alpha if self.alpha is not None else rank,
+                "use_rslora": bool(self.use_rslora)}
+
+    # -- validation -------------------------------------------------------------------------
+    def validate_run(self, max_duration: Time, recipe: Any = None) -> None:
+        for key, t in (("interval", self.interval), ("start_at", self.start_at)):
+            frac = None if t is None else to_duration_fraction(t, max_duration)
+            if frac is not None and frac >= 1:
+                raise ConfigError(key, str(t), f"must fall before the end of the run (max_duration {max_duration})")
+        if self.start_at is not None and self.start_at.unit == self.interval.unit:
+            if float(self.start_at.value) + float(self.interval.value) >= _value_in(max_duration, self.interval.unit):
+                raise ConfigError("interval", str(self.interval),
+                                  f"no merge would happen between start_at {self.start_at} and the end of the run "
+                                  f"(max_duration {max_duration})")
+        if self.restart_warmup.unit == self.interval.unit and self.restart_warmup.value > self.interval.value:
+            raise ConfigError("restart_warmup", str(self.restart_warmup), f"at most the interval ({self.interval})")
+        if recipe is None:
+            return
+        if recipe.parallelism and "fsdp" in recipe.parallelism:
+            raise ConfigError("parallelism.fsdp", recipe.parallelism["fsdp"],
+                              "lora_merge needs DDP (or one process); LoRA surgery under FSDP is not supported")
+        peft = recipe.model.peft
+        if self.start_at is None and peft is None:
+            raise ConfigError("start_at", None, "the model has no LoRA adapters: give model.peft, or start_at to add "
+                                                "them after a full-rank warm start")
+        if self.start_at is not None and peft is not None:
+            self.defers_peft = True  # the recipe's block describes the adapters added at start_at
+            if self.rank is None:
+                self.rank = peft.get("r", 8)
+            if self.alpha is None:
+                self.alpha = peft.get("lora_alpha")
+            if self.use_rslora is None:
+                self.use_rslora = bool(peft.get("use_rslora", False))
+            self._peft_targets = peft.get("target_modules")
+            _check_targets(self._peft_targets, "model.peft.target_modules")
+        if recipe.model.pretrained is None and recipe.model.family in FAMILIES:
+            self._check_on_meta_model(recipe)
+
+    def _check_on_meta_model(self, recipe: Any) -> None:
+        """Resolve the targets on the recipe's model built on the meta device (no memory, no RNG)."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.for_model(recipe.model.family, **recipe.model.config)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        if self.start_at is not None:
+            add_lora(model, self.add_targets, **self._lora_args())
+        else:
+            from peft import LoraConfig, inject_adapter_in_model
+
+            inject_adapter_in_model(LoraConfig(**recipe.model.peft), model)
+        lora_targets(model, self.merge_targets)
+
+    # -- events -----------------------------------------------------------------------------
+    def match(self, event: Event, state: State) -> bool:
+        return event in (Event.INIT, Event.FIT_START, Event.BATCH_END, Event.FIT_END)
+
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.INIT:
+            model = composer_model(state)
+            family_of(model, key="lora_merge: model family")
+            if self.start_at is None:
+                lora_targets(model, self.merge_targets)  # the adapters exist
+            else:
+                lora_target_modules(model, self.add_targets)  # the modules to wrap exist
+            install_replay_hook(state)
+        elif event == Event.FIT_START:
+            check_supported(state, "lora_merge")
+            if state.max_duration is not None:
+                self.validate_run(state.max_duration)
+        elif event == Event.BATCH_END:
+            if not self.started and _reached(state, self.start_at):
+                self._start(state, logger)
+            if self.started and self._merge_due(state):
+                self._merge(state, logger)
+            self._ramp_lr(state, logger)
+        elif event == Event.FIT_END and self.export_folder is not None:
+            self._export(state)
+
+    def _add_op(self, model: torch.nn.Module):
+        add_lora(unwrap_hf(model), self.add_targets, **self._lora_args())
+        return _trainable_mapping(model)
+
+    def _start(self, state: State, logger: Logger) -> None:
+        info = grow(state, self._add_op)
+        self.started = True
+        self.start_point = elapsed(state, self.interval.unit)
+        logger.log_metrics({"lora/started": int(state.timestamp.batch), "lora/trainable_params": info["trainable_after"]})
+
+    def _merge_due(self, state: State) -> bool:
+        due = self.start_point + (self.merges + 1) * float(self.interval.value)
+        return elapsed(state, self.interval.unit) >= due
+
+    @torch.no_grad()
+    def _merge(self, state: State, logger: Logger) -> None:
+        t0 = time.perf_counter()
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.merges)
+        fresh = merge_and_reinit_lora(composer_model(state), self.merge_targets, generator=gen)
+        zeroed = sum(prune_optimizer_state(opt, fresh, self.prune, self.ratio, generator=gen)
+                     for opt in state.optimizers)
+        self.merges += 1
+        self.last_merge = elapsed(state, self.restart_warmup.unit)
+        record = {"batch": int(state.timestamp.batch), "tokens": int(state.timestamp.token),
+                  "adapter_params": int(sum(p.numel() for p in fresh)), "pruned": int(zeroed),
+                  "seconds": float(time.perf_counter() - t0)}
+        self.history.append(record)
+        logger.log_metrics({"lora/merges": self.merges, "lora/merge_batch": record["batch"],
+                            "lora/pruned": record["pruned"], "lora/merge_seconds": record["seconds"]})
+
+    def ramp(self, state: State) -> float:
+        """The LR multiplier for the next batch: 0 -> 1 over ``restart_warmup`` after the last merge."""
+        if self.last_merge is None or self.restart_warmup.value == 0:
+            return 1.0
+        since = elapsed(state, self.restart_warmup.unit) - self.last_merge
+        return min(1.0, max(0.0, since / float(self.restart_warmup.value)))
+
+    def _ramp_lr(self, state: State, logger: Logger) -> None:
+        factor = self.ramp(state)
+        if self.last_merge is None:
+            return
+        by_opt = {id(getattr(s, "optimizer", None)): s for s in state.schedulers}
+        for opt in state.optimizers:
+            sched = by_opt.get(id(opt))
+            for i, group in enumerate(opt.param_groups):
+                # the schedule's LR (what the scheduler set last), else the LR before the first merge
+                base = sched.get_last_lr()[i] if sched is not None else group.setdefault("lora_lr", group["lr"])
+                group["lr"] = base * factor
+        if factor < 1.0 or self._ramping:
+            logger.log_metrics({"lora/lr_ramp": factor})
+        self._ramping = factor < 1.0
+
+    def _export(self, state: State) -> None:
+        if dist.get_global_rank() == 0:
+            plain = merged_model(state.model)
+            os.makedirs(self.export_folder, exist_ok=True)
+            plain.save_pretrained(self.export_folder)
+            tokenizer = getattr(composer_model(state), "tokenizer", None)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(self.export_folder)
+        dist.barrier()
+
+    # -- resume -----------------------------------------------------------------------------
+    def replay(self, state: State, saved: dict[str, Any]) -> None:
+        """Called before a checkpoint's weights load: put on the adapters the saved run had added."""
+        if saved.get("started") and not self.started:
+            grow(state, self._add_op)
+            self.started = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "started": self.started, "start_point": self.start_point,
+                "merges": self.merges, "last_merge": self.last_merge, "history": [dict(h) for h in self.history]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.started = bool(state.get("started", self.start_at is None))
+        self.start_point = float(state.get("start_point", 0.0))
+        self.merges = int(state.get("merges", 0))
+        self.last_merge = state.get("last_merge")
+        self.history = [dict(h) for h in state.get("history", [])]
+
+
+def _reached(state: State, t: Time | None) -> bool:
+    return t is not None and elapsed(state, t.unit) >= float(t.value)
+
+
+def _value_in(max_duration: Time, unit: TimeUnit) -> float:
+    return float(max_duration.value) if max_duration.unit == unit else float("inf")
+
+
+def _trainable_mapping(model: torch.nn.Module) -> dict[str, ParamSource]:
+    """The mapping after ``add_lora``: every parameter that still trains maps to itself; the adapters are
+    fresh; the frozen base weights are left out, so the optimizer drops them and their state."""
+    return {name: ParamSource(name) for name, p in model.named_parameters() if p.requires_grad and "lora_" not in name}

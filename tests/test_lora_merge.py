@@ -1,0 +1,229 @@
+"""LoraMergeRestart (ReLoRA) on real Trainers: merges at the intervals, the same function across a merge,
+the LR ramp the optimizer sees, exact resume, two ranks in step, the merged HF export, validation."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import yaml
+from composer.core import Algorithm, Callback, Event
+from transformers import AutoModelForCausalLM
+
+from composer_growth import LoraMergeRestart
+from composer_growth.algorithms.surgery import composer_model
+from composer_growth.errors import ConfigError
+from composer_growth.families import unwrap_hf
+from composer_growth.functional import lora_targets
+from composer_growth.recipe import run, validate
+
+from conftest import launch, launch_failure, resume_from
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEFT = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                   "down_proj"]}
+
+
+def _relora(recipe, peft=True, **alg):
+    if peft:
+        recipe["model"]["peft"] = dict(PEFT)
+    recipe["algorithms"] = {"lora_merge": {"interval": "3ba", "restart_warmup": "2ba", "prune": "magnitude",
+                                           "ratio": 0.9, **alg}}
+    recipe.update(save_interval="2ba")
+    return recipe
+
+
+def _summary(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _b_zero(state) -> bool:
+    return all(torch.count_nonzero(layer.lora_B["default"].weight) == 0
+               for layer in lora_targets(composer_model(state)).values())
+
+
+class Probe(Callback):
+    """Per batch: the LR the batch trains with, and the logits of a fixed input before (``Before``, an
+    algorithm listed before lora_merge) and after the algorithms' BATCH_END (this callback)."""
+
+    def __init__(self):
+        self.lrs, self.jumps, self.b_zero, self.b_zero_before = [], {}, {}, {}
+        self.ids = torch.randint(0, 500, (2, 16), generator=torch.Generator().manual_seed(0))
+        probe = self
+
+        class Before(Algorithm):
+            def match(self, event, state):
+                return event == Event.BATCH_END
+
+            def apply(self, event, state, logger):
+                probe._before = probe._logits(state)
+                probe.b_zero_before[int(state.timestamp.batch)] = _b_zero(state)
+
+        self.before = Before()
+
+    def _logits(self, state):
+        model = composer_model(state)
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            out = unwrap_hf(model)(self.ids).logits
+        model.train(was)
+        return out
+
+    def batch_start(self, state, logger):
+        self.lrs.append(state.optimizers[0].param_groups[0]["lr"])
+
+    def batch_end(self, state, logger):  # after the algorithms' BATCH_END
+        b = int(state.timestamp.batch)
+        self.jumps[b] = (self._logits(state) - self._before).abs().max().item()
+        self.b_zero[b] = _b_zero(state)
+
+
+def test_merges_at_intervals_same_function_and_lr_ramp(tiny_recipe):
+    recipe = _relora(tiny_recipe)
+    recipe["scheduler"] = {"name": "constant"}
+    plan = validate(recipe)
+    probe = Probe()
+    plan.callbacks.append(probe)
+    plan.algorithms.insert(0, probe.before)
+    trainer = run(plan)
+    alg = trainer.state.algorithms[1]
+    assert alg.merges == 2 and [h["batch"] for h in alg.history] == [3, 6]
+    assert all(h["pruned"] > 0 for h in alg.history)
+    # right after a merge the adapters' B are zero and the model computes the same logits; the next
+    # batch trains at LR 0 (the ramp's start), so they are still zero after it
+    assert [b for b, zero in probe.b_zero.items() if zero] == [3, 4, 6, 7]
+    assert not probe.b_zero_before[3] and not probe.b_zero_before[6]  # probed before the merge
+    assert probe.jumps[3] < 1e-5 and probe.jumps[6] < 1e-5
+    # the LR each batch trained with: constant 3e-3, times a 2-batch ramp from 0 after each merge
+    expected = [3e-3] * 3 + [0.0, 1.5e-3] + [3e-3] + [0.0, 1.5e-3]
+    assert probe.lrs == pytest.approx(expected, abs=1e-12)
+    info = _summary(recipe["summary_file"])
+    assert info["last_eval_loss"] < info["first_eval_loss"]
+
+
+@pytest.mark.parametrize("checkpoint", ["ep0-ba4-rank0.pt", "ep0-ba6-rank0.pt"])
+def test_resume_between_and_right_after_a_merge(tiny_recipe, tmp_path, checkpoint):
+    full = _relora(tiny_recipe)
+    run(validate(full))
+    uninterrupted = _summary(full["summary_file"])
+    trainer, after = resume_from(full, checkpoint, tmp_path)
+    assert trainer.state.algorithms[0].merges == 2
+    assert after["train_loss"] == pytest.approx(uninterrupted["train_loss"], rel=1e-6)
+    assert [e["loss"] for e in after["evals"]] == pytest.approx([e["loss"] for e in uninterrupted["evals"]], rel=1e-6)
+
+
+def test_full_rank_warm_start_then_adapters_from_the_recipe_block(tiny_recipe, tmp_path):
+    """start_at: full rank until 2ba, then the model.peft adapters go on; resume replays them."""
+    full = _relora(tiny_recipe, start_at="2ba", interval="3ba", prune="random", ratio=0.5)
+    full.update(max_duration="8ba")
+    plan = validate(full)
+    trainer = run(plan)
+    alg = trainer.state.algorithms[0]
+    assert alg.started and [h["batch"] for h in alg.history] == [5, 8]
+    hf = unwrap_hf(trainer.state.model)
+    layers = lora_targets(hf)
+    assert len(layers) == 2 * 7 and all(layer.r["default"] == 4 for layer in layers.values())
+    assert all(layer.scaling["default"] == 2.0 for layer in layers.values())
+    # the optimizer holds the adapters and the parameters that still train, not the frozen base weights
+    opt = trainer.state.optimizers[0]
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert held == {id(p) for p in hf.parameters() if p.requires_grad}
+    assert not any(id(p) in held for n, p in hf.named_parameters() if ".base_layer." in n)
+    assert hf.model.embed_tokens.weight.requires_grad
+    _, after = resume_from(full, "ep0-ba4-rank0.pt", tmp_path)
+    assert after["train_loss"] == pytest.approx(_summary(full["summary_file"])["train_loss"], rel=1e-6)
+
+
+def test_plain_trainer_logs_merges_and_exports_a_merged_model(tmp_path):
+    from composer import Trainer
+    from composer.loggers import InMemoryLogger
+    from composer.models import HuggingFaceModel
+    from torch.utils.data import DataLoader
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from composer_growth.functional import add_lora
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32))
+    add_lora(hf, "all", rank=4)
+    model = HuggingFaceModel(hf, use_logits=True)
+    ids = torch.randint(0, 64, (48, 16))
+    data = DataLoader([{"input_ids": r, "labels": r.clone()} for r in ids], batch_size=8)
+    logs = InMemoryLogger()
+    alg = LoraMergeRestart(interval="2ba", prune="reset", export_folder=str(tmp_path / "hf"))
+    trainer = Trainer(model=model, train_dataloader=data, max_duration="5ba", algorithms=[alg], loggers=[logs],
+                      optimizers=torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-2),
+                      progress_bar=False)
+    trainer.fit()
+    assert [int(v) for _, v in logs.data["lora/merges"]] == [1, 2]
+    assert [int(v) for _, v in logs.data["lora/merge_batch"]] == [2, 4]
+    state = alg.state_dict()
+    assert "repr" in state and state["merges"] == 2
+    torch.save(state, tmp_path / "alg.pt")
+    assert torch.load(tmp_path / "alg.pt", weights_only=True) == state
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert not any("lora" in n for n, _ in reloaded.named_parameters())
+    hf.eval()
+    with torch.no_grad():
+        x = ids[:2]
+        assert torch.allclose(reloaded(x).logits, hf(x).logits, atol=1e-5)
+
+
+def test_two_ranks_hold_identical_parameters_after_merges(tiny_recipe, tmp_path):
+    recipe = _relora(tiny_recipe, peft=False, start_at="2ba", interval="2ba", prune="random", ratio=0.5)
+    recipe.update(max_duration="6ba", eval_first=False, eval_interval="6ba", save_folder=None)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    proc = launch(os.path.join(ROOT, "tests", "scripts", "grow_ddp.py"), [str(path), str(tmp_path / "p{rank}.json")],
+                  tmp_path)
+    assert proc.returncode == 0, launch_failure(proc, tmp_path)
+    r0, r1 = _summary(tmp_path / "p0.json"), _summary(tmp_path / "p1.json")
+    assert r0["ddp"] and any("lora_A" in n for n in r0["params"])
+    assert r0["params"] == r1["params"]  # base weights after the merges, and the fresh adapters
+    assert r0["loss"] == r1["loss"]
+
+
+@pytest.mark.parametrize("kwargs, peft, key", [
+    ({"interval": "20ba"}, True, "algorithms.lora_merge.interval"),
+    ({"interval": "1.0dur"}, True, "algorithms.lora_merge.interval"),
+    ({"interval": "0ba"}, True, "algorithms.lora_merge.interval"),
+    ({"start_at": "4ba", "interval": "4ba"}, True, "algorithms.lora_merge.interval"),
+    ({"start_at": "2ba", "rank": 0}, False, "algorithms.lora_merge.rank"),
+    ({"rank": 4}, True, "algorithms.lora_merge.rank"),
+    ({"ratio": 1.0}, True, "algorithms.lora_merge.ratio"),
+    ({"ratio": -0.1}, True, "algorithms.lora_merge.ratio"),
+    ({"prune": "half"}, True, "algorithms.lora_merge.prune"),
+    ({"restart_warmup": "4ba"}, True, "algorithms.lora_merge.restart_warmup"),
+    ({"targets": "embedding"}, True, "algorithms.lora_merge.targets"),
+    ({"targets": ["c_attn"]}, True, "algorithms.lora_merge.targets"),
+    ({"targets": "vocab"}, True, "algorithms.lora_merge.targets"),
+    ({"start_at": "2ba", "targets": ["wq"]}, False, "algorithms.lora_merge.targets"),
+    ({}, False, "algorithms.lora_merge.start_at"),
+    ({"seed": "x"}, True, "algorithms.lora_merge.seed"),
+])
+def test_bad_lora_merge_recipes_fail_before_training(tiny_recipe, kwargs, peft, key):
+    recipe = _relora(tiny_recipe, peft=peft, **kwargs)
+    with pytest.raises(ConfigError) as err:
+        validate(recipe)
+    assert str(err.value).startswith(f"{key}="), str(err.value)
+
+
+def test_targets_error_names_family_and_modules(tiny_recipe):
+    recipe = _relora(tiny_recipe, targets=["c_attn"])
+    with pytest.raises(ConfigError, match=r"llama model.*model.layers.0.self_attn.q_proj"):
+        validate(recipe)
+
+
+def test_plain_trainer_without_adapters_fails_at_init():
+    from composer import Trainer
+    from composer.models import HuggingFaceModel
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = HuggingFaceModel(LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                          num_attention_heads=2, vocab_size=64)))
+    with pytest.raises(ConfigError, match="llama model has no LoRA adapters"):
+        Trainer(model=model, algorithms=[LoraMergeRestart(interval="2ba")], max_duration="4ba")
