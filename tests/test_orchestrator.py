@@ -33,16 +33,6 @@ EXAMPLE = """[
 """
 
 
-def _lora_ops_available() -> bool:
-    from composer_growth.functional import lora
-
-    return all(hasattr(lora, n) for n in ("lora_targets", "merge_and_reinit_lora", "scale_lora_alpha",
-                                          "resize_lora_rank", "prune_optimizer_state"))
-
-
-needs_lora_ops = pytest.mark.skipif(not _lora_ops_available(), reason="the LoRA functional ops are not there yet")
-
-
 class Probe(Callback):
     """Per batch: rows, first ids, LR the optimizer steps with, microbatches; per eval: batch and eval batches."""
 
@@ -76,6 +66,15 @@ def _run(recipe, schedule, **orchestrator):
     plan.callbacks.append(probe)
     trainer = run(plan)
     return trainer, probe
+
+
+def _resume(recipe, checkpoint, tmp_path):
+    """The run resumed from ``checkpoint``; checks that it trained from there on."""
+    probe = Probe()
+    trainer, summary = resume_from(recipe, checkpoint, tmp_path / checkpoint, callbacks=[probe])
+    start = int(checkpoint.split("-ba")[1].split("-")[0])
+    assert min(probe.rows) == start
+    return trainer, summary, probe, start
 
 
 def _fired(trainer):
@@ -154,7 +153,7 @@ def test_reevaluate_cascades_and_architecture_ops_grow_the_model(tiny_recipe, on
     # resume right after the ops (checkpoint of batch 4) and between them (6): the same run
     full = read_summary(tiny_recipe["summary_file"])
     for checkpoint in ("ep0-ba4-rank0.pt", "ep0-ba6-rank0.pt"):
-        resumed, after = resume_from(tiny_recipe, checkpoint, tmp_path / checkpoint)
+        resumed, after, _, _ = _resume(tiny_recipe, checkpoint, tmp_path)
         assert _fired(resumed)[0] == fired
         assert unwrap_hf(resumed.state.model).config.intermediate_size == 96
         assert after["train_loss"] == pytest.approx(full["train_loss"], rel=1e-5)
@@ -173,9 +172,12 @@ def test_batch_size_and_schedule_ops_resume_exactly_mid_batch(tiny_recipe, one_t
     assert [f[:2] for f in _fired(trainer)[0]] == [(0, 3), (1, 4), (2, 5), (3, 7)]
     assert [probe.rows[b] for b in range(10)] == [8] * 3 + [4] * 4 + [12] * 3
     assert int(trainer.state.timestamp.token) == 32 * (3 * 8 + 4 * 4 + 3 * 12)
-    # every row of the stream trained once, in order: the first ids form one run of the loader's rows
-    stream = [i for b in range(10) for i in probe.ids[b]]
-    assert len(stream) == 76
+    # every row of the loader trained once, in order
+    from composer_growth.data.loaders import build_lm_dataloader
+
+    loader = build_lm_dataloader(tiny_recipe["data"]["path"], "train", 8, shuffle=True, seed=tiny_recipe["seed"])
+    rows = [int(i) for batch, _ in zip(loader, range(10)) for i in batch["input_ids"][:, 0]]
+    assert [i for b in range(10) for i in probe.ids[b]] == rows[:76]
     # LR: batches 0-3 the recipe's 2ba warmup; batch 4 with a 3ba warmup; from 5 the schedule restarted
     expected = {0: _cosine(0, 2, 10), 1: _cosine(0, 2, 10), 2: _cosine(1, 2, 10), 3: _cosine(2, 2, 10),
                 4: _cosine(4, 3, 10), 5: 0.0, 6: 0.0, 7: _cosine(1, 3, 5), 8: _cosine(2, 3, 5), 9: _cosine(3, 3, 5)}
@@ -184,22 +186,10 @@ def test_batch_size_and_schedule_ops_resume_exactly_mid_batch(tiny_recipe, one_t
     # batch 4 and 8 checkpoints stop inside a loader batch (4 of its 8 rows trained)
     full = read_summary(tiny_recipe["summary_file"])
     for checkpoint in ("ep0-ba4-rank0.pt", "ep0-ba8-rank0.pt"):
-        tiny_recipe["algorithms"]["orchestrator"]["schedule"] = schedule
-        plan = validate(dict(tiny_recipe, save_folder=str(tmp_path / checkpoint / "resumed"),
-                             summary_file=str(tmp_path / checkpoint / "s.json"), autoresume=True))
-        os.makedirs(plan.recipe.save_folder)
-        import shutil
-
-        shutil.copy(os.path.join(tiny_recipe["save_folder"], checkpoint), plan.recipe.save_folder)
-        os.symlink(checkpoint, os.path.join(plan.recipe.save_folder, "latest-rank0.pt"))
-        again = Probe()
-        plan.callbacks.append(again)
-        resumed = run(plan)
-        start = int(checkpoint.split("-ba")[1].split("-")[0])
+        resumed, after, again, start = _resume(tiny_recipe, checkpoint, tmp_path)
         assert {b: again.ids[b] for b in range(start, 10)} == {b: probe.ids[b] for b in range(start, 10)}
         assert {b: again.lr[b] for b in range(start, 10)} == pytest.approx({b: probe.lr[b] for b in range(start, 10)})
         assert int(resumed.state.timestamp.token) == int(trainer.state.timestamp.token)
-        after = read_summary(plan.recipe.summary_file)
         assert after["train_loss"] == pytest.approx(full["train_loss"], rel=1e-5)
         assert [e["loss"] for e in after["evals"]] == pytest.approx([e["loss"] for e in full["evals"]], rel=1e-5)
 
@@ -249,13 +239,54 @@ def test_the_issue_example_is_accepted_verbatim_from_a_json_file(tmp_path, tiny_
         validate(tiny_recipe)
 
 
-@needs_lora_ops
-def test_the_issue_example_validates_on_a_model_with_adapters(tmp_path, tiny_recipe):
-    path = tmp_path / "schedule.json"
-    path.write_text(EXAMPLE)
+    # and on a model with adapters the example is a valid recipe
     tiny_recipe["model"]["peft"] = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
-    tiny_recipe["algorithms"] = {"orchestrator": {"schedule": str(path)}}
-    validate(tiny_recipe)
+    plan = validate(tiny_recipe)
+    assert [op.name for op in plan.algorithms[0].ops] == [op.name for op in alg.ops]
+
+
+def _scalings(trainer, module):
+    from peft.tuners.lora import LoraLayer
+
+    hf = unwrap_hf(trainer.state.model)
+    return {n: (m.r["default"], m.scaling["default"]) for n, m in hf.named_modules()
+            if isinstance(m, LoraLayer) and n.endswith(module)}
+
+
+def test_lora_ops_change_scaling_rank_and_merge_and_resume_exactly(tiny_recipe, one_thread, tmp_path):
+    tiny_recipe.update(max_duration="8ba", save_interval="2ba")
+    tiny_recipe["model"]["peft"] = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj", "embed_tokens"]}
+    schedule = [
+        {"name": "change_lora_alpha", "value": 0.5, "trigger_loss": 100.0},
+        {"name": "decrease_attn_lora_scaling", "value": 2, "trigger_loss": None, "max_wait_iters": 1},
+        {"name": "decrease_vocab_lora_scaling", "value": 4, "trigger_loss": None, "max_wait_iters": 1},
+        {"name": "merge_lora_weights", "value": None, "trigger_loss": None, "max_wait_iters": 2, "reevaluate": True,
+         "args": {"prune": "reset"}},
+    ]
+    trainer, probe = _run(tiny_recipe, schedule)
+    fired, alg = _fired(trainer)
+    assert fired == [(0, 4, "loss", "applied"), (1, 5, "timeout", "applied"), (2, 6, "timeout", "applied"),
+                     (3, 8, "timeout", "applied")]
+    # alpha 16 -> 8 at rank 8 (scaling 2 -> 1), then attention rank 8 -> 4 (scaling alpha / r = 2); embedding 8 -> 2
+    assert set(_scalings(trainer, "q_proj").values()) == {(4, 2.0)}
+    assert set(_scalings(trainer, "embed_tokens").values()) == {(2, 4.0)}
+    # merged at the last batch: the same function (loss measured right before and after), adapters restarted
+    merge = alg.fired[3]
+    assert merge["loss_after"] == pytest.approx(merge["loss_before"], abs=1e-4)
+    hf = unwrap_hf(trainer.state.model)
+    lora_b = [p for n, p in hf.named_parameters() if "lora_B" in n]
+    assert lora_b and all(float(p.abs().max()) == 0 for p in lora_b)
+    opt = trainer.state.optimizers[0]
+    assert all(float(opt.state[p]["exp_avg"].abs().max()) == 0 for p in lora_b)
+
+    # resumed between the rank changes and right after them: the same run
+    full = read_summary(tiny_recipe["summary_file"])
+    for checkpoint in ("ep0-ba4-rank0.pt", "ep0-ba6-rank0.pt"):
+        resumed, after, _, _ = _resume(tiny_recipe, checkpoint, tmp_path)
+        assert _fired(resumed)[0] == fired
+        assert set(_scalings(resumed, "q_proj").values()) == {(4, 2.0)}
+        assert after["train_loss"] == pytest.approx(full["train_loss"], rel=1e-5)
+        assert [e["loss"] for e in after["evals"]] == pytest.approx([e["loss"] for e in full["evals"]], rel=1e-5)
 
 
 def _op(name="change_lr", value=2.0, **kw):
@@ -282,6 +313,8 @@ def _op(name="change_lr", value=2.0, **kw):
     ([_op("change_grad_accum", 8)], "schedule[0].value", "splits the 8 rows"),
     ([_op("merge_lora_weights", None)], "schedule[0].name", "needs a model with LoRA adapters"),
     ([_op("decrease_attn_lora_scaling", 2)], "schedule[0].name", "needs a model with LoRA adapters"),
+    ([_op("decrease_vocab_lora_scaling", 1.5)], "schedule[0].value", "an integer >= 1"),
+    ([_op("merge_lora_weights", None, args={"prune": "half"})], "schedule[0].args.prune", "one of reset"),
     ([_op(trigger_loss=None)], "schedule[0].trigger_loss", "could never fire"),
     ([_op(trigger_loss="low")], "schedule[0].trigger_loss", "a number or null"),
     ([_op(max_wait_iters=0)], "schedule[0].max_wait_iters", "an integer >= 1"),

@@ -42,6 +42,8 @@ from composer_growth.algorithms.surgery import check_supported, composer_model, 
 from composer_growth.errors import ConfigError, check
 from composer_growth.families import FAMILIES, family_of, unwrap_hf
 from composer_growth.functional.growth import STACK_INITS, stack_layers, widen_mlp
+from composer_growth.functional.lora import (LORA_GROUPS, PRUNE_MODES, lora_targets, merge_and_reinit_lora,
+                                             prune_optimizer_state, resize_lora_rank, scale_lora_alpha)
 from composer_growth.registry import register_algorithm
 from composer_growth.timeutil import elapsed, parse_time
 
@@ -122,13 +124,17 @@ def _noise(value: Any, key: str) -> float:
     return float(value)
 
 
-def _ratio(value: Any, key: str) -> float:
-    check(_number(value) and 0 <= value <= 1, key, value, "a number in [0, 1]")
+LORA_TARGETS = LORA_GROUPS
+
+
+def _divisor(value: Any, key: str) -> int:
+    check(_int(value) and value >= 1, key, value, "an integer >= 1 (the adapters' rank is divided by it)")
+    return value
+
+
+def _prune_ratio(value: Any, key: str) -> float:
+    check(_number(value) and 0 <= value < 1, key, value, "a number in [0, 1)")
     return float(value)
-
-
-LORA_TARGETS = ("all", "attention", "embedding", "mlp")
-PRUNE_MODES = ("magnitude", "random")
 
 
 # --------------------------------------------------------------------------- the operations
@@ -292,45 +298,51 @@ def _widen_mlp(alg: "Orchestrator", state: State, op: Op) -> str:
 # LoRA operations: the functional ops of composer_growth.functional.lora
 
 
-def _lora_fn(name: str) -> Callable[..., Any]:
-    from composer_growth.functional import lora
-
-    fn = getattr(lora, name, None)
-    if fn is None:
-        raise ConfigError("composer_growth.functional.lora", name, "this LoRA op is not available in this install")
-    return fn
+def _lora(state: State, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """A LoRA functional op on the model; one that finds no adapters to act on is skipped."""
+    try:
+        return fn(composer_model(state), *args, **kwargs)
+    except ConfigError as e:
+        raise Skip(str(e)) from None
 
 
 def _change_lora_alpha(alg: "Orchestrator", state: State, op: Op) -> str:
-    n = _lora_fn("scale_lora_alpha")(composer_model(state), op.value, targets=op.args["targets"])
-    if not n:
-        raise Skip(f"no LoRA adapters on {op.args['targets']} modules")
+    n = _lora(state, scale_lora_alpha, op.value, targets=op.args["targets"])
     alg.settings["lora_alpha"] = alg.settings.get("lora_alpha", 1.0) * op.value
-    return f"LoRA alpha x{op.value:g} on {n} modules (x{alg.settings['lora_alpha']:g} in all)"
+    return f"LoRA alpha x{op.value:g} on {n} adapters (x{alg.settings['lora_alpha']:g} in all)"
+
+
+def _lora_ranks(state: State, targets: str) -> list[int]:
+    return sorted({r for layer in lora_targets(composer_model(state), targets).values() for r in layer.r.values()})
 
 
 def _lora_rank(targets: str) -> Callable[["Orchestrator", State, Op], str]:
     def apply(alg: "Orchestrator", state: State, op: Op) -> str:
         check_supported(state, op.name)
-        resize = _lora_fn("resize_lora_rank")
-        info = _grow(state, lambda m: resize(m, divisor=op.value, targets=targets))
-        return f"{targets} LoRA rank / {op.value:g}, {_grow_line(info)}"
+        before = _lora_ranks_or_skip(state, targets)
+        info = _grow(state, lambda m: resize_lora_rank(m, divisor=op.value, targets=targets))
+        return f"{targets} LoRA rank {before} -> {_lora_ranks(state, targets)}, {_grow_line(info)}"
     return apply
+
+
+def _lora_ranks_or_skip(state: State, targets: str) -> list[int]:
+    try:
+        return _lora_ranks(state, targets)
+    except ConfigError as e:
+        raise Skip(str(e)) from None
 
 
 def _merge_lora_weights(alg: "Orchestrator", state: State, op: Op) -> str:
     seed = op.args["seed"] + op.index  # the same on every rank; a different draw per schedule entry
-    reinit = _lora_fn("merge_and_reinit_lora")(composer_model(state), targets=op.args["targets"],
-                                               generator=torch.Generator().manual_seed(seed))
-    if not reinit:
-        raise Skip(f"no LoRA adapters on {op.args['targets']} modules")
-    ratio = op.args["prune_ratio"]
-    if ratio > 0:
-        prune = _lora_fn("prune_optimizer_state")
+    fresh = _lora(state, merge_and_reinit_lora, targets=op.args["targets"],
+                  generator=torch.Generator().manual_seed(seed))
+    prune, ratio = op.args["prune"], op.args["prune_ratio"]
+    zeroed = 0
+    if prune != "none":
         for opt in ensure_tuple(state.optimizers):
-            prune(opt, reinit, op.args["prune"], ratio, generator=torch.Generator().manual_seed(seed + 1))
-    return (f"merged and re-initialised {len(reinit)} adapter tensors; their optimizer state pruned "
-            f"({op.args['prune']}, {ratio:g})")
+            zeroed += prune_optimizer_state(opt, fresh, prune, ratio, generator=torch.Generator().manual_seed(seed + 1))
+    return (f"merged {len(fresh) // 2} adapters into their base weights and re-initialised them; "
+            f"{zeroed:,} optimizer moment entries pruned ({prune})")
 
 
 _LORA_COMMON = {"targets": (_one_of(*LORA_TARGETS), "all")}
@@ -362,14 +374,14 @@ OPS: dict[str, OpKind] = {
     "change_lora_alpha": OpKind(_change_lora_alpha, _multiplier, "lora",
                                 "multiply the LoRA alpha (scaling) of the adapters (value: multiplier)",
                                 args=_LORA_COMMON, replay=True, lora="all"),
-    "decrease_attn_lora_scaling": OpKind(_lora_rank("attention"), _multiplier, "lora",
+    "decrease_attn_lora_scaling": OpKind(_lora_rank("attention"), _divisor, "lora",
                                          "attention adapters' rank divided by value", replay=True, lora="attention"),
-    "decrease_vocab_lora_scaling": OpKind(_lora_rank("embedding"), _multiplier, "lora",
+    "decrease_vocab_lora_scaling": OpKind(_lora_rank("embedding"), _divisor, "lora",
                                           "embedding adapters' rank divided by value", replay=True, lora="embedding"),
     "merge_lora_weights": OpKind(_merge_lora_weights, _nothing, "lora",
                                  "merge the adapters into the base weights and re-initialise them (ReLoRA)",
-                                 args={**_LORA_COMMON, "prune": (_one_of(*PRUNE_MODES), "magnitude"),
-                                       "prune_ratio": (_ratio, 0.9), "seed": (_seed, 0)}, lora="all"),
+                                 args={**_LORA_COMMON, "prune": (_one_of(*PRUNE_MODES, "none"), "magnitude"),
+                                       "prune_ratio": (_prune_ratio, 0.9), "seed": (_seed, 0)}, lora="all"),
 }
 
 
@@ -590,13 +602,6 @@ class Orchestrator(Algorithm):
         if lora and recipe.model.peft is None:
             raise ConfigError(f"schedule[{lora[0].index}].name", lora[0].name,
                               "needs a model with LoRA adapters (model.peft)")
-        for op in lora:
-            fn = {"change_lora_alpha": "scale_lora_alpha", "merge_lora_weights": "merge_and_reinit_lora"}.get(
-                op.name, "resize_lora_rank")
-            try:
-                _lora_fn(fn)
-            except ConfigError as e:
-                raise ConfigError(f"schedule[{op.index}].name", op.name, e.allowed) from None
 
     def _check_batches(self, rows: int, microbatch: Any, world: int) -> None:
         """Every batch or microbatch change of the schedule, in order, leaves whole rows on every rank."""
@@ -626,12 +631,10 @@ class Orchestrator(Algorithm):
         for op in self._groups("lora"):
             targets = op.args.get("targets", OPS[op.name].lora)
             try:
-                found = _lora_fn("lora_targets")(model, targets)
-            except ConfigError:
-                found = [n for n, _ in model.named_parameters() if "lora_" in n]
-            if not found:
-                raise ConfigError(f"schedule[{op.index}].name", op.name,
-                                  f"needs LoRA adapters on {targets} modules; the model has none")
+                lora_targets(model, targets)
+            except ConfigError as e:
+                raise ConfigError(f"schedule[{op.index}].name", op.name, f"needs LoRA adapters on {targets} "
+                                  f"modules: {e}") from None
 
     # ------------------------------------------------------------------ events
 
