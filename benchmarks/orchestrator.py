@@ -1,7 +1,8 @@
 """Orchestrator: the same growth ops fired by eval-loss thresholds, at fixed times, and no growth, side by side.
 
 Real Composer Trainers, one after another in one process, from the same data in the same order,
-with DecoupledAdamW and a cosine schedule (5% warmup), every run the same number of batches:
+with DecoupledAdamW and a cosine schedule (5% warmup); the growth runs may train longer
+(``--growth-steps``, default ``--steps``) so that they can reach the static run's final loss:
 
 * ``static`` (no growth): the final architecture (``--layers`` deep, MLP ``--intermediate``) from scratch.
 * ``loss``: half as deep with an MLP 1.5x narrower; ``Orchestrator`` grows it by ``stack_layers(2)``
@@ -13,7 +14,7 @@ with DecoupledAdamW and a cosine schedule (5% warmup), every run the same number
 Compared: tokens and training time (evals left out) at which each run's eval loss first reaches
 the static run's final eval loss, and the final eval loss.
 
-    python benchmarks/orchestrator.py --device cpu --tiny          # a few minutes on a CPU
+    python benchmarks/orchestrator.py --device cpu --tiny --growth-steps 150   # a few minutes on a CPU
     python benchmarks/orchestrator.py --device gpu                 # 768 wide, 12 layers vs 6 -> 12
 """
 
@@ -60,7 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-batches", type=int, help="batches in the fixed validation subset")
     p.add_argument("--triggers", help="eval-loss thresholds of stack_layers and widen_mlp (run 'loss')")
     p.add_argument("--max-wait", type=float, default=0.4, help="timeout of each op of run 'loss', share of the run")
-    p.add_argument("--fixed-at", default="0.25,0.5", help="shares of the run at which run 'fixed' grows")
+    p.add_argument("--fixed-at", default="0.25,0.5", help="shares of --steps after which run 'fixed' grows")
+    p.add_argument("--growth-steps", type=int, help="training batches of runs 'loss' and 'fixed' (default: --steps)")
     args = p.parse_args(argv)
     for key, value in (TINY if args.tiny else FULL).items():
         if getattr(args, key, None) is None:
@@ -74,11 +76,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 0 < args.fixed_at[0] < args.fixed_at[1] < 1:
         p.error("--fixed-at: 0 < first < second < 1")
     finish_args(p, args, RUNS, args.seq_len)
+    args.growth_steps = args.growth_steps or args.steps
     return args
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("steps", "batch_size", "microbatch", "seq_len", "hidden", "intermediate", "heads", "layers",
+    keys = ("steps", "growth_steps", "batch_size", "microbatch", "seq_len", "hidden", "intermediate", "heads", "layers",
             "eval_interval", "eval_batches", "precision", "lr", "seed", "data", "device", "triggers", "max_wait",
             "fixed_at")
     return {k: getattr(args, k) for k in keys}
@@ -175,7 +178,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     eval_loader = fixed_eval_loader(args.data, "val", args.batch_size, args.eval_batches, args.seq_len)
     header = (f"orchestrator on {describe_device(args.device)}: llama {args.hidden} wide, {args.heads} heads, tied "
               f"embeddings; static {args.layers} layers, MLP {args.intermediate}; loss / fixed start at "
-              f"{args.layers // 2} layers, MLP {args.intermediate * 2 // 3}; {args.steps} batches of {args.batch_size} "
+              f"{args.layers // 2} layers, MLP {args.intermediate * 2 // 3}; {args.steps} batches (growth runs "
+              f"{args.growth_steps}) of {args.batch_size} "
               f"x {args.seq_len}, {args.precision}, lr {args.lr}; triggers {args.triggers} (timeouts "
               f"{args.max_wait:g} of the run), fixed at {args.fixed_at}; eval every {args.eval_interval} batches on "
               f"{len(eval_loader.dataset)} x {args.seq_len} validation tokens")
@@ -186,7 +190,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     run_one("static", args, tokenizer, eval_loader, steps=3)  # unrecorded: one-off set-up falls on no run
     for name in args.runs:
         start = time.perf_counter()
-        results[name] = r = run_one(name, args, tokenizer, eval_loader, args.steps)
+        results[name] = r = run_one(name, args, tokenizer, eval_loader,
+                                    args.steps if name == "static" else args.growth_steps)
         print(f"  {name:7s} final eval loss {r['evals'][-1]['loss']:.4f}, train {r['train_time_s']:.1f} s "
               f"(wall {time.perf_counter() - start:.1f} s), ops {[(f['name'], f['batch'], f['reason']) for f in r['fired']]}",
               flush=True)
