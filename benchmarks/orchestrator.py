@@ -155,7 +155,8 @@ def summarize(results: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
         rows.append({
             "run": name, "params": f"{res['params_start']:,} -> {res['params_end']:,}", "ops": ops,
             "loss": f"{res['evals'][-1]['loss']:.4f}", "total": f"{res['train_time_s']:.1f}",
-            "ttt": _fmt(t, ".1f", "not reached"), "speedup": _fmt(res["speedup"], ".2f") + ("x" if res["speedup"] else ""),
+            "ttt": _fmt(t, ".1f", "not reached"),
+            "speedup": _fmt(res["speedup"], ".2f") + ("x" if res["speedup"] else ""),
             "tok": _fmt(tok, ",.0f", "not reached"),
             "tokratio": _fmt(res["token_ratio"], ".2f") + ("x" if res["token_ratio"] else ""),
         })
@@ -193,7 +194,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results[name] = r = run_one(name, args, tokenizer, eval_loader,
                                     args.steps if name == "static" else args.growth_steps)
         print(f"  {name:7s} final eval loss {r['evals'][-1]['loss']:.4f}, train {r['train_time_s']:.1f} s "
-              f"(wall {time.perf_counter() - start:.1f} s), ops {[(f['name'], f['batch'], f['reason']) for f in r['fired']]}",
+              f"(wall {time.perf_counter() - start:.1f} s), "
+              f"ops {[(f['name'], f['batch'], f['reason']) for f in r['fired']]}",
               flush=True)
     if len({tuple(r["first_ids"]) for r in results.values()}) > 1:
         print("WARNING: the runs did not see the same first batch", flush=True)

@@ -7,7 +7,6 @@ import math
 import os
 
 import pytest
-import torch
 import yaml
 from composer.core import Callback, Event
 
@@ -213,8 +212,8 @@ def test_two_ranks_apply_the_same_ops_and_hold_identical_parameters(tiny_recipe,
     ops = s0["algorithms"]["orchestrator"]["ops"]
     assert [(r["index"], r["batch"], r["status"]) for r in ops] == [(0, 3, "applied"), (1, 3, "applied"),
                                                                      (2, 4, "applied"), (3, 5, "applied")]
-    untimed = [[{k: v for k, v in r.items() if k not in ("seconds", "did")} for r in s["algorithms"]["orchestrator"]["ops"]]
-               for s in (s0, s1)]
+    untimed = [[{k: v for k, v in r.items() if k not in ("seconds", "did")}
+                for r in s["algorithms"]["orchestrator"]["ops"]] for s in (s0, s1)]
     assert untimed[0] == untimed[1]  # rank 0's decisions, and the same losses, on both ranks
     assert p0["ddp"] and p0["layers"] == 4
     assert p0["params"] == p1["params"] and p0["loss"] == p1["loss"]

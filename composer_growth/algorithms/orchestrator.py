@@ -193,7 +193,8 @@ def _change_lr(alg: "Orchestrator", state: State, op: Op) -> str:
         if hasattr(scheduler, "_last_lr"):
             scheduler._last_lr = _optimizer_lr(state)
     alg.settings["lr_multiplier"] = alg.settings.get("lr_multiplier", 1.0) * op.value
-    return f"lr {before[0]:.3g} -> {_optimizer_lr(state)[0]:.3g} (x{alg.settings['lr_multiplier']:g} of the recipe's schedule)"
+    return (f"lr {before[0]:.3g} -> {_optimizer_lr(state)[0]:.3g} "
+            f"(x{alg.settings['lr_multiplier']:g} of the recipe's schedule)")
 
 
 def _change_batch_size(alg: "Orchestrator", state: State, op: Op) -> str:
@@ -732,7 +733,8 @@ class Orchestrator(Algorithm):
             found = _composer_schedule(scheduler)
             if found is None:
                 raise ConfigError(f"schedule[{op.index}].name", op.name,
-                                  f"needs a Composer scheduler (e.g. cosine_with_warmup), not {type(scheduler).__name__}")
+                                  f"needs a Composer scheduler (e.g. cosine_with_warmup), "
+                                  f"not {type(scheduler).__name__}")
             composer_sched, ssr = found
             base = scheduler.lr_lambdas[0]
             entry = [scheduler, composer_sched, ssr]
@@ -850,7 +852,8 @@ class Orchestrator(Algorithm):
         self.anchor = {"ba": int(ts.batch), "tok": int(ts.token), "sp": int(ts.sample),
                        "ep": elapsed(state, TimeUnit.EPOCH), "dur": elapsed(state, TimeUnit.DURATION)}
         record = {"index": op.index, "name": op.name, "value": op.value, "batch": batch, "reason": reason,
-                  "status": status, "loss_before": before, "loss_before_batch": before_batch, "loss_after": after, "did": did,
+                  "status": status, "loss_before": before, "loss_before_batch": before_batch, "loss_after": after,
+                  "did": did,
                   "seconds": round(seconds, 4)}
         if reason == "loss":
             record["trigger_loss"] = op.trigger_loss
