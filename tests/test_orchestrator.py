@@ -88,8 +88,8 @@ def _cosine(t, warmup, total, alpha_f=0.1):
     return alpha_f + (1 - alpha_f) * 0.5 * (1 + math.cos(math.pi * (t - warmup) / (total - warmup)))
 
 
-def test_hyperparameter_ops_fire_by_loss_and_timeout_in_order_and_do_what_they_say(tiny_recipe, one_thread):
-    tiny_recipe.update(max_duration="12ba", save_folder=None)
+def test_hyperparameter_ops_fire_by_loss_and_timeout_in_order_and_do_what_they_say(tiny_recipe, one_thread, tmp_path):
+    tiny_recipe.update(max_duration="12ba", save_interval="10ba")
     schedule = [
         {"name": "change_lr", "value": 2.0, "trigger_loss": 100.0, "reevaluate": False},
         {"name": "change_batch_size", "value": 0.5, "trigger_loss": None, "max_wait_iters": 2},
@@ -120,6 +120,13 @@ def test_hyperparameter_ops_fire_by_loss_and_timeout_in_order_and_do_what_they_s
     assert [r["name"] for r in section["ops"]] == [s["name"] for s in schedule[:5]]
     assert len(section["lines"]) == 6 and "not fired" in section["lines"][-1]
     assert section["ops"][1]["waited"] == "2ba" and section["ops"][0]["trigger_loss"] == 100.0
+
+    # resumed after the last op: rows, microbatches, LR, eval batches and interval as in the uninterrupted run
+    _, after, again, _ = _resume(tiny_recipe, "ep0-ba10-rank0.pt", tmp_path)
+    assert again.rows == {10: 4, 11: 4} and again.microbatches == {10: 2, 11: 2}
+    assert again.lr == pytest.approx({b: probe.lr[b] for b in (10, 11)}, rel=1e-9)
+    assert again.evals == [(12, 1)]
+    assert after["train_loss"] == pytest.approx(info["train_loss"], rel=1e-5)
 
 
 def test_reevaluate_cascades_and_architecture_ops_grow_the_model(tiny_recipe, one_thread, tmp_path):
