@@ -158,6 +158,11 @@ def peak_memory(device: str) -> int | None:
 
 # -- results ------------------------------------------------------------------------------------
 
+def mean_ms(times: list[float]) -> float | None:
+    """The mean of ``times`` (seconds) in milliseconds; None for no times."""
+    return 1000 * sum(times) / len(times) if times else None
+
+
 def time_to_loss(evals: list[dict[str, float]], target: float, key: str = "time_s") -> float | None:
     """``key`` (training seconds, tokens, ...) at which the eval loss first reaches ``target``.
 

@@ -44,8 +44,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 from common import (PeakRSS, Recorder, _sync, bench_trainer, build_recipe_parts, describe_device,  # noqa: E402
-                    ensure_data, fixed_eval_loader, load_included, loss_at, loss_table, markdown_table, peak_memory,
-                    reset_peak_memory, rss_bytes, time_to_loss, write_json)
+                    ensure_data, fixed_eval_loader, load_included, loss_at, loss_table, markdown_table, mean_ms,
+                    peak_memory, reset_peak_memory, rss_bytes, time_to_loss, write_json)
 
 RUNS = {"scratch": None, "gstack": "copy", "gstack-fp": "function_preserving"}  # name -> StackLayers init
 SURGERY_OPS = ("stack", "widen", "stack+widen")
@@ -290,10 +290,6 @@ def run_one(name: str, args: argparse.Namespace, tokenizer, eval_loader, steps: 
     return result
 
 
-def _mean_ms(times: list[float]) -> float | None:
-    return 1000 * sum(times) / len(times) if times else None
-
-
 def summarize(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> list[dict[str, str]]:
     base = results.get("scratch")
     target = base["evals"][-1]["loss"] if base else None
@@ -302,8 +298,8 @@ def summarize(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> l
     for name in [r for r in RUNS if r in results]:
         res = results[name]
         g = res["growth"].get("batch", args.growth_batch)  # the growth ran at the end of batch g (index g - 1)
-        res["mean_step_ms_before"] = _mean_ms(res["step_times"][1:g - 1])  # step 0: one-off set-up
-        res["mean_step_ms_after"] = _mean_ms(res["step_times"][g:])  # the growth batch itself left out
+        res["mean_step_ms_before"] = mean_ms(res["step_times"][1:g - 1])  # step 0: one-off set-up
+        res["mean_step_ms_after"] = mean_ms(res["step_times"][g:])  # the growth batch itself left out
         res["growth_step_ms"] = 1000 * res["step_times"][g - 1] if len(res["step_times"]) >= g else None
         t = time_to_loss(res["evals"], target) if base else None
         res["time_to_target_s"], res["speedup"] = t, (base_time / t if base_time and t else None)

@@ -14,7 +14,7 @@ from peft.tuners.lora import LoraLayer
 
 from composer_growth.errors import ConfigError
 from composer_growth.functional import (add_lora, lora_target_modules, lora_targets, merge_and_reinit_lora, merge_lora,
-                                        merged_model, param_names, prune_optimizer_state, resize_lora_rank,
+                                        merged_model, merged_state_dict, param_names, prune_optimizer_state, resize_lora_rank,
                                         scale_lora_alpha, transfer_optimizer_state)
 
 VOCAB = 128
@@ -231,9 +231,11 @@ def test_embedding_adapters_and_merged_export(family, tmp_path):
     plain = merged_model(model)
     assert not any(isinstance(m, LoraLayer) for m in plain.modules())
     assert len(lora_targets(model)) > 0  # the model itself still has its adapters
-    plain.save_pretrained(tmp_path)
-    reloaded = T.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
-    assert (logits(reloaded) - out).abs().max().item() < 1e-5
+    plain.save_pretrained(tmp_path / "copy")
+    model.save_pretrained(tmp_path / "sd", state_dict=merged_state_dict(model))  # no copy of the model
+    for folder in ("copy", "sd"):
+        reloaded = T.AutoModelForCausalLM.from_pretrained(tmp_path / folder, attn_implementation="eager").eval()
+        assert (logits(reloaded) - out).abs().max().item() < 1e-5
     assert merge_lora(model) == len(lora_targets(make_model(family, targets="mlp")))
     assert (logits(model) - out).abs().max().item() < 1e-5
 

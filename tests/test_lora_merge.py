@@ -12,7 +12,7 @@ import yaml
 from composer.core import Algorithm, Callback, Event
 from transformers import AutoModelForCausalLM
 
-from composer_growth import LoraMergeRestart
+from composer_growth import LoraMergeRestart, StackLayers
 from composer_growth.algorithms.surgery import composer_model
 from composer_growth.errors import ConfigError
 from composer_growth.families import unwrap_hf
@@ -105,15 +105,17 @@ def test_merges_at_intervals_same_function_and_lr_ramp(tiny_recipe):
     assert info["last_eval_loss"] < info["first_eval_loss"]
 
 
-@pytest.mark.parametrize("checkpoint", ["ep0-ba4-rank0.pt", "ep0-ba6-rank0.pt"])
-def test_resume_between_and_right_after_a_merge(tiny_recipe, tmp_path, checkpoint):
+def test_resume_between_and_right_after_a_merge(tiny_recipe, tmp_path):
     full = _relora(tiny_recipe)
     run(validate(full))
     uninterrupted = _summary(full["summary_file"])
-    trainer, after = resume_from(full, checkpoint, tmp_path)
-    assert trainer.state.algorithms[0].merges == 2
-    assert after["train_loss"] == pytest.approx(uninterrupted["train_loss"], rel=1e-6)
-    assert [e["loss"] for e in after["evals"]] == pytest.approx([e["loss"] for e in uninterrupted["evals"]], rel=1e-6)
+    # batch 4: between merges (mid-ramp); batch 6: right after the second merge
+    for checkpoint in ("ep0-ba4-rank0.pt", "ep0-ba6-rank0.pt"):
+        trainer, after = resume_from(full, checkpoint, tmp_path / checkpoint)
+        assert trainer.state.algorithms[0].merges == 2
+        assert after["train_loss"] == pytest.approx(uninterrupted["train_loss"], rel=1e-6)
+        assert [e["loss"] for e in after["evals"]] == pytest.approx([e["loss"] for e in uninterrupted["evals"]],
+                                                                    rel=1e-6)
 
 
 def test_full_rank_warm_start_then_adapters_from_the_recipe_block(tiny_recipe, tmp_path):
@@ -227,3 +229,31 @@ def test_plain_trainer_without_adapters_fails_at_init():
                                                           num_attention_heads=2, vocab_size=64)))
     with pytest.raises(ConfigError, match="llama model has no LoRA adapters"):
         Trainer(model=model, algorithms=[LoraMergeRestart(interval="2ba")], max_duration="4ba")
+
+
+def test_stack_lora_gives_new_stacks_their_ranks_and_frozen_trunk_freezes_adapters(tiny_recipe):
+    tiny_recipe["model"]["peft"] = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    tiny_recipe["algorithms"] = {"stack_layers": {"at": "2ba", "mode": "repeat", "times": 3, "trunk": "frozen",
+                                                  "init": "function_preserving", "stack_lora": [2, 3]},
+                                 "lora_merge": {"interval": "2ba"}}
+    tiny_recipe.update(max_duration="4ba", eval_interval="4ba", save_interval="4ba")
+    trainer = run(validate(tiny_recipe))
+    hf = unwrap_hf(trainer.state.model)
+    assert len(hf.model.layers) == 6
+    ranks = {n: layer.r["default"] for n, layer in lora_targets(hf).items()}
+    for i, rank in ((2, 2), (3, 2), (4, 3), (5, 3)):
+        assert ranks[f"model.layers.{i}.self_attn.q_proj"] == 4  # copied with the block, as in the trunk
+        assert ranks[f"model.layers.{i}.self_attn.o_proj"] == rank and ranks[f"model.layers.{i}.mlp.up_proj"] == rank
+    # the trunk (layers 0, 1) is frozen, its adapters too; the new stacks train through their adapters
+    for name, p in hf.named_parameters():
+        if name.startswith(("model.layers.0.", "model.layers.1.")):
+            assert not p.requires_grad, name
+        elif name.startswith("model.layers.") and "lora_" in name:
+            assert p.requires_grad, name
+    assert trainer.state.algorithms[1].merges == 2
+    assert StackLayers(mode="repeat", times=4, stack_lora=2, stack_lora_pattern="increasing").stack_lora_ranks == [2, 4, 6]
+    assert StackLayers(mode="append", num_new=2, stack_lora=8).stack_lora_ranks == [8]
+    with pytest.raises(ConfigError, match="stack_lora="):
+        StackLayers(mode="repeat", times=3, stack_lora=[2])
+    with pytest.raises(ConfigError, match="stack_lora_pattern="):
+        StackLayers(stack_lora=2, stack_lora_pattern="random")

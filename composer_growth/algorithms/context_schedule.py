@@ -51,6 +51,7 @@ from composer_growth.algorithms.surgery import install_replay_hook
 from composer_growth.errors import ConfigError, check
 from composer_growth.families import FAMILIES, Family, family_of, unwrap_composer, unwrap_hf
 from composer_growth.functional.batch import MODES, batch_seq_length, batch_tokens, set_batch_sequence_length
+from composer_growth.functional.lora import merged_state_dict
 from composer_growth.functional.rope import apply_rope_scaling, max_addressable_positions, validate_rope_scaling
 from composer_growth.registry import register_algorithm
 from composer_growth.timeutil import elapsed, parse_time, uncount_tokens
@@ -1144,8 +1145,8 @@ class ContextLengthSchedule(Algorithm):
 
         hf = unwrap_hf(state.model)
         peft = _peft_model(state.model)
-        if peft is None:
-            hf.save_pretrained(folder)
+        if peft is None:  # adapters injected mid-run (lora_merge start_at, trunk: lora) are merged in
+            hf.save_pretrained(folder, state_dict=merged_state_dict(hf))
         else:
             if self.export_base_weights:
                 hf.save_pretrained(folder, state_dict=_base_state_dict(hf))

@@ -26,6 +26,7 @@ from composer_growth.registry import register_algorithm
 from composer_growth.timeutil import parse_time, reached, to_duration_fraction
 
 TRUNKS = ("train", "frozen", "lora")
+STACK_LORA_PATTERNS = ("constant", "increasing")
 
 
 class _Growth(Algorithm):
@@ -150,6 +151,13 @@ class StackLayers(_Growth):
             or ``lora`` (they train only through LoRA adapters of rank ``lora_rank``; merge them with
             ``composer_growth.functional.merge_lora`` before an HF export).
         lora_rank, lora_alpha: the adapters of ``trunk: lora`` (alpha defaults to the rank).
+        stack_lora: give the new stacks their own LoRA adapters on their linear layers (their base
+            weights freeze; e.g. for ``lora_merge`` to fold in): a rank, or a list of ranks, one per
+            new stack. A new stack is one copy of the stack in ``repeat`` mode (``times - 1`` of
+            them), else all new layers together. ``trunk: frozen`` freezes the trunk's adapters too.
+        stack_lora_pattern: with one rank: ``constant`` (every new stack that rank) or
+            ``increasing`` (the i-th new stack, in depth order, ``i`` x the rank).
+        stack_lora_alpha: the new stacks' adapters' alpha (default: each one's rank).
         seed: seed of ``random`` init.
         probe_loss: log the loss on the last batch right before and right after the growth.
     """
@@ -158,7 +166,9 @@ class StackLayers(_Growth):
 
     def __init__(self, at: Any = "0.25dur", mode: str = "repeat", times: int = 2, source_layers: list[int] | None = None,
                  num_new: int | None = None, init: str = "copy", trunk: str = "train", lora_rank: int = 8,
-                 lora_alpha: float | None = None, seed: int = 0, probe_loss: bool = True):
+                 lora_alpha: float | None = None, stack_lora: int | list[int] | None = None,
+                 stack_lora_pattern: str = "constant", stack_lora_alpha: float | None = None, seed: int = 0,
+                 probe_loss: bool = True):
         super().__init__(at, probe_loss)
         check(mode in STACK_MODES, "mode", mode, f"one of {', '.join(STACK_MODES)}")
         check(init in STACK_INITS, "init", init, f"one of {', '.join(STACK_INITS)}")
@@ -176,7 +186,25 @@ class StackLayers(_Growth):
         check_int(seed, "seed")
         self.init, self.trunk, self.seed = init, trunk, seed
         self.lora_rank, self.lora_alpha = lora_rank, lora_alpha
+        self.stack_lora_ranks = self._stack_ranks(stack_lora, stack_lora_pattern)
+        check(stack_lora_alpha is None or (isinstance(stack_lora_alpha, (int, float)) and stack_lora_alpha > 0),
+              "stack_lora_alpha", stack_lora_alpha, "null or a number > 0")
+        self.stack_lora_alpha = stack_lora_alpha
         self._old_layers: set[int] = set()
+
+    def _stack_ranks(self, stack_lora: Any, pattern: str) -> list[int] | None:
+        """The adapter rank of each new stack (None: no adapters on the new stacks)."""
+        check(pattern in STACK_LORA_PATTERNS, "stack_lora_pattern", pattern, f"one of {', '.join(STACK_LORA_PATTERNS)}")
+        if stack_lora is None:
+            return None
+        stacks = self.times - 1 if self.mode == "repeat" else 1
+        if isinstance(stack_lora, list):
+            check(len(stack_lora) == stacks and all(isinstance(r, int) and not isinstance(r, bool) and r >= 1
+                                                    for r in stack_lora),
+                  "stack_lora", stack_lora, f"a list of {stacks} integer ranks >= 1 (one per new stack)")
+            return list(stack_lora)
+        check_int(stack_lora, "stack_lora", minimum=1)
+        return [stack_lora * (i + 1 if pattern == "increasing" else 1) for i in range(stacks)]
 
     def _check_model_config(self, config: Any) -> None:
         family = family_of(getattr(config, "model_type", None), key="model.family")
@@ -197,20 +225,29 @@ class StackLayers(_Growth):
                             num_new=self.num_new, init=self.init, seed=self.seed)
 
     def _after(self, model: nn.Module, mapping) -> None:
-        if self.trunk == "train":
-            return
         hf = unwrap_hf(model)
         path = family_of(hf).layers
-        old = [(f"{path}.{i}", layer) for i, layer in enumerate(get_path(hf, path)) if id(layer) in self._old_layers]
+        layers = [(f"{path}.{i}", layer) for i, layer in enumerate(get_path(hf, path))]
+        old = [(prefix, layer) for prefix, layer in layers if id(layer) in self._old_layers]
+        new = [prefix for prefix, layer in layers if id(layer) not in self._old_layers]
         if self.trunk == "frozen":
             for _, layer in old:
-                layer.requires_grad_(False)
-            return
-        from transformers.pytorch_utils import Conv1D
+                layer.requires_grad_(False)  # adapters the trunk holds freeze with it
+        elif self.trunk == "lora":
+            self._wrap(model, hf, [prefix for prefix, _ in old], self.lora_rank, self.lora_alpha, mapping)
+        if self.stack_lora_ranks is not None:
+            size = len(new) // len(self.stack_lora_ranks)
+            for i, rank in enumerate(self.stack_lora_ranks):
+                alpha = self.stack_lora_alpha if self.stack_lora_alpha is not None else rank
+                self._wrap(model, hf, new[i * size:(i + 1) * size], rank, alpha, mapping)
 
-        targets = [f"{prefix}.{name}" for prefix, layer in old for name, m in layer.named_modules()
-                   if isinstance(m, (nn.Linear, Conv1D))]
-        add_lora(hf, targets, rank=self.lora_rank, alpha=self.lora_alpha)
+    @staticmethod
+    def _wrap(model: nn.Module, hf: nn.Module, prefixes: list[str], rank: int, alpha: float | None, mapping) -> None:
+        """LoRA adapters on the linear layers of the given blocks (not yet wrapped ones)."""
+        from composer_growth.functional.lora import lora_target_modules
+
+        targets = [t for t in lora_target_modules(hf, "all") if any(t.startswith(p + ".") for p in prefixes)]
+        add_lora(hf, targets, rank=rank, alpha=alpha)
         # the wrapped modules' weights moved to `<module>.base_layer.*`: keep the optimizer map in step
         outer = next(name for name, m in model.named_modules() if m is hf)
         outer = f"{outer}." if outer else ""

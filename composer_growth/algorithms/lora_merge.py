@@ -38,7 +38,7 @@ from composer_growth.errors import ConfigError, check, check_int
 from composer_growth.families import FAMILIES, family_of, unwrap_hf
 from composer_growth.functional.growth import ParamSource
 from composer_growth.functional.lora import (LORA_GROUPS, PRUNE_MODES, add_lora, lora_target_modules, lora_targets,
-                                             merge_and_reinit_lora, merged_model, prune_optimizer_state)
+                                             merge_and_reinit_lora, merged_state_dict, prune_optimizer_state)
 from composer_growth.registry import register_algorithm
 from composer_growth.timeutil import elapsed, parse_time, to_duration_fraction
 
@@ -262,9 +262,9 @@ class LoraMergeRestart(Algorithm):
 
     def _export(self, state: State) -> None:
         if dist.get_global_rank() == 0:
-            plain = merged_model(state.model)
+            hf = unwrap_hf(state.model)
             os.makedirs(self.export_folder, exist_ok=True)
-            plain.save_pretrained(self.export_folder)
+            hf.save_pretrained(self.export_folder, state_dict=merged_state_dict(hf))
             tokenizer = getattr(composer_model(state), "tokenizer", None)
             if tokenizer is not None:
                 tokenizer.save_pretrained(self.export_folder)

@@ -39,7 +39,8 @@ from composer_growth.families import Family, family_of, get_path, set_path, unwr
 from composer_growth.functional.growth import ParamSource, _collect_mapping, param_names
 
 __all__ = ["LORA_GROUPS", "PRUNE_MODES", "add_lora", "lora_target_modules", "lora_targets", "merge_and_reinit_lora",
-           "merge_lora", "merged_model", "prune_optimizer_state", "resize_lora_rank", "scale_lora_alpha"]
+           "merge_lora", "merged_model", "merged_state_dict", "prune_optimizer_state", "resize_lora_rank",
+           "scale_lora_alpha"]
 
 LORA_GROUPS = ("attention", "mlp", "embedding", "all")
 PRUNE_MODES = ("reset", "random", "magnitude")
@@ -115,16 +116,19 @@ def lora_target_modules(model: nn.Module, targets: Targets) -> list[str]:
     """Names (from the HF model) of the plain modules ``targets`` selects for new adapters.
 
     Candidates are ``nn.Linear`` / GPT-2 ``Conv1D`` modules inside the blocks and the input
-    embedding. Raises :class:`ConfigError` (naming the family and the candidates) when nothing matches.
+    embedding, not already wrapped in an adapter. Raises :class:`ConfigError` (naming the family and
+    the candidates) when nothing matches.
     """
+    from peft.tuners.lora import LoraLayer
     from transformers.pytorch_utils import Conv1D
 
     hf = unwrap_hf(model)
     family = family_of(hf)
     blocks = [f"{family.layers}.{i}" for i in range(len(get_path(hf, family.layers)))]
+    inside = [n for n, m in hf.named_modules() if isinstance(m, LoraLayer)]  # adapters and wrapped bases
     candidates = {n: m for n, m in hf.named_modules()
-                  if (isinstance(m, (nn.Linear, Conv1D)) and _under(n, blocks))
-                  or (n == family.embed and isinstance(m, nn.Embedding))}
+                  if ((isinstance(m, (nn.Linear, Conv1D)) and _under(n, blocks))
+                      or (n == family.embed and isinstance(m, nn.Embedding))) and not _under(n, inside)}
     chosen = _select(candidates, targets, hf, family, "linear or embedding module", groups_all=False)
     return list(chosen)
 
@@ -169,9 +173,10 @@ def add_lora(model: nn.Module, modules: Iterable[str] | str, rank: int = 8, alph
     """Wrap submodules of the HF model in peft LoRA adapters, in place.
 
     ``modules``: a group of :data:`LORA_GROUPS` or a list of module names (full, or the end of a
-    name such as ``q_proj``), resolved with :func:`lora_target_modules`. Linear, GPT-2 ``Conv1D`` (peft sets ``fan_in_fan_out``) and
-    ``nn.Embedding`` modules can be wrapped. Only the adapters of the wrapped modules train from
-    then on; every other parameter keeps the ``requires_grad`` it had. Returns the wrapped module
+    name such as ``q_proj``), resolved with :func:`lora_target_modules`. Linear, GPT-2 ``Conv1D``
+    (peft sets ``fan_in_fan_out``) and ``nn.Embedding`` modules can be wrapped. The new adapters
+    train, the wrapped modules' base weights freeze, and every other parameter (earlier adapters
+    too) keeps the ``requires_grad`` it had. Returns the wrapped module
     names. The base weights of a wrapped module are renamed ``<module>.base_layer.weight``.
     """
     from peft import LoraConfig, inject_adapter_in_model
@@ -187,18 +192,19 @@ def add_lora(model: nn.Module, modules: Iterable[str] | str, rank: int = 8, alph
         module = get_path(hf, name)
         if isinstance(module, nn.Embedding):
             _check_untied(hf, name, module.weight)
-    trainable = {id(p) for p in hf.parameters() if p.requires_grad}
+    existing = {id(p): p.requires_grad for p in hf.parameters()}
     # a string target is matched against each module's full name with re.fullmatch
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
                         use_rslora=use_rslora, target_modules="|".join(re.escape(t) for t in targets))
     inject_adapter_in_model(config, hf)
+    bases = [f"{t}.base_layer" for t in targets]
     for name, p in hf.named_parameters():
-        if "lora_" in name:
+        if id(p) not in existing:  # the new adapters
             p.requires_grad_(True)
-        elif ".base_layer." in name:
+        elif _under(name, bases):
             p.requires_grad_(False)
-        else:
-            p.requires_grad_(id(p) in trainable)
+        else:  # peft marks only adapters trainable: put back what the rest had (earlier adapters too)
+            p.requires_grad_(existing[id(p)])
     return targets
 
 
@@ -217,6 +223,39 @@ def merge_lora(model: nn.Module) -> int:
         module.merge()
         set_path(hf, name, module.get_base_layer())
     return len(wrapped)
+
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The HF model's state dict with every adapter folded in, under the plain model's names
+    (``hf.save_pretrained(folder, state_dict=merged_state_dict(hf))`` writes a plain model).
+
+    Only the wrapped modules' weights are copied; the model is left as it is.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    hf = unwrap_hf(model)
+    merged = {}
+    for name, layer in hf.named_modules():
+        if isinstance(layer, LoraLayer):
+            base = layer.get_base_layer()
+            weight = base.weight.detach().clone()
+            bias = None if getattr(base, "bias", None) is None else base.bias.detach().clone()
+            for adapter in _adapters(layer):
+                weight += layer.get_delta_weight(adapter).to(weight.dtype)
+                if adapter in layer.lora_A and layer.lora_B[adapter].bias is not None and bias is not None:
+                    bias += layer.lora_B[adapter].bias * layer.scaling[adapter]
+            merged[f"{name}.weight"] = weight
+            if bias is not None:
+                merged[f"{name}.bias"] = bias
+    out = {}
+    for key, tensor in hf.state_dict().items():
+        parts = key.split(".")
+        if any(p.startswith("lora_") for p in parts):
+            continue
+        plain = key.replace(".base_layer.", ".")
+        out[plain] = merged.get(plain, tensor)
+    return out
 
 
 def merged_model(model: nn.Module) -> nn.Module:
