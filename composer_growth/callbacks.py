@@ -60,7 +60,19 @@ class RunSummary(Callback):
             "last_eval_loss": last,
             "evals": list(self.evals),
             "train_loss": {k: float(v) for k, v in (state.total_loss_dict or {}).items()},
+            "algorithms": self._sections(state),
         }
+
+    @staticmethod
+    def _sections(state: State) -> dict[str, Any]:
+        """What algorithms with a ``run_summary()`` report: a title, console lines and JSON-able records."""
+        out = {}
+        for alg in state.algorithms:
+            report = getattr(alg, "run_summary", None)
+            if callable(report):
+                section = report()
+                out[section["title"]] = section
+        return out
 
     def fit_end(self, state: State, logger: Logger) -> None:
         info = self.summary(state)
@@ -82,6 +94,8 @@ class RunSummary(Callback):
                 f"  last eval loss    {info['last_eval_loss']:.4f}  (batch {self.evals[-1]['batch']})",
                 f"  improvement       {info['first_eval_loss'] - info['last_eval_loss']:.4f} nats",
             ]
+        for title, section in info["algorithms"].items():
+            lines += [f"  {title}:", *section["lines"]]
         print("\n".join(lines), flush=True)
         if self.path and "{rank}" not in self.path:
             self._write(self.path, info)
