@@ -276,6 +276,37 @@ def load_included(path: str, now: dict[str, Any], section: str | None = None) ->
     return earlier["runs"]
 
 
+def bench_trainer(args: Any, model: Any, recipe: Any, eval_loader: DataLoader, recorder: Callback, steps: int,
+                  algorithms: list[Any]):
+    """A Composer Trainer over ``args.data``'s train split (shuffled by ``args.seed``), evaluating
+    ``eval_loader`` every ``args.eval_interval`` batches, with the recipe's optimizer and scheduler."""
+    from composer import Trainer
+    from composer.core import Evaluator
+
+    from composer_growth.data.loaders import build_lm_dataloader
+    from composer_growth.recipe.build import build_optimizer, build_scheduler
+
+    train_loader = build_lm_dataloader(args.data, "train", args.batch_size, shuffle=True, seed=args.seed)
+    evaluator = Evaluator(label="eval", dataloader=eval_loader, metric_names=["LanguageCrossEntropy"])
+    return Trainer(
+        model=model, train_dataloader=train_loader, eval_dataloader=evaluator,
+        eval_interval=f"{args.eval_interval}ba", max_duration=f"{steps}ba",
+        optimizers=build_optimizer(recipe, model), schedulers=build_scheduler(recipe),
+        algorithms=algorithms, callbacks=[recorder],
+        device=args.device, precision=args.precision, device_train_microbatch_size=args.microbatch,
+        seed=args.seed, progress_bar=False, log_to_console=False, python_log_level="error",
+    )
+
+
+def loss_table(results: dict[str, dict[str, Any]], names: list[str]) -> str:
+    """Eval loss (training seconds) of every run at every eval batch."""
+    by_batch: dict[int, dict[str, str]] = {}
+    for name in names:
+        for e in results[name]["evals"]:
+            by_batch.setdefault(e["batch"], {"batch": str(e["batch"])})[name] = f"{e['loss']:.4f} ({e['time_s']:.1f} s)"
+    return markdown_table([by_batch[b] for b in sorted(by_batch)], [("batch", "batch"), *[(n, n) for n in names]])
+
+
 def finish_args(parser: Any, args: Any, runs: Any, data_len: int) -> None:
     """The checks and defaults every benchmark's arguments share (runs, device, threads, data)."""
     args.microbatch = args.microbatch or args.batch_size

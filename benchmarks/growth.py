@@ -43,9 +43,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import (PeakRSS, Recorder, _sync, build_recipe_parts, describe_device, ensure_data,  # noqa: E402
-                    fixed_eval_loader, load_included, loss_at, markdown_table, mean_ms, peak_memory, reset_peak_memory,
-                    rss_bytes, time_to_loss, write_json)
+from common import (PeakRSS, Recorder, _sync, bench_trainer, build_recipe_parts, describe_device,  # noqa: E402
+                    ensure_data, fixed_eval_loader, load_included, loss_at, loss_table, markdown_table, mean_ms,
+                    peak_memory, reset_peak_memory, rss_bytes, time_to_loss, write_json)
 
 RUNS = {"scratch": None, "gstack": "copy", "gstack-fp": "function_preserving"}  # name -> StackLayers init
 SURGERY_OPS = ("stack", "widen", "stack+widen")
@@ -252,13 +252,10 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_trainer(name: str, args: argparse.Namespace, tokenizer, eval_loader, recorder, steps: int):
-    from composer import Trainer
-    from composer.core import Evaluator
     from composer.utils import reproducibility
 
     from composer_growth import StackLayers
-    from composer_growth.data.loaders import build_lm_dataloader
-    from composer_growth.recipe.build import build_model, build_optimizer, build_scheduler
+    from composer_growth.recipe.build import build_model
 
     init = RUNS[name]
     layers = args.layers if init is None else args.layers // 2
@@ -270,16 +267,7 @@ def build_trainer(name: str, args: argparse.Namespace, tokenizer, eval_loader, r
     reproducibility.seed_all(args.seed)
     model = build_model(recipe, tokenizer)
     algorithms = [] if init is None else [StackLayers(at=f"{args.growth_batch}ba", mode="repeat", times=2, init=init)]
-    train_loader = build_lm_dataloader(args.data, "train", args.batch_size, shuffle=True, seed=args.seed)
-    evaluator = Evaluator(label="eval", dataloader=eval_loader, metric_names=["LanguageCrossEntropy"])
-    return Trainer(
-        model=model, train_dataloader=train_loader, eval_dataloader=evaluator,
-        eval_interval=f"{args.eval_interval}ba", max_duration=f"{steps}ba",
-        optimizers=build_optimizer(recipe, model), schedulers=build_scheduler(recipe),
-        algorithms=algorithms, callbacks=[recorder],
-        device=args.device, precision=args.precision, device_train_microbatch_size=args.microbatch,
-        seed=args.seed, progress_bar=False, log_to_console=False, python_log_level="error",
-    )
+    return bench_trainer(args, model, recipe, eval_loader, recorder, steps, algorithms)
 
 
 def run_one(name: str, args: argparse.Namespace, tokenizer, eval_loader, steps: int) -> dict[str, Any]:
@@ -348,12 +336,7 @@ GSTACK_COLUMNS = [("run", "run"), ("layers", "layers"), ("ttt", "time to scratch
 
 def loss_over_time(results: dict[str, dict[str, Any]]) -> str:
     """Eval loss (training seconds) of every run at every eval batch."""
-    names = [r for r in RUNS if r in results]
-    by_batch: dict[int, dict[str, str]] = {}
-    for name in names:
-        for e in results[name]["evals"]:
-            by_batch.setdefault(e["batch"], {"batch": str(e["batch"])})[name] = f"{e['loss']:.4f} ({e['time_s']:.1f} s)"
-    return markdown_table([by_batch[b] for b in sorted(by_batch)], [("batch", "batch"), *[(n, n) for n in names]])
+    return loss_table(results, [r for r in RUNS if r in results])
 
 
 def run_gstack(args: argparse.Namespace) -> dict[str, Any]:

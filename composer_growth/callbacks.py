@@ -63,7 +63,19 @@ class RunSummary(Callback):
             "train_loss": {k: float(v) for k, v in (state.total_loss_dict or {}).items()},
             "events": run_events(state.algorithms),
             "final_params": int(sum(p.numel() for p in state.model.parameters())),
+            "algorithms": self._sections(state),
         }
+
+    @staticmethod
+    def _sections(state: State) -> dict[str, Any]:
+        """What algorithms with a ``run_summary()`` report: a title, console lines and JSON-able records."""
+        out = {}
+        for alg in state.algorithms:
+            report = getattr(alg, "run_summary", None)
+            if callable(report):
+                section = report()
+                out[section["title"]] = section
+        return out
 
     def fit_end(self, state: State, logger: Logger) -> None:
         info = self.summary(state)
@@ -89,6 +101,8 @@ class RunSummary(Callback):
         if info["events"]:
             lines.append("  events")
             lines += [f"    batch {e['batch']:>7}  {e['name']}: {e['text']}" for e in info["events"]]
+        for title, section in info["algorithms"].items():
+            lines += [f"  {title}:", *section["lines"]]
         print("\n".join(lines), flush=True)
         if self.path and "{rank}" not in self.path:
             self._write(self.path, info)

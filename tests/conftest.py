@@ -129,11 +129,11 @@ def read_summary(path) -> dict:
         return json.load(f)
 
 
-def resume_from(recipe: dict, checkpoint: str, workdir):
+def resume_from(recipe: dict, checkpoint: str, workdir, callbacks=()):
     """Run ``recipe`` as a run that stopped right after ``checkpoint`` (a file in its save folder).
 
     The resumed run's save folder holds only that checkpoint, and ``autoresume`` finds it.
-    Returns the trainer and the resumed run's summary.
+    ``callbacks`` join the run's. Returns the trainer and the resumed run's summary.
     """
     import shutil
 
@@ -144,5 +144,7 @@ def resume_from(recipe: dict, checkpoint: str, workdir):
     os.makedirs(resumed["save_folder"])
     shutil.copy(os.path.join(recipe["save_folder"], checkpoint), resumed["save_folder"])
     os.symlink(checkpoint, os.path.join(resumed["save_folder"], "latest-rank0.pt"))
-    trainer = run(validate(resumed))
+    plan = validate(resumed)
+    plan.callbacks.extend(callbacks)
+    trainer = run(plan)
     return trainer, read_summary(resumed["summary_file"])

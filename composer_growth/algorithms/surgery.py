@@ -103,9 +103,10 @@ def grow(state: State, op: Callable[[nn.Module], dict[str, ParamSource]],
     if sharded:
         _shard(state, model, mesh)
     new_optimizers = [transfer_optimizer_state(opt, names, model, mapping) for opt in old_optimizers]
-    if sharded:
-        for opt in new_optimizers:
+    for opt in new_optimizers:
+        if sharded:
             _shard_optimizer_state(opt)
+        init_missing_state(opt)
     state.schedulers = [_rebind_scheduler(s, state.optimizers, new_optimizers) for s in state.schedulers]
     state.optimizers = new_optimizers
     if compiled:
@@ -203,6 +204,44 @@ def _shard_optimizer_state(opt: torch.optim.Optimizer) -> None:
         for key, value in st.items():
             if torch.is_tensor(value) and not isinstance(value, DTensor) and value.shape == p.shape:
                 st[key] = distribute_tensor(value.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+
+
+@torch.no_grad()
+def init_missing_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give every trainable parameter the optimizer holds without state the state its first step creates.
+
+    Fresh parameters (``init="random"``, new LoRA adapters, a new rank) have no optimizer state until
+    they are stepped, and torch's optimizer-state loading wants state for every trainable parameter:
+    a checkpoint written right after the surgery would not load. One step at LR 0 with zero
+    gradients on those parameters only creates it (the others are not touched); counters such as
+    ``step`` are then put back to 0, so the next real step is exactly a first step.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    missing = [p for p in params if p.requires_grad and not optimizer.state.get(p)]
+    if not missing:
+        return
+    grads = {p: p.grad for p in params}
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    try:
+        for p in params:
+            p.grad = None
+        for p in missing:
+            p.grad = torch.zeros_like(p)
+        for group in optimizer.param_groups:
+            group["lr"] = 0.0
+        optimizer.step()
+    finally:
+        for group, lr in zip(optimizer.param_groups, lrs):
+            group["lr"] = lr
+        for p, grad in grads.items():
+            p.grad = grad
+    for p in missing:
+        for key, value in optimizer.state[p].items():
+            if key == "step":
+                if torch.is_tensor(value):
+                    value.zero_()
+                else:
+                    optimizer.state[p][key] = 0
 
 
 def _rebind_scheduler(scheduler: Any, old: list[torch.optim.Optimizer], new: list[torch.optim.Optimizer]) -> Any:

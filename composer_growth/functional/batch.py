@@ -89,9 +89,7 @@ def _take_rows(value: Any, index: list[int]) -> Any:
 
 def select_rows(batch: Mapping[str, Any], rows: int) -> Mapping[str, Any]:
     """The first ``rows`` rows of a batch: sequence and per-row values sliced, others passed through."""
-    kinds = _kinds(batch)
-    index = list(range(min(rows, batch_rows(batch))))
-    return _like(batch, {k: (_take_rows(v, index) if kinds[k] != "other" else v) for k, v in batch.items()})
+    return _like(batch, take_rows(batch, 0, rows))
 
 
 def _like(template: Mapping[str, Any], values: dict[str, Any]) -> Mapping[str, Any]:
@@ -252,3 +250,25 @@ def set_batch_sequence_length(batch: Mapping[str, Any], seq_len: int, mode: str 
     else:
         out = _reshape(batch, kinds, seq_len, pad_token_id)
     return _like(batch, _recount(out, batch, kinds))
+
+
+def take_rows(batch: Mapping[str, Any], start: int, stop: int) -> dict[str, Any]:
+    """Rows ``start:stop`` of a batch: sequence and per-row values sliced, others passed through."""
+    kinds = _kinds(batch)
+    index = list(range(start, min(stop, batch_rows(batch))))
+    return {k: (_take_rows(v, index) if kinds[k] != "other" else v) for k, v in batch.items()}
+
+
+def cat_rows(batches: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """One batch holding the rows of ``batches`` in order (sequence and per-row values joined)."""
+    kinds = _kinds(batches[0])
+    out = {}
+    for key, value in batches[0].items():
+        if kinds[key] == "other":
+            out[key] = value
+        elif isinstance(value, torch.Tensor):
+            out[key] = torch.cat([b[key] for b in batches])
+        else:
+            joined = [x for b in batches for x in b[key]]
+            out[key] = tuple(joined) if isinstance(value, tuple) else joined
+    return out
