@@ -193,7 +193,6 @@ def plan_run(facts: RunFacts, algorithms: list[tuple[str, Any]]) -> dict[str, An
     """Walk the run batch by batch; return segments, events and FLOPs totals (a JSON-able mapping)."""
     from composer_growth.algorithms.context_schedule import ContextLengthSchedule
     from composer_growth.algorithms.growth import _Growth
-    from composer_growth.algorithms.lora_merge import LoraMergeRestart
 
     md = facts.max_duration
     for name, alg in algorithms:
@@ -209,7 +208,8 @@ def plan_run(facts: RunFacts, algorithms: list[tuple[str, Any]]) -> dict[str, An
     lengths = sorted((a for _, a in algorithms if hasattr(a, "plan_length")
                       and getattr(a, "enabled", True)), key=lambda a: getattr(a, "length_rank", 0))
     growths = [(n, a) for n, a in algorithms if isinstance(a, _Growth)]
-    loras = [(n, a, {}) for n, a in algorithms if isinstance(a, LoraMergeRestart)]
+    # algorithms with events of their own at batch ends (LoRA starts and merges, orchestrator timeouts)
+    loras = [(n, a, {}) for n, a in algorithms if hasattr(a, "plan_events") and not isinstance(a, _Growth)]
 
     model = meta_model(facts.model_config)
     base_model_flops = {}  # seq_len -> flops per token of the model as built
@@ -250,7 +250,8 @@ def plan_run(facts: RunFacts, algorithms: list[tuple[str, Any]]) -> dict[str, An
                 token_len = token_len * new // length
             length = new
         for _, alg, record in loras:
-            mult *= alg.plan_lr(clock, record)
+            if hasattr(alg, "plan_lr"):
+                mult *= alg.plan_lr(clock, record)
         tokens = gbs * token_len
         key = (id(model), shape["params"], length)
         if key not in flops_cache:
@@ -289,6 +290,9 @@ def plan_run(facts: RunFacts, algorithms: list[tuple[str, Any]]) -> dict[str, An
                         shape = _shape(model)
                         events.append({**e, "tokens": clock.tokens, "params": shape["params"],
                                        "trainable": shape["trainable"]})
+    for _, alg, record in loras:
+        if hasattr(alg, "plan_pending"):
+            events.extend({**e, "tokens": None} for e in alg.plan_pending(record, clock.batch))
     return {
         "source": facts.source,
         "max_duration": str(md),
@@ -343,7 +347,8 @@ def format_plan(result: dict[str, Any]) -> str:
                      f"lr x{seg['lr_multiplier']:g}")
     lines += ["", "events:"]
     for e in result["events"]:
-        head = f"  batch {e['batch']:>7,}  tok {e['tokens']:>14,}  "
+        head = (f"  batch {e['batch']:>7,}  tok {e['tokens']:>14,}  " if e["batch"] is not None and e["tokens"] is not None
+                else " " * 37)
         if e["event"] == "phase":
             lines.append(head + f"phase {e['phase']}: seq {e['seq_len']}, {e['positions']}, lr x{e['lr_multiplier']:g}")
         elif e["event"] in ("stack_layers", "widen_mlp"):
@@ -352,6 +357,8 @@ def format_plan(result: dict[str, Any]) -> str:
                          f"{e['flops_per_token'][0]:.3g} -> {e['flops_per_token'][1]:.3g}")
         elif e["event"] == "lora_start":
             lines.append(head + f"lora adapters on (rank {e['rank']}): trainable {e['trainable']:,} of {e['params']:,}")
+        elif e["event"] == "orchestrator":
+            lines.append(head + f"orchestrator {e['op']}: {e['text']}")
         elif e["event"] == "lora_merge":
             lines.append(head + f"lora merge {e['merge']} (adapters restart)")
         else:
@@ -388,8 +395,9 @@ def draw_plan(result: dict[str, Any], path: str) -> str | None:
         ax.step(xs, steps(key), where="post")
         ax.set_ylabel(label, fontsize=8)
         for e in result["events"]:
-            ax.axvline(e["batch"], color="grey", lw=0.6, ls="--")
-    for e in result["events"]:
+            if e["batch"] is not None:
+                ax.axvline(e["batch"], color="grey", lw=0.6, ls="--")
+    for e in (e for e in result["events"] if e["batch"] is not None):
         axes[0].annotate(e.get("phase", e["event"]), (e["batch"], axes[0].get_ylim()[1]), fontsize=7,
                          rotation=90, va="top", ha="right")
     axes[-1].set_xlabel("batch")

@@ -801,6 +801,33 @@ class Orchestrator(Algorithm):
     def _since(self, state: State, unit: TimeUnit) -> float:
         return elapsed(state, unit) - float(self.anchor[UNITS[unit]])
 
+    def plan_events(self, now, batch: int, model: torch.nn.Module, record: dict[str, Any]) -> list[dict[str, Any]]:
+        """``composer-growth plan``: the ops whose ``max_wait`` runs out at the end of batch ``batch`` when no
+        loss triggers any (the latest each fires); ``record`` keeps the plan's state."""
+        events = []
+        i = record.setdefault("next", 0)
+        anchor = record.setdefault("anchor", {})
+        while i < len(self.ops):
+            op, wait = self.ops[i], self.ops[i].max_wait
+            if wait is None or now(wait.unit) - anchor.get(wait.unit, 0.0) < float(wait.value):
+                break
+            events.append(self._plan_event(op, batch))
+            record["anchor"] = anchor = {u: now(u) for u in (TimeUnit.BATCH, TimeUnit.TOKEN, TimeUnit.SAMPLE,
+                                                              TimeUnit.DURATION)}
+            i = record["next"] = i + 1
+        return events
+
+    def plan_pending(self, record: dict[str, Any], batch: int) -> list[dict[str, Any]]:
+        """``composer-growth plan``: the ops no timeout fires within the run (only a loss can)."""
+        return [self._plan_event(op, batch, latest=False) for op in self.ops[record.get("next", 0):]]
+
+    @staticmethod
+    def _plan_event(op: Op, batch: int, latest: bool = True) -> dict[str, Any]:
+        when = f"when eval loss < {op.trigger_loss:g}" if op.trigger_loss is not None else "on its timeout"
+        by = f"at the latest by batch {batch}" if latest else "not by a timeout within the run"
+        return {"event": "orchestrator", "batch": batch if latest else None, "op": op.label(),
+                "trigger_loss": op.trigger_loss, "latest_batch": batch if latest else None, "text": f"{when}, {by}"}
+
     def _timeout_due(self, state: State) -> bool:
         """The next op's max_wait has passed (the Trainer's time is the same on every rank)."""
         if self.next_index >= len(self.ops):
