@@ -823,11 +823,11 @@ class ContextLengthSchedule(Algorithm):
             raise ValueError(f"ContextLengthSchedule: phase '{phase.name}' trains at {phase.seq_length} tokens but "
                              f"its batches hold {full}-token sequences; give the phase a dataset prepared at "
                              f">= {phase.seq_length} tokens")
-        before = batch_tokens(batch)
         self._batch_cut = full > phase.seq_length
-        if self._batch_cut:
+        if self._batch_cut:  # a batch at its phase's length is not counted again
+            before = batch_tokens(batch)
             state.batch = set_batch_sequence_length(batch, phase.seq_length, self.mode)
-        self._token_excess = before - batch_tokens(state.batch)
+            self._token_excess = before - batch_tokens(state.batch)
         mb = self._microbatch(phase)
         if mb is not None:
             state.device_train_microbatch_size = mb
