@@ -133,12 +133,13 @@ def _loader(n=64, length=32, batch_size=8):
     return DataLoader(data, batch_size=batch_size, shuffle=False)
 
 
-def _fit(alg, max_duration="8ba", microbatch=8, seed=3, **kw):
+def _fit(alg, max_duration="8ba", microbatch=8, seed=3, loggers=None, **kw):
     torch.manual_seed(seed)
     model = TinyLM()
     trainer = Trainer(model=model, train_dataloader=_loader(**kw), max_duration=max_duration,
                       algorithms=[alg] if alg else [], optimizers=torch.optim.SGD(model.parameters(), lr=0.1),
-                      device_train_microbatch_size=microbatch, seed=seed, progress_bar=False, log_to_console=False)
+                      device_train_microbatch_size=microbatch, seed=seed, progress_bar=False, log_to_console=False,
+                      loggers=loggers)
     trainer.fit()
     return trainer, model
 
@@ -313,6 +314,18 @@ def test_batches_pass_through_once_the_warmup_is_over():
     trainer, model = _fit(alg, max_duration="4ba")
     assert [n for _, n in model.seen] == [8, 8, 32, 32]
     assert int(trainer.state.timestamp.token) == 8 * (8 + 8 + 32 + 32)
+
+
+def test_logs_changes_only_and_nothing_after_the_warmup():
+    from composer.loggers import InMemoryLogger
+
+    memory = InMemoryLogger()
+    alg = SeqLengthWarmup(min_seq_length=8, max_seq_length=32, step_size=8, duration="4ba", preallocate=False)
+    trainer, model = _fit(alg, max_duration="8ba", loggers=[memory])
+    assert [n for _, n in model.seen] == [8, 8, 16, 24] + [32] * 4
+    assert [v for _, v in memory.data["seq_len"]] == [8, 16, 24, 32]  # once per length, not per batch
+    assert [v for _, v in memory.data["tokens/trained"]] == [64, 128, 256, 448]  # the warmup's batches only
+    assert int(trainer.state.timestamp.token) == 8 * (8 + 8 + 16 + 24 + 4 * 32)
 
 
 @pytest.mark.parametrize("warmup_first", [True, False])
