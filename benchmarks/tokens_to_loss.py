@@ -197,6 +197,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for name in runs:
         results[name] = r = run_one(name, args, tokenizer, eval_rows)
+        write_json(args.out + ".partial", {"settings": vars(args), "runs": results})  # kept if the process stops
         print(f"  {name:13s} final eval loss {r['evals'][-1]['loss']:.4f}, {r['tokens']:,} tokens, "
               f"{r['flops']:.3e} FLOPs, wall {r['wall_s']:.0f} s, load {os.getloadavg()[0]:.1f}", flush=True)
     if len({tuple(r["first_ids"]) for r in results.values()}) > 1:

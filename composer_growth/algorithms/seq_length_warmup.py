@@ -168,11 +168,15 @@ class SeqLengthWarmup(Algorithm):
                               self.root_degree)
 
     # -- events -----------------------------------------------------------------------------
+    # A frozenset: Composer asks every algorithm about every event, and a tuple compares with Event's
+    # slow __eq__ once per member; a set hashes once.
+    _EVENTS = frozenset((Event.FIT_START, Event.AFTER_DATALOADER, Event.BATCH_END))
+
     def match(self, event: Event, state: State) -> bool:
-        return event in (Event.FIT_START, Event.AFTER_DATALOADER, Event.BATCH_END)
+        return event in self._EVENTS
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
-        if event == Event.FIT_START:
+        if event is Event.FIT_START:
             if state.max_duration is not None:
                 self.validate_run(state.max_duration, batches_per_epoch=epoch_batches(state))
             times = {"duration": self.duration} if self.steps is None else {
@@ -180,9 +184,9 @@ class SeqLengthWarmup(Algorithm):
             check_progress_known(state, times, within=self.steps is None)
             mb = state.device_train_microbatch_size
             self._base_microbatch = mb if isinstance(mb, int) else None
-        elif event == Event.AFTER_DATALOADER:
+        elif event is Event.AFTER_DATALOADER:
             self._after_dataloader(state, logger)
-        elif event == Event.BATCH_END:
+        elif event is Event.BATCH_END:
             self._batch_end(state, logger)
 
     def _after_dataloader(self, state: State, logger: Logger) -> None:
