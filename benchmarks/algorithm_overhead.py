@@ -43,7 +43,7 @@ MODELS = {
     "small": (dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=4), 16, 128, 40),
     "bench": (dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-                   num_key_value_heads=4), 8, 512, 10),
+                   num_key_value_heads=4), 8, 512, 8),
 }
 VOCAB = 2048
 ACTIVE = (1, 3)  # batches 1 and 2
