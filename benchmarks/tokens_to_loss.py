@@ -22,7 +22,7 @@ Tokens are ``input_ids.numel()`` at ``BATCH_START`` (after the algorithms cut th
 and row length at that batch (6N plus the attention term). *To target* interpolates linearly
 between the evals around the first crossing of the baseline's final eval loss.
 
-    python benchmarks/tokens_to_loss.py --steps 150 --out runs/bench/tokens_to_loss.json
+    python benchmarks/tokens_to_loss.py --steps 100 --eval-interval 10 --eval-batches 2 --out runs/bench/tokens_to_loss.json
 """
 
 from __future__ import annotations
@@ -173,10 +173,10 @@ def run_one(name: str, args, tokenizer, eval_rows) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default="./data/bench-128")
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--eval-interval", type=int, default=15)
-    p.add_argument("--eval-batches", type=int, default=4)
+    p.add_argument("--eval-interval", type=int, default=10)
+    p.add_argument("--eval-batches", type=int, default=2)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=17)
     p.add_argument("--threads", type=int, default=1)
