@@ -28,7 +28,6 @@ between the evals around the first crossing of the baseline's final eval loss.
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import os
 import sys
