@@ -228,6 +228,7 @@ class PeakRSS:
         import threading
 
         self.interval, self.peak = interval, rss_bytes()
+        self.start = self.peak
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 

@@ -33,14 +33,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import (Recorder, base_parser, build_recipe_parts, describe_device, ensure_data, fixed_eval_loader, finish_args,  # noqa: E402
+from common import (PeakRSS, Recorder, base_parser, build_recipe_parts, describe_device, ensure_data, fixed_eval_loader, finish_args,  # noqa: E402
                     load_included, markdown_table, peak_memory, reset_peak_memory, time_to_loss, write_json)
 
-RUNS = ("baseline", "composer", "ours-truncate", "ours-reshape")
+RUNS = ("baseline", "composer", "ours-truncate", "composer-reshape", "ours-reshape-rows", "ours-reshape-tokens",
+        "ours-reshape-bounded")
 
 FULL = dict(family="gpt2", steps=1000, batch_size=32, seq_len=1024, min_seq_len=64, step_size=64,
             eval_interval=50, eval_batches=20, precision="amp_bf16", lr=6e-4, vocab_size=8192,
             max_bytes=150_000_000)
+# the issue's CPU setting: a llama of 4 layers x 256 on 8 x 512 tokens, reshape 128 -> 512
+SMALL = dict(family="llama", steps=20, batch_size=8, seq_len=512, min_seq_len=128, step_size=128,
+             eval_interval=10, eval_batches=2, precision="fp32", lr=1e-3, vocab_size=2048,
+             max_bytes=8_000_000)
 TINY = dict(family="llama", steps=60, batch_size=16, seq_len=128, min_seq_len=32, step_size=16,
             eval_interval=10, eval_batches=8, precision="fp32", lr=3e-3, vocab_size=2048,
             max_bytes=8_000_000)
@@ -48,10 +53,13 @@ TINY = dict(family="llama", steps=60, batch_size=16, seq_len=128, min_seq_len=32
 # rounded down to step_size) give the same length at every batch: 300 // 15 = 20 and 18 // 6 = 3.
 
 
-def model_config(family: str, seq_len: int) -> dict[str, Any]:
+def model_config(family: str, seq_len: int, small: bool = False) -> dict[str, Any]:
     if family == "gpt2":
         return dict(n_embd=768, n_layer=12, n_head=12, n_positions=seq_len, resid_pdrop=0.0, embd_pdrop=0.0,
                     attn_pdrop=0.0)
+    if small:
+        return dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                    num_key_value_heads=4, max_position_embeddings=seq_len, tie_word_embeddings=True)
     return dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=4, max_position_embeddings=seq_len, tie_word_embeddings=True)
 
@@ -59,6 +67,10 @@ def model_config(family: str, seq_len: int) -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = base_parser(__doc__.split("\n\n")[0], RUNS, "runs/bench/seq_length_warmup.json",
                     "a prepared dataset (default: ./data/bench-<seq_len>, built if missing)")
+    p.add_argument("--small", action="store_true", help="a llama 4 layers x 256 on 8 x 512 tokens, warmup from 128 "
+                   "(the CPU microbatch-policy comparison)")
+    p.add_argument("--repeats", type=int, default=1, help="rounds of all --runs, interleaved")
+    p.add_argument("--bound", type=float, default=2.0, help="max_microbatch_scale of ours-reshape-bounded")
     p.add_argument("--batch-size", type=int, help="sequences per batch")
     p.add_argument("--microbatch", type=int, help="device_train_microbatch_size (default: the batch size)")
     p.add_argument("--seq-len", type=int, help="full sequence length (the warmup's max_seq_length)")
@@ -68,11 +80,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-interval", type=int, help="batches between evals")
     p.add_argument("--eval-batches", type=int, help="batches in the fixed validation subset")
     args = p.parse_args(argv)
-    for key, value in (TINY if args.tiny else FULL).items():
+    for key, value in (TINY if args.tiny else SMALL if args.small else FULL).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     finish_args(p, args, RUNS, args.seq_len)
-    if "composer" in args.runs:  # Composer's schedule divides by (warmup batches // length updates)
+    if any(r.startswith("composer") for r in args.runs):  # Composer's schedule divides by (warmup batches // length updates)
         updates = (args.seq_len - args.min_seq_len) // args.step_size
         if updates and int(args.steps * args.warmup_duration) < updates:
             p.error(f"Composer's SeqLengthWarmup needs at least {updates} warmup batches "
@@ -83,7 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     """What must match for two runs to be compared."""
-    keys = ("tiny", "device", "family", "steps", "batch_size", "microbatch", "seq_len", "warmup_duration",
+    keys = ("tiny", "small", "bound", "device", "family", "steps", "batch_size", "microbatch", "seq_len", "warmup_duration",
             "min_seq_len", "step_size", "eval_interval", "eval_batches", "precision", "lr", "seed", "threads", "data")
     return {k: getattr(args, k) for k in keys}
 
@@ -93,15 +105,18 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
 def make_algorithms(name: str, args: argparse.Namespace) -> list[Any]:
     if name == "baseline":
         return []
-    if name == "composer":
+    if name.startswith("composer"):
         from composer.algorithms import SeqLengthWarmup as ComposerSeqLengthWarmup
 
         return [ComposerSeqLengthWarmup(duration=args.warmup_duration, min_seq_length=args.min_seq_len,
-                                        max_seq_length=args.seq_len, step_size=args.step_size, truncate=True)]
+                                        max_seq_length=args.seq_len, step_size=args.step_size,
+                                        truncate=name == "composer")]
     from composer_growth import SeqLengthWarmup
 
+    mode, _, policy = name.split("-", 1)[1].partition("-")  # ours-reshape-rows: reshape, rows
     return [SeqLengthWarmup(min_seq_length=args.min_seq_len, max_seq_length=args.seq_len, step_size=args.step_size,
-                            duration=args.warmup_duration, schedule="linear", mode=name.split("-", 1)[1])]
+                            duration=args.warmup_duration, schedule="linear", mode=mode,
+                            microbatch_policy=policy or "rows", max_microbatch_scale=args.bound)]
 
 
 def build_trainer(name: str, args: argparse.Namespace, recipe, tokenizer, init_state, eval_loader, recorder,
@@ -144,8 +159,14 @@ def run_one(name: str, args: argparse.Namespace, recipe, tokenizer, init_state, 
               flush=True)
     recorder = Recorder()
     trainer = build_trainer(name, args, recipe, tokenizer, init_state, eval_loader, recorder, args.steps)
-    trainer.fit()
-    memory = peak_memory(args.device)
+    if args.device == "gpu":
+        trainer.fit()
+        memory = peak_memory(args.device)
+    else:  # peak resident set size above the run's start (see RESULTS.md: MALLOC_MMAP_THRESHOLD_)
+        gc.collect()
+        with PeakRSS(interval=0.005) as rss:
+            trainer.fit()
+        memory = rss.peak - rss.start if rss.peak is not None else None
     composer_tokens = int(trainer.state.timestamp.token)
     trainer.close()
     del trainer
@@ -239,7 +260,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ensure_data(args.data, args.seq_len, args.vocab_size, args.max_bytes)
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(args.data, "tokenizer"))
     lr_warmup = f"{max(1, round(0.05 * args.steps))}ba"  # 5% of the run
-    recipe = build_recipe_parts(args.family, model_config(args.family, args.seq_len), args.lr, t_warmup=lr_warmup)
+    recipe = build_recipe_parts(args.family, model_config(args.family, args.seq_len, args.small), args.lr,
+                                t_warmup=lr_warmup)
     reproducibility.seed_all(args.seed)
     init_model = build_model(recipe, tokenizer)
     init_state = copy.deepcopy(init_model.state_dict())
@@ -255,21 +277,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(header, flush=True)
     results = load_included(args.include, settings(args)) if args.include else {}
     prime(args, recipe, tokenizer, init_state, eval_loader)
-    for name in args.runs:
-        start = time.perf_counter()
-        results[name] = run_one(name, args, recipe, tokenizer, init_state, eval_loader)
-        r = results[name]
-        print(f"  {name:14s} final eval loss {r['evals'][-1]['loss']:.4f}, train {r['train_time_s']:.1f} s "
-              f"(wall {time.perf_counter() - start:.1f} s), {r['tokens']:,} tokens, first ids {r['first_ids']}",
-              flush=True)
+    repeats: dict[str, list[dict[str, Any]]] = {}
+    for rep in range(args.repeats):  # variants interleaved: a change in the machine's load hits every one
+        for name in args.runs:
+            start = time.perf_counter()
+            r = run_one(name, args, recipe, tokenizer, init_state, eval_loader)
+            r["load"] = os.getloadavg()[0]
+            repeats.setdefault(name, []).append(r)
+            results[name] = r
+            print(f"  {name:20s} final eval loss {r['evals'][-1]['loss']:.4f}, train {r['train_time_s']:.1f} s "
+                  f"(wall {time.perf_counter() - start:.1f} s), {r['tokens']:,} tokens, first ids {r['first_ids']}, "
+                  f"load {r['load']:.1f}", flush=True)
     if len({tuple(r["first_ids"]) for r in results.values()}) > 1:
         print("WARNING: the runs did not see the same first batch", flush=True)
 
     rows = summarize(results, args)
     table = markdown_table(rows, COLUMNS)
+    if args.repeats > 1:  # every repeat's rows (each against the same repeat's baseline)
+        tables = []
+        for i in range(args.repeats):
+            rows_i = summarize({n: rs[i] for n, rs in repeats.items()}, args)
+            for row, n in zip(rows_i, [r for r in RUNS if r in repeats]):
+                row["run"] = f"{n} (#{i + 1}, load {repeats[n][i]['load']:.1f})"
+            tables.extend(rows_i)
+        table = markdown_table(tables, COLUMNS)
     out = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": describe_device(args.device),
            "command": " ".join([os.path.basename(sys.executable), *sys.argv]), "settings": settings(args),
-           "params": n_params, "header": header, "runs": results, "table": table}
+           "params": n_params, "header": header, "runs": results, "repeats": repeats, "table": table}
     write_json(args.out, out)
     print(f"\nresults: {args.out}\ntime to target: training seconds (evals left out) at which the eval loss first "
           "reaches the baseline's final eval loss, interpolated linearly between evals (tokens to it: the same in "

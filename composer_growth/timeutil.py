@@ -154,9 +154,10 @@ def uncount_tokens(state: State, excess: int, reduce: bool) -> None:
     the batch calls this at ``Event.BATCH_END`` with this rank's excess. ``reduce`` sums it over
     ranks and must be the same on every rank.
     """
-    if reduce:
+    from composer.utils import dist
+
+    if reduce and dist.get_world_size() > 1:  # one rank: no collective, no device round trip
         import torch
-        from composer.utils import dist
 
         t = state.device.tensor_to_device(torch.tensor([excess], dtype=torch.int64))
         dist.all_reduce(t, reduce_operation="SUM")

@@ -133,12 +133,13 @@ def _loader(n=64, length=32, batch_size=8):
     return DataLoader(data, batch_size=batch_size, shuffle=False)
 
 
-def _fit(alg, max_duration="8ba", microbatch=8, seed=3, **kw):
+def _fit(alg, max_duration="8ba", microbatch=8, seed=3, loggers=None, **kw):
     torch.manual_seed(seed)
     model = TinyLM()
     trainer = Trainer(model=model, train_dataloader=_loader(**kw), max_duration=max_duration,
                       algorithms=[alg] if alg else [], optimizers=torch.optim.SGD(model.parameters(), lr=0.1),
-                      device_train_microbatch_size=microbatch, seed=seed, progress_bar=False, log_to_console=False)
+                      device_train_microbatch_size=microbatch, seed=seed, progress_bar=False, log_to_console=False,
+                      loggers=loggers)
     trainer.fit()
     return trainer, model
 
@@ -178,14 +179,25 @@ def test_root_and_step_schedules():
     assert [s[1] for s in model.seen] == [8, 8, 16, 16, 16, 32]
 
 
-def test_reshape_keeps_tokens_per_microbatch():
+# 8 rows x 32 tokens per batch, microbatch 4; lengths 8, 8, 16, 24, 32, 32 (reshaped: 32, 32, 16, 10, 8, 8 rows)
+MICROBATCHES = {
+    # 4 x 32 = 128 tokens per microbatch at every length: two microbatches per batch, as at full length
+    "tokens": [(16, 8)] * 4 + [(8, 16)] * 2 + [(5, 24)] * 2 + [(4, 32)] * 4,
+    # 4 rows per microbatch at every length (Composer's reshape): more, shorter microbatches
+    "rows": [(4, 8)] * 16 + [(4, 16)] * 4 + [(4, 24), (4, 24), (2, 24)] + [(4, 32)] * 4,
+    # as "tokens", at most 2 x 4 rows
+    "bounded": [(8, 8)] * 8 + [(8, 16)] * 2 + [(5, 24)] * 2 + [(4, 32)] * 4,
+}
+
+
+@pytest.mark.parametrize("policy", sorted(MICROBATCHES))
+def test_reshape_microbatch_policy(policy):
     alg = SeqLengthWarmup(min_seq_length=8, max_seq_length=32, step_size=8, duration="4ba", mode="reshape",
-                          preallocate=False)
+                          preallocate=False, microbatch_policy=policy, max_microbatch_scale=2)
     trainer, model = _fit(alg, max_duration="6ba", microbatch=4)
-    # 8 rows x 32 tokens per batch; microbatches of 4 x 32 = 128 tokens at every length
-    # lengths 8, 8, 16, 24, 32, 32: two microbatches per batch, as at full length
-    assert model.seen == [(16, 8)] * 4 + [(8, 16)] * 2 + [(5, 24)] * 2 + [(4, 32)] * 4
+    assert model.seen == MICROBATCHES[policy]
     assert int(trainer.state.timestamp.token) == 6 * 8 * 32 - 16  # only length 24 drops 256 % 24 tokens
+    assert sum(r * n for r, n in model.seen) == 6 * 8 * 32 - 16
     assert trainer.state.device_train_microbatch_size == 4
 
 
@@ -209,6 +221,9 @@ def test_preallocation_draws_no_data_or_randomness():
     (dict(preallocate="yes"), "preallocate"),
     (dict(preserve_end_of_sequence=1), "preserve_end_of_sequence"),
     (dict(pad_token_id=-1), "pad_token_id"),
+    (dict(microbatch_policy="auto"), "microbatch_policy"),
+    (dict(max_microbatch_scale=0.5), "max_microbatch_scale"),
+    (dict(max_microbatch_scale="2"), "max_microbatch_scale"),
     (dict(schedule=[[0, 8], ["2ba", 16]], min_seq_length=8, max_seq_length=32), "schedule"),
     (dict(schedule=[[0, 8], ["2ba", 32], ["1ba", 32]], min_seq_length=8, max_seq_length=32), "schedule"),
 ])
@@ -261,11 +276,14 @@ def test_recipe_validation_against_run_and_data(tiny_recipe):
         validate(_warmup_recipe(tiny_recipe, step_size=0))
     with pytest.raises(ConfigError, match=r"^algorithms.seq_length_warmup.duration='12ba': must end within"):
         validate(_warmup_recipe(tiny_recipe, duration="12ba"))
+    with pytest.raises(ConfigError, match=r"^algorithms.seq_length_warmup.microbatch_policy='row': one of tokens, rows"):
+        validate(_warmup_recipe(tiny_recipe, microbatch_policy="row"))
 
 
-@pytest.mark.parametrize("mode", ["truncate", "reshape"])
-def test_resume_mid_warmup_matches_uninterrupted(tiny_recipe, tmp_path, mode):
-    full = _warmup_recipe(tiny_recipe, mode=mode)
+@pytest.mark.parametrize("mode, policy", [("truncate", "rows"), ("reshape", "rows"), ("reshape", "tokens"),
+                                          ("reshape", "bounded")])
+def test_resume_mid_warmup_matches_uninterrupted(tiny_recipe, tmp_path, mode, policy):
+    full = _warmup_recipe(tiny_recipe, mode=mode, microbatch_policy=policy)
     run(validate(full))
     with open(full["summary_file"]) as f:
         uninterrupted = json.load(f)
@@ -299,6 +317,18 @@ def test_batches_pass_through_once_the_warmup_is_over():
     trainer, model = _fit(alg, max_duration="4ba")
     assert [n for _, n in model.seen] == [8, 8, 32, 32]
     assert int(trainer.state.timestamp.token) == 8 * (8 + 8 + 32 + 32)
+
+
+def test_logs_changes_only_and_nothing_after_the_warmup():
+    from composer.loggers import InMemoryLogger
+
+    memory = InMemoryLogger()
+    alg = SeqLengthWarmup(min_seq_length=8, max_seq_length=32, step_size=8, duration="4ba", preallocate=False)
+    trainer, model = _fit(alg, max_duration="8ba", loggers=[memory])
+    assert [n for _, n in model.seen] == [8, 8, 16, 24] + [32] * 4
+    assert [v for _, v in memory.data["seq_len"]] == [8, 16, 24, 32]  # once per length, not per batch
+    assert [v for _, v in memory.data["tokens/trained"]] == [64, 128, 256, 448]  # the warmup's batches only
+    assert int(trainer.state.timestamp.token) == 8 * (8 + 8 + 16 + 24 + 4 * 32)
 
 
 @pytest.mark.parametrize("warmup_first", [True, False])

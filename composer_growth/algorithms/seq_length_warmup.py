@@ -2,7 +2,7 @@
 
 The batch op lives in :mod:`composer_growth.functional.batch`; this Algorithm decides the
 length from the run's progress, keeps Composer's token count equal to the tokens trained,
-keeps tokens per microbatch constant in reshape mode, and pre-allocates memory once at the
+sizes reshaped microbatches by ``microbatch_policy``, and pre-allocates memory once at the
 longest length without drawing data or random numbers.
 """
 
@@ -28,6 +28,7 @@ from composer_growth.timeutil import (check_progress_known, elapsed, epoch_batch
                                       uncount_tokens)
 
 SCHEDULES = ("linear", "root")
+MICROBATCH_POLICIES = ("tokens", "rows", "bounded")
 
 
 def _warmup_length(p: float, min_len: int, max_len: int, step: int, schedule: str, degree: float) -> int:
@@ -53,7 +54,13 @@ class SeqLengthWarmup(Algorithm):
             (``[[0, 64], ["0.1dur", 256], ["0.2dur", 1024]]``): the length of the last step reached.
         root_degree: the degree of the ``root`` schedule.
         mode: ``truncate`` (drop the tail of each row) or ``reshape`` (cut rows into more, shorter rows,
-            keeping every token; rows per microbatch grow so tokens per microbatch stay constant).
+            keeping every token).
+        microbatch_policy: reshape mode's rows per microbatch: ``rows`` (keep the Trainer's microbatch
+            rows: more, shorter microbatches, as Composer's reshape), ``tokens`` (raise the rows so tokens
+            per microbatch stay constant) or ``bounded`` (the default, the fastest measured on a CPU: as
+            ``tokens``, at most ``max_microbatch_scale`` times the Trainer's rows).
+        max_microbatch_scale: the ``bounded`` policy's limit on rows per microbatch, as a multiple of
+            the Trainer's microbatch size.
         preserve_end_of_sequence: in truncate mode, keep each row's last real token.
         preallocate: one forward and backward at ``max_seq_length`` before the first step.
         pad_token_id: fill for padded rows in reshape mode.
@@ -62,7 +69,7 @@ class SeqLengthWarmup(Algorithm):
     def __init__(self, min_seq_length: int = 64, max_seq_length: int = 1024, step_size: int = 64,
                  duration: Any = "0.3dur", schedule: Any = "linear", root_degree: float = 2.0,
                  mode: str = "truncate", preserve_end_of_sequence: bool = False, preallocate: bool = True,
-                 pad_token_id: int = 0):
+                 pad_token_id: int = 0, microbatch_policy: str = "bounded", max_microbatch_scale: float = 2.0):
         check(isinstance(min_seq_length, int) and min_seq_length >= 1, "min_seq_length", min_seq_length,
               "a positive integer")
         check(isinstance(max_seq_length, int) and max_seq_length >= min_seq_length, "max_seq_length",
@@ -73,6 +80,11 @@ class SeqLengthWarmup(Algorithm):
         check_flag(preserve_end_of_sequence, "preserve_end_of_sequence")
         check_flag(preallocate, "preallocate")
         check_int(pad_token_id, "pad_token_id", minimum=0)
+        check(microbatch_policy in MICROBATCH_POLICIES, "microbatch_policy", microbatch_policy,
+              f"one of {', '.join(MICROBATCH_POLICIES)}")
+        check(isinstance(max_microbatch_scale, (int, float)) and not isinstance(max_microbatch_scale, bool)
+              and max_microbatch_scale >= 1, "max_microbatch_scale", max_microbatch_scale, "a number >= 1")
+        self.microbatch_policy, self.max_microbatch_scale = microbatch_policy, float(max_microbatch_scale)
         self.min_seq_length, self.max_seq_length, self.step_size = min_seq_length, max_seq_length, step_size
         self.duration = parse_time(duration, "duration")
         self.mode, self.root_degree = mode, float(root_degree)
@@ -95,6 +107,7 @@ class SeqLengthWarmup(Algorithm):
         self._token_excess = 0
         self._active = False
         self._preallocated = False
+        self._logged_len: int | None = None
 
     def _parse_steps(self, schedule) -> list[tuple[Time, int]]:
         steps = []
@@ -168,11 +181,15 @@ class SeqLengthWarmup(Algorithm):
         return length if self.over_at(now) else min(length, self.length_for(now))
 
     # -- events -----------------------------------------------------------------------------
+    # A frozenset: Composer asks every algorithm about every event, and a tuple compares with Event's
+    # slow __eq__ once per member; a set hashes once.
+    _EVENTS = frozenset((Event.FIT_START, Event.AFTER_DATALOADER, Event.BATCH_END))
+
     def match(self, event: Event, state: State) -> bool:
-        return event in (Event.FIT_START, Event.AFTER_DATALOADER, Event.BATCH_END)
+        return event in self._EVENTS
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
-        if event == Event.FIT_START:
+        if event is Event.FIT_START:
             if state.max_duration is not None:
                 self.validate_run(state.max_duration, batches_per_epoch=epoch_batches(state))
             times = {"duration": self.duration} if self.steps is None else {
@@ -180,9 +197,9 @@ class SeqLengthWarmup(Algorithm):
             check_progress_known(state, times, within=self.steps is None)
             mb = state.device_train_microbatch_size
             self._base_microbatch = mb if isinstance(mb, int) else None
-        elif event == Event.AFTER_DATALOADER:
+        elif event is Event.AFTER_DATALOADER:
             set_batch_lengths(self, state, logger)
-        elif event == Event.BATCH_END:
+        elif event is Event.BATCH_END:
             self._batch_end(state, logger)
 
     #: runs after a context schedule's phase length is set, whatever the list order (see algorithms.order)
@@ -207,16 +224,28 @@ class SeqLengthWarmup(Algorithm):
         # others that set the length later (e.g. a context-length schedule).
         self._active = not self._over(state)
         self.seq_len = self.length_at(state) if self._active else full
-        before = batch_tokens(batch)
-        if self.seq_len < full:
+        if self.seq_len < full:  # batches at full length are not counted again
+            before = batch_tokens(batch)
             state.batch = set_batch_sequence_length(batch, self.seq_len, self.mode, self.preserve_end_of_sequence,
                                                     self.pad_token_id)
-        self._token_excess = before - batch_tokens(state.batch)
-        if self.mode == "reshape" and self._base_microbatch is not None and self.seq_len < full:
-            rows = max(1, self._base_microbatch * full // self.seq_len)
-            state.device_train_microbatch_size = rows
-            self._set_microbatch = rows
-        logger.log_metrics({"seq_len": self.seq_len})
+            self._token_excess = before - batch_tokens(state.batch)
+            if self.mode == "reshape" and self._base_microbatch is not None:
+                rows = self.microbatch_rows(self._base_microbatch, full, self.seq_len)
+                if rows != self._base_microbatch:
+                    state.device_train_microbatch_size = rows
+                    self._set_microbatch = rows
+        if self.seq_len != self._logged_len:  # logged when it changes, not every batch
+            self._logged_len = self.seq_len
+            logger.log_metrics({"seq_len": self.seq_len})
+
+    def microbatch_rows(self, base: int, full: int, length: int) -> int:
+        """Rows per microbatch for a batch of ``full``-token rows reshaped to ``length``, by the policy."""
+        if self.microbatch_policy == "rows":
+            return base
+        rows = max(1, base * full // length)  # as many tokens per microbatch as at full length
+        if self.microbatch_policy == "bounded":
+            rows = max(base, min(rows, int(base * self.max_microbatch_scale)))
+        return rows
 
     def _batch_end(self, state: State, logger: Logger) -> None:
         if self._set_microbatch is not None:
@@ -228,9 +257,10 @@ class SeqLengthWarmup(Algorithm):
             self._set_microbatch = None
         # Composer counted the batch before it was shortened: count what was trained instead.
         # (self._active follows the run's time: the same answer on every rank)
-        uncount_tokens(state, self._token_excess, reduce=self._active)
-        self._token_excess = 0
-        logger.log_metrics({"tokens/trained": int(state.timestamp.token)})
+        if self._active:  # after the warmup no batch is cut: nothing to take off, no collective
+            uncount_tokens(state, self._token_excess, reduce=True)
+            self._token_excess = 0
+            logger.log_metrics({"tokens/trained": int(state.timestamp.token)})
 
     def _preallocate(self, state: State, batch: Mapping[str, Any]) -> None:
         """One forward and backward at max_seq_length on a copy of this batch; no data, no RNG drawn.

@@ -1,0 +1,241 @@
+"""Tokens and training FLOPs each algorithm needs to reach the baseline's final eval loss.
+
+A device-independent comparison: token counts and FLOPs do not depend on timing, so a shared,
+busy CPU only costs wall time. One process trains every variant with a real Composer ``Trainer``,
+one after another, on the same data in the same order (checked), with the same optimizer
+(DecoupledAdamW) and schedule (cosine with a 5% warmup to 10% of the peak). Variants (the final
+model is the baseline's: a llama 4 layers x 128, MLP 512, tied embeddings, 128-token rows):
+
+- ``baseline``: the final model at 128 tokens throughout.
+- ``warmup``: ``SeqLengthWarmup`` 32 -> 128 (steps of 32) over the first 30%, reshape.
+- ``context``: ``ContextLengthSchedule`` 64 tokens for 70% of the run (model context 64), then 128
+  with linear RoPE scaling x2 (the quickstart's schedule).
+- ``stack_layers``: 2 layers, stacked to 4 (``function_preserving``) at 30%.
+- ``widen_mlp``: MLP 256, widened x2 at 60% (noise 0.001).
+- ``combined``: the quickstart recipe's four algorithms together (2 layers, MLP 256, context 64;
+  warmup 32 -> 64 within the first phase; stack at 30%, widen at 60%; 128 with RoPE x2 at 70%).
+
+Every ``--eval-interval`` batches and at the end, a callback evaluates the model as it stands on
+the same fixed validation rows at the full 128 tokens (plain HF forward with labels, no grad).
+Tokens are ``input_ids.numel()`` at ``BATCH_START`` (after the algorithms cut the batch); FLOPs are
+``tokens x composer_growth.functional.training_flops_per_token(config, L)`` for the model's config
+and row length at that batch (6N plus the attention term). *To target* interpolates linearly
+between the evals around the first crossing of the baseline's final eval loss.
+
+    python benchmarks/tokens_to_loss.py --steps 100 --eval-interval 10 --eval-batches 2 --out runs/bench/tokens_to_loss.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import time
+from typing import Any
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+from composer.core import Callback, State  # noqa: E402
+from composer.loggers import Logger  # noqa: E402
+
+from common import (build_recipe_parts, describe_device, ensure_data, fixed_eval_loader, markdown_table,  # noqa: E402
+                    time_to_loss, write_json)
+
+RUNS = ("baseline", "warmup", "context", "stack_layers", "widen_mlp", "combined")
+FINAL = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=4, max_position_embeddings=128, tie_word_embeddings=True)
+SEQ = 128
+
+
+def start_config(name: str) -> dict[str, Any]:
+    cfg = dict(FINAL)
+    if name in ("stack_layers", "combined"):
+        cfg["num_hidden_layers"] = 2
+    if name in ("widen_mlp", "combined"):
+        cfg["intermediate_size"] = 256
+    if name in ("context", "combined"):
+        cfg["max_position_embeddings"] = 64
+    return cfg
+
+
+def make_algorithms(name: str) -> list[Any]:
+    from composer_growth import SeqLengthWarmup
+    from composer_growth.algorithms.context_schedule import ContextLengthSchedule
+    from composer_growth.algorithms.growth import StackLayers, WidenMLP
+
+    def schedule():
+        return ContextLengthSchedule(
+            phases=[{"name": "ctx64", "seq_length": 64, "duration": "0.7dur"},
+                    {"name": "ctx128", "seq_length": 128, "duration": "0.3dur",
+                     "rope_scaling": {"rope_type": "linear", "factor": 2.0}}],
+            mode="reshape", save_checkpoints=False, export_hf=False, eval_batches=0, verbose=False)
+
+    stack = lambda: StackLayers(at="0.3dur", mode="repeat", times=2, init="function_preserving")  # noqa: E731
+    widen = lambda: WidenMLP(at="0.6dur", factor=2.0, noise_std=0.001)  # noqa: E731
+    if name == "baseline":
+        return []
+    if name == "warmup":
+        return [SeqLengthWarmup(min_seq_length=32, max_seq_length=128, step_size=32, duration="0.3dur",
+                                mode="reshape")]
+    if name == "context":
+        return [schedule()]
+    if name == "stack_layers":
+        return [stack()]
+    if name == "widen_mlp":
+        return [widen()]
+    return [schedule(), SeqLengthWarmup(min_seq_length=32, max_seq_length=64, step_size=32, duration="0.3dur",
+                                        mode="reshape"), stack(), widen()]
+
+
+class Counter(Callback):
+    """Tokens and FLOPs trained, and eval losses at full length on fixed rows, every ``interval`` batches."""
+
+    def __init__(self, eval_rows: list[torch.Tensor], interval: int):
+        self.eval_rows, self.interval = eval_rows, interval
+        self.tokens = 0
+        self.flops = 0.0
+        self.evals: list[dict[str, float]] = []
+        self.first_ids: list[int] = []
+        self.lengths: list[int] = []
+        self.train_s = 0.0
+        self.params_start = 0
+        self._t = 0.0
+
+    def _hf(self, state: State):
+        from composer_growth.families import unwrap_hf
+
+        return unwrap_hf(state.model)
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        self.params_start = sum(p.numel() for p in self._hf(state).parameters())
+
+    def batch_start(self, state: State, logger: Logger) -> None:
+        from composer_growth.functional import training_flops_per_token
+
+        ids = state.batch["input_ids"]
+        if not self.first_ids:
+            self.first_ids = ids[0, :8].tolist()
+        n, length = int(ids.numel()), int(ids.shape[1])
+        self.tokens += n
+        self.flops += n * training_flops_per_token(self._hf(state).config, length)
+        self.lengths.append(length)
+        self._t = time.perf_counter()
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        self.train_s += time.perf_counter() - self._t
+        batch = int(state.timestamp.batch)
+        done = state.max_duration is not None and state.timestamp >= state.max_duration
+        if batch % self.interval == 0 or done:
+            self.evals.append({"batch": batch, "tokens": self.tokens, "flops": self.flops, "loss": self.evaluate(state),
+                               "params": sum(p.numel() for p in self._hf(state).parameters())})
+
+    @torch.no_grad()
+    def evaluate(self, state: State) -> float:
+        hf = self._hf(state)
+        was = hf.training
+        hf.eval()
+        losses = [float(hf(input_ids=ids, labels=ids).loss) for ids in self.eval_rows]
+        hf.train(was)
+        return sum(losses) / len(losses)
+
+
+def run_one(name: str, args, tokenizer, eval_rows) -> dict[str, Any]:
+    from composer import Trainer
+    from composer.utils import reproducibility
+
+    from composer_growth.data.loaders import build_lm_dataloader
+    from composer_growth.recipe.build import build_model, build_optimizer, build_scheduler
+
+    recipe = build_recipe_parts("llama", start_config(name), args.lr, t_warmup="0.05dur")
+    reproducibility.seed_all(args.seed)
+    model = build_model(recipe, tokenizer)
+    counter = Counter(eval_rows, args.eval_interval)
+    loader = build_lm_dataloader(args.data, "train", args.batch_size, shuffle=True, seed=args.seed)
+    trainer = Trainer(model=model, train_dataloader=loader, max_duration=f"{args.steps}ba",
+                      optimizers=build_optimizer(recipe, model), schedulers=build_scheduler(recipe),
+                      algorithms=make_algorithms(name), callbacks=[counter], device="cpu", precision="fp32",
+                      device_train_microbatch_size=args.batch_size, seed=args.seed, progress_bar=False,
+                      log_to_console=False, python_log_level="error")
+    start = time.perf_counter()
+    trainer.fit()
+    wall = time.perf_counter() - start
+    trainer.close()
+    return {"evals": counter.evals, "tokens": counter.tokens, "flops": counter.flops, "first_ids": counter.first_ids,
+            "lengths": counter.lengths, "train_s": counter.train_s, "wall_s": wall,
+            "params_start": counter.params_start,
+            "params_end": counter.evals[-1]["params"] if counter.evals else None}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default="./data/bench-128")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--eval-interval", type=int, default=10)
+    p.add_argument("--eval-batches", type=int, default=2)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=17)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--runs", default=",".join(RUNS))
+    p.add_argument("--out", default="runs/bench/tokens_to_loss.json")
+    args = p.parse_args(argv)
+    runs = [r for r in args.runs.split(",") if r]
+    assert all(r in RUNS for r in runs), runs
+    torch.set_num_threads(args.threads)
+    from transformers import AutoTokenizer
+
+    ensure_data(args.data, SEQ, 2048, 8_000_000)
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(args.data, "tokenizer"))
+    loader = fixed_eval_loader(args.data, "val", args.batch_size, args.eval_batches, SEQ)
+    eval_rows = [b["input_ids"] for b in loader]
+    print(f"tokens_to_loss on {describe_device('cpu')}: {args.steps} steps of {args.batch_size} x {SEQ}; "
+          f"load {os.getloadavg()}", flush=True)
+    results: dict[str, Any] = {}
+    for name in runs:
+        results[name] = r = run_one(name, args, tokenizer, eval_rows)
+        write_json(args.out + ".partial", {"settings": vars(args), "runs": results})  # kept if the process stops
+        print(f"  {name:13s} final eval loss {r['evals'][-1]['loss']:.4f}, {r['tokens']:,} tokens, "
+              f"{r['flops']:.3e} FLOPs, wall {r['wall_s']:.0f} s, load {os.getloadavg()[0]:.1f}", flush=True)
+    if len({tuple(r["first_ids"]) for r in results.values()}) > 1:
+        print("WARNING: the runs did not see the same first batch", flush=True)
+    base = results.get("baseline")
+    target = base["evals"][-1]["loss"] if base else None
+    rows = []
+    for name, r in results.items():
+        tok = time_to_loss(r["evals"], target, "tokens") if target is not None else None
+        fl = time_to_loss(r["evals"], target, "flops") if target is not None else None
+        btok = time_to_loss(base["evals"], target, "tokens") if base else None
+        bfl = time_to_loss(base["evals"], target, "flops") if base else None
+        r.update(tokens_to_target=tok, flops_to_target=fl)
+        rows.append({
+            "run": name, "params": f"{r['params_start'] / 1e6:.2f} -> {r['params_end'] / 1e6:.2f}",
+            "loss": f"{r['evals'][-1]['loss']:.4f}",
+            "tok": "not reached" if tok is None else f"{tok:,.0f}",
+            "tokx": "n/a" if tok is None or not btok else f"{tok / btok:.2f}",
+            "fl": "not reached" if fl is None else f"{fl:.3e}",
+            "flx": "n/a" if fl is None or not bfl else f"{fl / bfl:.2f}",
+            "ttok": f"{r['tokens']:,}", "tfl": f"{r['flops']:.3e}",
+        })
+    columns = [("run", "run"), ("params", "params (M) start -> end"), ("loss", "final eval loss"),
+               ("tok", "tokens to baseline's final loss"), ("tokx", "vs baseline"),
+               ("fl", "training FLOPs to it"), ("flx", "vs baseline"), ("ttok", "tokens trained"),
+               ("tfl", "FLOPs trained")]
+    table = markdown_table(rows, columns)
+    curve = ["| batch | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
+    for i, e in enumerate(next(iter(results.values()))["evals"]):
+        curve.append(f"| {e['batch']} | " + " | ".join(
+            f"{r['evals'][i]['loss']:.4f}" if i < len(r["evals"]) else "" for r in results.values()) + " |")
+    out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "device": describe_device("cpu"), "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+           "settings": {k: v for k, v in vars(args).items() if k != "out"}, "final_config": FINAL,
+           "runs": results, "table": table, "curve": "\n".join(curve)}
+    write_json(args.out, out)
+    print("\n" + table + "\n\neval loss at full length by batch:\n" + "\n".join(curve), flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()
