@@ -320,6 +320,9 @@ def test_lora_phase_exports_adapters_that_reload(tmp_path, data16, tiny_data):
     reloaded = PeftModel.from_pretrained(base, os.path.join(folder, "adapter")).eval()
     live = trainer.state.model.model.eval()
     assert torch.allclose(_logits(reloaded, 32), _logits(live, 32), atol=1e-6, rtol=0)
+    merged = AutoModelForCausalLM.from_pretrained(os.path.join(folder, "merged")).eval()  # a plain model
+    assert not any("lora_" in name for name, _ in merged.named_parameters())
+    assert torch.allclose(_logits(merged, 32), _logits(live, 32), atol=1e-5, rtol=0)
 
 
 # -- validation: one line naming the key, before training --------------------------------------------------

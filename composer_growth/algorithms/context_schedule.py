@@ -1241,6 +1241,8 @@ class ContextLengthSchedule(Algorithm):
             else:
                 hf.config.save_pretrained(folder)
             _save_adapter(peft, os.path.join(folder, "adapter"))
+            # and one plain model with every adapter folded in, which `from_pretrained` loads alone
+            save_pretrained(hf, os.path.join(folder, "merged"), state_dict=merged_state_dict(hf))
         tokenizer = getattr(unwrap_composer(state.model), "tokenizer", None)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
