@@ -21,6 +21,16 @@ from torch.utils.data import DataLoader
 
 # -- data ---------------------------------------------------------------------------------------
 
+def set_up(args: Any) -> Any:
+    """The threads of ``--threads``, the benchmark's dataset (built on first use) and its tokenizer."""
+    from transformers import AutoTokenizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ensure_data(args.data, args.seq_len, args.vocab_size, args.max_bytes)
+    return AutoTokenizer.from_pretrained(os.path.join(args.data, "tokenizer"))
+
+
 def ensure_data(path: str, seq_len: int, vocab_size: int, max_bytes: int) -> str:
     """A prepared dataset at ``path`` (built from this machine's Python source if missing)."""
     from composer_growth.data.prepare import prepare_dataset, read_manifest

@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import (Recorder, base_parser, build_recipe_parts, describe_device, ensure_data, finish_args,  # noqa: E402
+from common import (Recorder, set_up, base_parser, build_recipe_parts, describe_device, finish_args,  # noqa: E402
                     fixed_eval_loader, markdown_table, mean_ms, peak_memory, reset_peak_memory, write_json)
 
 RUNS = ("full", "lora", "relora", "relora-warm")
@@ -192,13 +192,8 @@ def loss_over_tokens(results: dict[str, dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from transformers import AutoTokenizer
-
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    ensure_data(args.data, args.seq_len, args.vocab_size, args.max_bytes)
-    tokenizer = AutoTokenizer.from_pretrained(os.path.join(args.data, "tokenizer"))
+    tokenizer = set_up(args)
     eval_loader = fixed_eval_loader(args.data, "val", args.batch_size, args.eval_batches, args.seq_len)
     header = (f"lora on {describe_device(args.device)}: llama {args.hidden} wide, {args.layers} layers (MLP "
               f"{args.intermediate}, {args.heads} heads, untied embeddings), {args.steps} batches of {args.batch_size} x "

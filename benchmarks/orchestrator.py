@@ -31,10 +31,8 @@ from typing import Any
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import torch  # noqa: E402
-
-from common import (Recorder, base_parser, bench_trainer, build_recipe_parts, describe_device,  # noqa: E402
-                    ensure_data, finish_args, fixed_eval_loader, load_included, loss_table, markdown_table,
+from common import (Recorder, set_up, base_parser, bench_trainer, build_recipe_parts, describe_device,  # noqa: E402
+                    finish_args, fixed_eval_loader, load_included, loss_table, markdown_table,
                     time_to_loss, write_json)
 
 RUNS = ("static", "loss", "fixed")
@@ -169,13 +167,8 @@ COLUMNS = [("run", "run"), ("params", "params start -> end"), ("ops", "ops fired
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from transformers import AutoTokenizer
-
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    ensure_data(args.data, args.seq_len, args.vocab_size, args.max_bytes)
-    tokenizer = AutoTokenizer.from_pretrained(os.path.join(args.data, "tokenizer"))
+    tokenizer = set_up(args)
     eval_loader = fixed_eval_loader(args.data, "val", args.batch_size, args.eval_batches, args.seq_len)
     header = (f"orchestrator on {describe_device(args.device)}: llama {args.hidden} wide, {args.heads} heads, tied "
               f"embeddings; static {args.layers} layers, MLP {args.intermediate}; loss / fixed start at "

@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import (PeakRSS, Recorder, base_parser, build_recipe_parts, describe_device, ensure_data, fixed_eval_loader, finish_args,  # noqa: E402
+from common import (PeakRSS, set_up, Recorder, base_parser, build_recipe_parts, describe_device, fixed_eval_loader, finish_args,  # noqa: E402
                     load_included, markdown_table, peak_memory, reset_peak_memory, time_to_loss, write_json)
 
 RUNS = ("baseline", "composer", "ours-truncate", "composer-reshape", "ours-reshape-rows", "ours-reshape-tokens",
@@ -250,15 +250,11 @@ COLUMNS = [("run", "run"), ("ttt", "time to baseline's final loss (s)"), ("speed
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     from composer.utils import reproducibility
-    from transformers import AutoTokenizer
 
     from composer_growth.recipe.build import build_model
 
-    ensure_data(args.data, args.seq_len, args.vocab_size, args.max_bytes)
-    tokenizer = AutoTokenizer.from_pretrained(os.path.join(args.data, "tokenizer"))
+    tokenizer = set_up(args)
     lr_warmup = f"{max(1, round(0.05 * args.steps))}ba"  # 5% of the run
     recipe = build_recipe_parts(args.family, model_config(args.family, args.seq_len, args.small), args.lr,
                                 t_warmup=lr_warmup)
