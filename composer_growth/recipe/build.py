@@ -172,12 +172,6 @@ def parallelism_config(recipe: Recipe) -> dict[str, Any] | None:
     return out
 
 
-def fsdp_version(recipe: Recipe) -> int | None:
-    """1 or 2 when the recipe shards the model with FSDP, else None."""
-    fsdp = (recipe.parallelism or {}).get("fsdp")
-    return None if fsdp is None else int(fsdp.get("version", 1))
-
-
 def _check_model(recipe: Recipe) -> None:
     model = recipe.model
     if model.pretrained is not None:
