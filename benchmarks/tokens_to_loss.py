@@ -4,15 +4,17 @@ A device-independent comparison: token counts and FLOPs do not depend on timing,
 busy CPU only costs wall time. One process trains every variant with a real Composer ``Trainer``,
 one after another, on the same data in the same order (checked), with the same optimizer
 (DecoupledAdamW) and schedule (cosine with a 5% warmup to 10% of the peak). Variants (the final
-model is the baseline's: a llama 4 layers x 128, MLP 512, tied embeddings, 128-token rows):
+model is the baseline's: by default a llama 4 layers x 128, MLP 512, tied embeddings, 128-token rows;
+``--layers/--hidden/--mlp/--heads`` size it, and the growth variants start from half the layers or
+half the MLP):
 
 - ``baseline``: the final model at 128 tokens throughout.
 - ``warmup``: ``SeqLengthWarmup`` 32 -> 128 (steps of 32) over the first 30%, reshape.
 - ``context``: ``ContextLengthSchedule`` 64 tokens for 70% of the run (model context 64), then 128
   with linear RoPE scaling x2 (the quickstart's schedule).
-- ``stack_layers``: 2 layers, stacked to 4 (``function_preserving``) at 30%.
-- ``widen_mlp``: MLP 256, widened x2 at 60% (noise 0.001).
-- ``combined``: the quickstart recipe's four algorithms together (2 layers, MLP 256, context 64;
+- ``stack_layers``: half the layers, stacked x2 (``function_preserving``) at 30%.
+- ``widen_mlp``: half the MLP, widened x2 at 60% (noise 0.001).
+- ``combined``: the quickstart recipe's four algorithms together (half the layers and MLP, context 64;
   warmup 32 -> 64 within the first phase; stack at 30%, widen at 60%; 128 with RoPE x2 at 70%).
 
 Every ``--eval-interval`` batches and at the end, a callback evaluates the model as it stands on
@@ -53,9 +55,9 @@ SEQ = 128
 def start_config(name: str) -> dict[str, Any]:
     cfg = dict(FINAL)
     if name in ("stack_layers", "combined"):
-        cfg["num_hidden_layers"] = 2
+        cfg["num_hidden_layers"] = FINAL["num_hidden_layers"] // 2
     if name in ("widen_mlp", "combined"):
-        cfg["intermediate_size"] = 256
+        cfg["intermediate_size"] = FINAL["intermediate_size"] // 2
     if name in ("context", "combined"):
         cfg["max_position_embeddings"] = 64
     return cfg
@@ -180,8 +182,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seed", type=int, default=17)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--runs", default=",".join(RUNS))
+    p.add_argument("--hidden", type=int, default=FINAL["hidden_size"], help="the final model's width")
+    p.add_argument("--layers", type=int, default=FINAL["num_hidden_layers"], help="the final layer count (even)")
+    p.add_argument("--mlp", type=int, default=FINAL["intermediate_size"], help="the final MLP width (even)")
+    p.add_argument("--heads", type=int, default=FINAL["num_attention_heads"])
     p.add_argument("--out", default="runs/bench/tokens_to_loss.json")
     args = p.parse_args(argv)
+    if args.layers % 2 or args.mlp % 2 or args.hidden % args.heads:
+        p.error("--layers and --mlp must be even and --hidden a multiple of --heads (growth starts from halves)")
+    FINAL.update(hidden_size=args.hidden, intermediate_size=args.mlp, num_hidden_layers=args.layers,
+                 num_attention_heads=args.heads, num_key_value_heads=args.heads)
     runs = [r for r in args.runs.split(",") if r]
     assert all(r in RUNS for r in runs), runs
     torch.set_num_threads(args.threads)
