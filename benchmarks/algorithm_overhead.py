@@ -6,6 +6,8 @@ one process, next to a run with no algorithm. A benchmark-side wrapper (nothing 
 times each algorithm's ``match`` and ``apply`` at every event with ``time.perf_counter`` and sums
 them per step (``BATCH_END`` to ``BATCH_END``), against the step's wall time. Figures are medians over
 the idle steps (a busy CPU preempts the process now and then, inside a timed call or not).
+The ``noop`` variant is one algorithm that matches no event: its figure is the wrapper's own cost
+per algorithm and step, subtracted (times the number of algorithms) in the *net* column.
 
 Each algorithm is set up so that it has nothing left to do after the first steps: the warmup ends
 after batch 2, the context schedule's short phase after batch 2 (then the full length, no transition
@@ -31,13 +33,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from composer.core import Callback, State  # noqa: E402
+from composer.core import Algorithm, Callback, Event, State  # noqa: E402
 from composer.loggers import InMemoryLogger, Logger  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from common import build_recipe_parts, describe_device, markdown_table, write_json  # noqa: E402
 
-VARIANTS = ("none", "seq_length_warmup", "context_length_schedule", "stack_layers", "widen_mlp", "all")
+VARIANTS = ("none", "noop", "seq_length_warmup", "context_length_schedule", "stack_layers", "widen_mlp", "all")
 MODELS = {
     # name: (llama config, batch rows, sequence length, steps)
     "small": (dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
@@ -104,6 +106,16 @@ class AlgorithmTimer:
         return sum(out.values()), out
 
 
+class NoOp(Algorithm):
+    """Matches no event: its timed figure is the timing wrapper's own cost per algorithm and step."""
+
+    def match(self, event: Event, state: State) -> bool:
+        return False
+
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
+        return None
+
+
 def make_algorithms(variant: str, seq_len: int, steps: int) -> list[Any]:
     from composer_growth import SeqLengthWarmup
     from composer_growth.algorithms.context_schedule import ContextLengthSchedule
@@ -125,7 +137,8 @@ def make_algorithms(variant: str, seq_len: int, steps: int) -> list[Any]:
         return WidenMLP(at=f"{steps - 1}ba", factor=1.5)
 
     build = {"seq_length_warmup": [warmup], "context_length_schedule": [schedule], "stack_layers": [stack],
-             "widen_mlp": [widen], "all": [schedule, lambda: warmup(seq_len // 2), stack, widen], "none": []}[variant]
+             "widen_mlp": [widen], "all": [schedule, lambda: warmup(seq_len // 2), stack, widen], "none": [],
+             "noop": [NoOp]}[variant]
     return [b() for b in build]
 
 
@@ -155,7 +168,7 @@ def run_variant(variant: str, model_name: str, tokenizer, threads: int) -> dict[
     idle = list(range(ACTIVE[1], steps - 2))
     keys = {k for i in idle for k in rec.per_event[i]}
     events = {k: statistics.median(rec.per_event[i].get(k, 0.0) for i in idle) for k in keys}
-    return {"variant": variant, "model": model_name, "steps": rec.steps, "alg_s": rec.alg_s,
+    return {"variant": variant, "model": model_name, "n_algorithms": len(algorithms), "steps": rec.steps, "alg_s": rec.alg_s,
             "idle": idle, "idle_events_s": dict(sorted(events.items(), key=lambda kv: -kv[1])),
             "step_ms": 1000 * statistics.median(rec.steps[i] for i in idle),
             "alg_us": 1e6 * statistics.median(rec.alg_s[i] for i in idle),
@@ -200,17 +213,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if not rs:
                 continue
             top = max(rs[-1]["idle_events_s"].items(), key=lambda kv: kv[1], default=("-", 0.0))
+            noop = [r["alg_us"] for r in results if r["model"] == model_name and r["variant"] == "noop"]
+            wrapper = statistics.median(noop) if noop else 0.0
+            net = [max(0.0, r["alg_us"] - r["n_algorithms"] * wrapper) for r in rs]
             rows.append({
                 "model": model_name, "variant": v,
                 "step": " / ".join(f"{r['step_ms']:.1f}" for r in rs),
                 "idle": " / ".join(f"{r['alg_us']:.1f}" for r in rs),
                 "share": " / ".join(f"{100 * r['alg_us'] / 1000 / r['step_ms']:.4f}%" for r in rs),
+                "net": " / ".join(f"{n:.1f} ({100 * n / 1000 / r['step_ms']:.4f}%)" for n, r in zip(net, rs)),
                 "active": " / ".join(f"{r['active_alg_us']:.0f}" for r in rs),
                 "top": f"{top[0]} {1e6 * top[1]:.1f} us" if v != "none" else "-",
                 "load": " / ".join(f"{r['load']:.1f}" for r in rs),
             })
     columns = [("model", "model"), ("variant", "algorithms"), ("step", "median step ms (idle steps)"),
                ("idle", "algorithms us / step, idle (median)"), ("share", "share of the step, idle"),
+               ("net", "idle us net of the wrapper (share)"),
                ("active", "algorithms us / step, active (batches 1-2)"), ("top", "largest idle item (last repeat, median)"),
                ("load", "1-min load")]
     table = markdown_table(rows, columns)

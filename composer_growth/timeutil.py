@@ -108,6 +108,21 @@ def reached(state: State, t: Time) -> bool:
     return elapsed(state, t.unit) >= float(t.value)
 
 
+def earliest_batch(state: State, t: Time) -> int | None:
+    """A batch count before which :func:`reached` is certainly False for ``t``; None when unknown.
+
+    Lets an algorithm that waits for ``t`` skip the time arithmetic with one integer comparison
+    until then (and still ask :func:`reached` from that batch on). Known for ``ba`` times, and for
+    ``dur`` times when ``max_duration`` is in batches.
+    """
+    if t.unit == TimeUnit.BATCH:
+        return int(t.value)
+    max_duration = state.max_duration
+    if t.unit == TimeUnit.DURATION and max_duration is not None and max_duration.unit == TimeUnit.BATCH:
+        return max(0, int(float(t.value) * int(max_duration.value)) - 1)  # one below: float rounding
+    return None
+
+
 def to_duration_fraction(t: Time, max_duration: Time | None, batches_per_epoch: int | None = None) -> float | None:
     """``t`` as a share of ``max_duration`` when the units allow it, else None.
 

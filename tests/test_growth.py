@@ -279,3 +279,26 @@ def test_direct_use_in_a_script_grows_a_plain_trainer():
     trainer.fit()
     cfg = unwrap_hf(trainer.state.model).config
     assert cfg.n_layer == 4 and cfg.n_inner == 256
+
+
+def test_earliest_batch_never_skips_a_batch_where_the_time_is_reached():
+    from composer.core import State, Time, TimeUnit, Timestamp
+    from composer.devices import DeviceCPU
+
+    from composer_growth.timeutil import earliest_batch, reached
+
+    state = State(model=torch.nn.Linear(1, 1), rank_zero_seed=0, run_name="t", device=DeviceCPU(), max_duration="1ba")
+
+    def reached_at(batch: int, t: Time) -> bool:
+        state.timestamp = Timestamp(batch=batch)
+        return reached(state, t)
+
+    for n in range(1, 41):
+        state.max_duration = f"{n}ba"
+        for t in [Time(f, TimeUnit.DURATION) for f in (0.0, 0.1, 0.25, 1 / 3, 0.3, 0.5, 0.7, 0.9, 0.999, 1.0)] + [
+                Time(b, TimeUnit.BATCH) for b in (0, 1, n // 2, n)]:
+            first = next(b for b in range(n + 2) if reached_at(b, t))
+            assert first - 2 <= earliest_batch(state, t) <= first, (n, t)
+    state.max_duration = "100tok"
+    assert earliest_batch(state, Time(0.5, TimeUnit.DURATION)) is None  # tokens: asked of reached() every batch
+

@@ -319,6 +319,17 @@ def test_batches_pass_through_once_the_warmup_is_over():
     assert int(trainer.state.timestamp.token) == 8 * (8 + 8 + 32 + 32)
 
 
+def test_stops_matching_batch_events_once_the_warmup_is_over():
+    from composer.core import Event
+
+    alg = SeqLengthWarmup(min_seq_length=8, max_seq_length=16, step_size=8, duration="2ba", preallocate=False)
+    trainer, model = _fit(alg, max_duration="4ba")
+    assert not alg.match(Event.AFTER_DATALOADER, trainer.state) and not alg.match(Event.BATCH_END, trainer.state)
+    assert alg.match(Event.FIT_START, trainer.state)
+    trainer.fit(duration="2ba")  # a second fit matches again from FIT_START on; batches still pass through
+    assert [n for _, n in model.seen] == [8, 8, 32, 32, 32, 32]
+
+
 def test_logs_changes_only_and_nothing_after_the_warmup():
     from composer.loggers import InMemoryLogger
 

@@ -25,7 +25,8 @@ from composer_growth.functional.growth import STACK_INITS, STACK_MODES, stack_la
 from composer_growth.functional.batch import select_rows
 from composer_growth.functional.lora import add_lora
 from composer_growth.registry import register_algorithm
-from composer_growth.timeutil import check_progress_known, epoch_batches, parse_time, reached, to_duration_fraction
+from composer_growth.timeutil import (check_progress_known, earliest_batch, epoch_batches, parse_time, reached,
+                                      to_duration_fraction)
 
 TRUNKS = ("train", "frozen", "lora")
 
@@ -48,6 +49,8 @@ class _Growth(Algorithm):
         check_flag(probe_loss, "probe_loss")
         self.probe_loss = probe_loss
         self.applied = False
+        self._events = self._EVENTS  # narrowed once the growth is done
+        self._earliest: int | None = None  # no batch before this one can be due
         self.record: dict[str, Any] = {}
         self._batch: dict[str, torch.Tensor] | None = None
 
@@ -90,9 +93,10 @@ class _Growth(Algorithm):
     # A frozenset: Composer asks every algorithm about every event, and a tuple compares with Event's
     # slow __eq__ once per member (tens of microseconds per step); a set hashes once.
     _EVENTS = frozenset((Event.INIT, Event.FIT_START, Event.AFTER_DATALOADER, Event.BATCH_END))
+    _DONE_EVENTS = frozenset((Event.INIT, Event.FIT_START))
 
     def match(self, event: Event, state: State) -> bool:
-        return event in self._EVENTS
+        return event in self._events
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event is Event.INIT:
@@ -110,10 +114,16 @@ class _Growth(Algorithm):
             if state.max_duration is not None:
                 self.validate_run(state.max_duration, batches_per_epoch=epoch_batches(state))
             check_progress_known(state, {"at": self.at}, within=False)
+            self._earliest = earliest_batch(state, self.at)
+            self._events = self._DONE_EVENTS if self.applied else self._EVENTS
         elif event is Event.AFTER_DATALOADER:
             self._batch = state.batch if self.probe_loss and not self.applied else None
-        elif event is Event.BATCH_END and not self.applied and reached(state, self.at):
-            self._fire(state, logger)
+        elif event is Event.BATCH_END and not self.applied:
+            if self._earliest is not None and state.timestamp.batch.value < self._earliest:
+                return  # not due yet: one integer comparison per batch
+            if reached(state, self.at):
+                self._fire(state, logger)
+                self._events = self._DONE_EVENTS
 
     def _fire(self, state: State, logger: Logger) -> None:
         before = self._probe(state)

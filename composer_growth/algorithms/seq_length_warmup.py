@@ -69,7 +69,7 @@ class SeqLengthWarmup(Algorithm):
     def __init__(self, min_seq_length: int = 64, max_seq_length: int = 1024, step_size: int = 64,
                  duration: Any = "0.3dur", schedule: Any = "linear", root_degree: float = 2.0,
                  mode: str = "truncate", preserve_end_of_sequence: bool = False, preallocate: bool = True,
-                 pad_token_id: int = 0, microbatch_policy: str = "bounded", max_microbatch_scale: float = 2.0):
+                 pad_token_id: int = 0, microbatch_policy: str = "tokens", max_microbatch_scale: float = 2.0):
         check(isinstance(min_seq_length, int) and min_seq_length >= 1, "min_seq_length", min_seq_length,
               "a positive integer")
         check(isinstance(max_seq_length, int) and max_seq_length >= min_seq_length, "max_seq_length",
@@ -107,6 +107,7 @@ class SeqLengthWarmup(Algorithm):
         self._token_excess = 0
         self._active = False
         self._preallocated = False
+        self._events = self._EVENTS  # narrowed to FIT_START once the warmup is over
         self._logged_len: int | None = None
 
     def _parse_steps(self, schedule) -> list[tuple[Time, int]]:
@@ -186,10 +187,11 @@ class SeqLengthWarmup(Algorithm):
     _EVENTS = frozenset((Event.FIT_START, Event.AFTER_DATALOADER, Event.BATCH_END))
 
     def match(self, event: Event, state: State) -> bool:
-        return event in self._EVENTS
+        return event in self._events
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event is Event.FIT_START:
+            self._events = self._EVENTS
             if state.max_duration is not None:
                 self.validate_run(state.max_duration, batches_per_epoch=epoch_batches(state))
             times = {"duration": self.duration} if self.steps is None else {
@@ -261,6 +263,8 @@ class SeqLengthWarmup(Algorithm):
             uncount_tokens(state, self._token_excess, reduce=True)
             self._token_excess = 0
             logger.log_metrics({"tokens/trained": int(state.timestamp.token)})
+        else:  # over for the rest of the fit (time only moves on): Composer stops calling in
+            self._events = frozenset((Event.FIT_START,))
 
     def _preallocate(self, state: State, batch: Mapping[str, Any]) -> None:
         """One forward and backward at max_seq_length on a copy of this batch; no data, no RNG drawn.
