@@ -1,8 +1,8 @@
 """The algorithms' own cost per training step, measured inside a real Composer Trainer.
 
 Every algorithm of the suite (``seq_length_warmup``, ``context_length_schedule``, ``stack_layers``,
-``widen_mlp``, and all four together) trains a llama on random tokens, one variant after another in
-one process, next to a run with no algorithm. A benchmark-side wrapper (nothing in the algorithms)
+``widen_mlp``, ``lora_merge``, ``orchestrator``, and the first four together) trains a llama on
+random tokens, one variant after another in one process, next to a run with no algorithm. A benchmark-side wrapper (nothing in the algorithms)
 times each algorithm's ``match`` and ``apply`` at every event with ``time.perf_counter`` and sums
 them per step (``BATCH_END`` to ``BATCH_END``), against the step's wall time. Figures are medians over
 the idle steps (a busy CPU preempts the process now and then, inside a timed call or not).
@@ -11,7 +11,9 @@ per algorithm and step, subtracted (times the number of algorithms) in the *net*
 
 Each algorithm is set up so that it has nothing left to do after the first steps: the warmup ends
 after batch 2, the context schedule's short phase after batch 2 (then the full length, no transition
-due), and the growth algorithms fire at the second-last ``BATCH_END``. The *idle* steps measured are
+due), the growth algorithms fire at the second-last ``BATCH_END``, ``lora_merge`` (adapters on every
+linear layer from the start) merges there, and the orchestrator's widening times out there (it waits
+for an eval loss; the only eval is at the last batch). The *idle* steps measured are
 batches 3 to ``steps - 3`` (0-based; step 0, the short warmup/phase batches and the growth batch left out);
 *active* is batches 1-2 (the warmup and the short phase cut every batch there).
 
@@ -39,7 +41,8 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from common import build_recipe_parts, describe_device, markdown_table, write_json  # noqa: E402
 
-VARIANTS = ("none", "noop", "seq_length_warmup", "context_length_schedule", "stack_layers", "widen_mlp", "all")
+VARIANTS = ("none", "noop", "seq_length_warmup", "context_length_schedule", "stack_layers", "widen_mlp", "lora_merge",
+            "orchestrator", "all")
 MODELS = {
     # name: (llama config, batch rows, sequence length, steps)
     "small": (dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
@@ -117,7 +120,7 @@ class NoOp(Algorithm):
 
 
 def make_algorithms(variant: str, seq_len: int, steps: int) -> list[Any]:
-    from composer_growth import SeqLengthWarmup
+    from composer_growth import LoraMergeRestart, Orchestrator, SeqLengthWarmup
     from composer_growth.algorithms.context_schedule import ContextLengthSchedule
     from composer_growth.algorithms.growth import StackLayers, WidenMLP
 
@@ -136,7 +139,14 @@ def make_algorithms(variant: str, seq_len: int, steps: int) -> list[Any]:
     def widen():
         return WidenMLP(at=f"{steps - 1}ba", factor=1.5)
 
-    build = {"seq_length_warmup": [warmup], "context_length_schedule": [schedule], "stack_layers": [stack],
+    def lora_merge():  # adapters from the start (see run_variant), one merge at the second-last batch end
+        return LoraMergeRestart(interval=f"{steps - 1}ba", prune="magnitude")
+
+    def orchestrator():  # waits for an eval loss that never comes; its timeout fires at the second-last batch end
+        return Orchestrator(schedule=[{"name": "widen_mlp", "value": 1.5, "trigger_loss": 0.1,
+                                       "max_wait_iters": steps - 1}], verbose=False)
+
+    build = {"lora_merge": [lora_merge], "orchestrator": [orchestrator], "seq_length_warmup": [warmup], "context_length_schedule": [schedule], "stack_layers": [stack],
              "widen_mlp": [widen], "all": [schedule, lambda: warmup(seq_len // 2), stack, widen], "none": [],
              "noop": [NoOp]}[variant]
     return [b() for b in build]
@@ -152,13 +162,25 @@ def run_variant(variant: str, model_name: str, tokenizer, threads: int) -> dict[
                                 t_warmup="1ba")
     torch.manual_seed(0)
     model = build_model(recipe, tokenizer)
+    if variant == "lora_merge":
+        from composer_growth.families import unwrap_hf
+        from composer_growth.functional.lora import add_lora
+
+        add_lora(unwrap_hf(model), "all", rank=8)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, VOCAB, (rows * steps, seq_len), generator=g)
     loader = DataLoader([{"input_ids": r, "labels": r.clone()} for r in ids], batch_size=rows, shuffle=False)
     algorithms = make_algorithms(variant, seq_len, steps)
     timer = AlgorithmTimer(algorithms)
     rec = StepTimes(timer)
-    trainer = Trainer(model=model, train_dataloader=loader, max_duration=f"{steps}ba",
+    evaluation = {}
+    if variant == "orchestrator":  # it needs an evaluator: one at the last batch, outside the idle steps
+        from composer.core import Evaluator
+
+        evaluation = dict(eval_dataloader=Evaluator(label="eval", dataloader=DataLoader(
+            [{"input_ids": r, "labels": r.clone()} for r in ids[:rows]], batch_size=rows),
+            metric_names=["LanguageCrossEntropy"]), eval_interval=f"{steps}ba")
+    trainer = Trainer(model=model, train_dataloader=loader, max_duration=f"{steps}ba", **evaluation,
                       optimizers=build_optimizer(recipe, model), schedulers=build_scheduler(recipe),
                       algorithms=algorithms, callbacks=[rec], loggers=[InMemoryLogger()], device="cpu",
                       precision="fp32", device_train_microbatch_size=rows, seed=17, progress_bar=False,

@@ -185,11 +185,13 @@ class LoraMergeRestart(Algorithm):
         lora_targets(model, self.merge_targets)
 
     # -- events -----------------------------------------------------------------------------
+    _EVENTS = frozenset((Event.INIT, Event.FIT_START, Event.BATCH_END, Event.FIT_END))  # one hash, not 4 __eq__
+
     def match(self, event: Event, state: State) -> bool:
-        return event in (Event.INIT, Event.FIT_START, Event.BATCH_END, Event.FIT_END)
+        return event in self._EVENTS
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
-        if event == Event.INIT:
+        if event is Event.INIT:
             model = composer_model(state)
             family_of(model, key="lora_merge: model family")
             if self.start_at is None:
@@ -197,17 +199,17 @@ class LoraMergeRestart(Algorithm):
             else:
                 lora_target_modules(model, self.add_targets)  # the modules to wrap exist
             install_replay_hook(state)
-        elif event == Event.FIT_START:
+        elif event is Event.FIT_START:
             check_supported(state, "lora_merge")
             if state.max_duration is not None:
                 self.validate_run(state.max_duration)
-        elif event == Event.BATCH_END:
+        elif event is Event.BATCH_END:
             if not self.started and _reached(state, self.start_at):
                 self._start(state, logger)
             if self.started and self._merge_due(state):
                 self._merge(state, logger)
             self._ramp_lr(state, logger)
-        elif event == Event.FIT_END and self.export_folder is not None:
+        elif event is Event.FIT_END and self.export_folder is not None:
             self._export(state)
 
     def _add_op(self, model: torch.nn.Module):

@@ -639,25 +639,28 @@ class Orchestrator(Algorithm):
 
     # ------------------------------------------------------------------ events
 
+    # a frozenset: Composer asks about every event, and a tuple compares with Event's slow __eq__
+    _EVENTS = frozenset((Event.INIT, Event.FIT_START, Event.BATCH_END, Event.EVAL_BEFORE_ALL, Event.EVAL_END,
+                         Event.EVAL_AFTER_ALL))
+
     def match(self, event: Event, state: State) -> bool:
-        return event in (Event.INIT, Event.FIT_START, Event.BATCH_END, Event.EVAL_BEFORE_ALL, Event.EVAL_END,
-                         Event.EVAL_AFTER_ALL)
+        return event in self._EVENTS
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
-        if event == Event.INIT:
+        if event is Event.INIT:
             self._check_model(state)
             install_replay_hook(state)
-        elif event == Event.FIT_START:
+        elif event is Event.FIT_START:
             self._fit_start(state, logger)
-        elif event == Event.EVAL_BEFORE_ALL:
+        elif event is Event.EVAL_BEFORE_ALL:
             self._fresh = None
-        elif event == Event.EVAL_END:
+        elif event is Event.EVAL_END:
             if state.dataloader_label == self.label and self.metric in state.eval_metric_values:
                 self._fresh = float(state.eval_metric_values[self.metric])
-        elif event == Event.BATCH_END:
+        elif event is Event.BATCH_END:
             if self._timeout_due(state):
                 self._decide(state, logger, None)
-        elif event == Event.EVAL_AFTER_ALL:
+        elif event is Event.EVAL_AFTER_ALL:
             loss, self._fresh = self._fresh, None
             if loss is not None:
                 self.last_loss = (int(state.timestamp.batch), loss)
