@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import sys
 import time
@@ -186,6 +187,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--layers", type=int, default=FINAL["num_hidden_layers"], help="the final layer count (even)")
     p.add_argument("--mlp", type=int, default=FINAL["intermediate_size"], help="the final MLP width (even)")
     p.add_argument("--heads", type=int, default=FINAL["num_attention_heads"])
+    p.add_argument("--include", help="an earlier --out (or its .partial) whose runs join this table, same settings")
     p.add_argument("--out", default="runs/bench/tokens_to_loss.json")
     args = p.parse_args(argv)
     if args.layers % 2 or args.mlp % 2 or args.hidden % args.heads:
@@ -204,7 +206,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"tokens_to_loss on {describe_device('cpu')}: {args.steps} steps of {args.batch_size} x {SEQ}; "
           f"load {os.getloadavg()}", flush=True)
     results: dict[str, Any] = {}
+    if args.include:
+        with open(args.include) as f:
+            earlier = json.load(f)
+        same = ("steps", "batch_size", "eval_interval", "eval_batches", "lr", "seed", "hidden", "layers", "mlp", "heads")
+        if any(earlier["settings"].get(k) != getattr(args, k) for k in same):
+            p.error(f"--include {args.include}: other settings ({', '.join(same)} must match)")
+        results.update(earlier["runs"])
     for name in runs:
+        if name in results:
+            continue
         results[name] = r = run_one(name, args, tokenizer, eval_rows)
         write_json(args.out + ".partial", {"settings": vars(args), "runs": results})  # kept if the process stops
         print(f"  {name:13s} final eval loss {r['evals'][-1]['loss']:.4f}, {r['tokens']:,} tokens, "
