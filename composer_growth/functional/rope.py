@@ -14,7 +14,8 @@ whose state starts fresh).
 
 :func:`rope_target` is the policy for one context: from a scaling, the model's own rope
 (:func:`rope_snapshot`) and the length to train, the config to apply, the declared max positions and
-how far the positions then reach. :func:`rope_type` is the one reader of a dict's rope type.
+how far the positions then reach. :func:`~composer_growth.families.rope_type` is the one reader of a
+dict's rope type.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ import torch.nn as nn
 from transformers import modeling_rope_utils as hf_rope
 
 from composer_growth.errors import ConfigError
-from composer_growth.families import FAMILIES, Family, config_get, config_set, family_of, get_path, set_path, unwrap_hf
+from composer_growth.families import (FAMILIES, Family, config_get, config_set, family_of, get_path, rope_type, set_path,
+                                      unwrap_hf)
 
 #: Rope types this transformers build can initialise (read from its registry, never hard-coded).
 SUPPORTED_ROPE_TYPES: tuple[str, ...] = tuple(sorted(set(hf_rope.ROPE_INIT_FUNCTIONS) | {"default"}))
@@ -79,15 +81,15 @@ def validate_rope_scaling(
         raise ConfigError(key, rope_scaling, "null or a mapping with rope_type and its parameters")
 
     params = dict(rope_scaling)
-    rope_type = _pop_rope_type(params, key)
-    if family is not None and family.rope_types is not None and rope_type not in dict(family.rope_types):
-        raise ConfigError(f"{key}.rope_type", rope_type,
+    kind = _pop_rope_type(params, key)
+    if family is not None and family.rope_types is not None and kind not in dict(family.rope_types):
+        raise ConfigError(f"{key}.rope_type", kind,
                           f"one of {', '.join(dict(family.rope_types))} ({family.name}'s config takes these)")
     theta = params.pop("rope_theta", None)
     params = {name: _coerce_param(value, f"{key}.{name}", name) for name, value in params.items()}
     if params.get("factor") is not None and params["factor"] <= 0:
         raise ConfigError(f"{key}.factor", params["factor"], "a number > 0")
-    clean = {"rope_type": rope_type, "type": rope_type, **params}
+    clean = {"rope_type": kind, "type": kind, **params}
 
     if max_position_embeddings is None and config is not None:
         max_position_embeddings = config_get(config, _max_positions_key(family))
@@ -284,13 +286,6 @@ def _field(config: Any, name: str) -> Any:
 
 
 # --------------------------------------------------------------------------- a rope config per context
-
-
-def rope_type(scaling: Mapping[str, Any] | None) -> str:
-    """The rope type a ``rope_scaling`` dict names: ``rope_type``, else the legacy ``type``; none: ``default``."""
-    if not scaling:
-        return "default"
-    return str(scaling.get("rope_type", scaling.get("type", "default")))
 
 
 def rope_snapshot(config: Any, family: Family) -> dict[str, Any]:
