@@ -78,7 +78,7 @@ class Family:
         """What the config's ``rope_scaling_key`` holds for a normalised transformers dict (None: plain)."""
         if self.rope_types is None:
             return scaling
-        name = (scaling or {}).get("rope_type", "default")
+        name = rope_type(scaling)
         params = {k: v for k, v in (scaling or {}).items() if k not in ("rope_type", "type")}
         return {"type": dict(self.rope_types)[name], "factor": 1.0, **params}
 
