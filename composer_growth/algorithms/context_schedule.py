@@ -199,7 +199,10 @@ class ContextLengthSchedule(Algorithm):
             return self._phase
         if self._phase == len(self.phases) - 1:  # the last phase: nothing comes after it
             return self._phase
-        return max(self.phase_index(lambda unit: elapsed(state, unit)), self._phase)
+        done = elapsed(state, self._unit)
+        if done < self._timeline.next_start(self._phase):  # no phase change due: the usual batch
+            return self._phase
+        return max(self.phase_index(lambda unit: done), self._phase)
 
     def phase_index(self, now) -> int:
         """The phase a batch trains in when the run has done ``now(unit)`` of each unit (after ``_schedule``)."""
