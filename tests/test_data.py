@@ -185,7 +185,7 @@ def test_prepare_once_builds_a_missing_dataset_or_stops_with_one_line(tmp_path):
 
     def build():
         calls.append(path)
-        prepare_dataset(path, seq_len=16, vocab_size=300, max_bytes=50_000, val_percent=20)
+        prepare_dataset(path, seq_len=16, vocab_size=300, max_bytes=100_000, val_percent=20)
 
     assert prepare_once(path, build, "phases[2].dataset", "unused") is True
     assert prepare_once(path, build, "phases[2].dataset", "unused") is False  # there now: nothing to do
