@@ -67,7 +67,7 @@ class Family:
         if not raw or self.rope_types is None:
             return raw or None
         out = dict(raw)
-        name = out.get("rope_type", out.get("type", "default"))
+        name = rope_type(out)
         name = {ours: theirs for theirs, ours in self.rope_types or ()}.get(name, name)
         if name == "default" and not set(out) - {"rope_type", "type", "factor"}:
             return None
@@ -78,7 +78,7 @@ class Family:
         """What the config's ``rope_scaling_key`` holds for a normalised transformers dict (None: plain)."""
         if self.rope_types is None:
             return scaling
-        name = (scaling or {}).get("rope_type", "default")
+        name = rope_type(scaling)
         params = {k: v for k, v in (scaling or {}).items() if k not in ("rope_type", "type")}
         return {"type": dict(self.rope_types)[name], "factor": 1.0, **params}
 
@@ -195,6 +195,13 @@ def config_get(config: Any, key: str, default: Any = None) -> Any:
         if config is default:
             return default
     return config
+
+
+def rope_type(scaling: dict[str, Any] | None) -> str:
+    """The rope type a ``rope_scaling`` dict names: ``rope_type``, else the legacy ``type``; none: ``default``."""
+    if not scaling:
+        return "default"
+    return str(scaling.get("rope_type", scaling.get("type", "default")))
 
 
 def config_set(config: Any, key: str, value: Any) -> None:

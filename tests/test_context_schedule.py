@@ -216,6 +216,15 @@ def test_phase_exports_reload_with_their_rope(full_run):
     assert not torch.allclose(_logits(default, 32), _logits(live, 32))  # the rope update matters
 
 
+def test_export_runs_before_the_checkpoint_saver(full_run):
+    """The schedule's callbacks join the Trainer's before its checkpoint saver: the checkpoint of a phase's
+    last batch records the phase as exported."""
+    names = [type(c).__name__ for c in full_run["trainer"].state.callbacks]
+    assert names.index("PhaseLengthEval") < names.index("PhaseExport") < names.index("CheckpointSaver")
+    saved = torch.load(os.path.join(full_run["recipe"]["save_folder"], "ep0-ba6-rank0.pt"), weights_only=False)
+    assert dict(saved["state"]["algorithms"])["ContextLengthSchedule"]["exported"] == ["short"]
+
+
 @pytest.mark.parametrize("checkpoint, phase", [
     ("ep0-ba8-rank0.pt", "mid"),      # inside phase 2
     ("ep0-ba10-rank0.pt", "long"),    # inside phase 3, one batch into its own dataset

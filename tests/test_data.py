@@ -155,3 +155,38 @@ def test_recipes_read_an_mds_folder_with_a_tokens_column_and_no_manifest(tiny_da
     run(validate(tiny_recipe))
     with open(tiny_recipe["summary_file"]) as f:
         assert json.load(f)["tokens_trained"] == 8 * (16 + 32)
+
+
+def test_check_manifest_names_what_the_run_cannot_use(tiny_data, tmp_path):
+    from composer_growth.data.prepare import check_manifest, read_manifest
+
+    assert check_manifest(str(tmp_path / "none"), "data.path") is None
+    ok = check_manifest(tiny_data, "data.path", splits={"train": "data.train_split"}, seq_len=32, vocab_size=512,
+                        tokenizer_key="tokenizer")
+    assert ok == read_manifest(tiny_data)
+    for kwargs, message in [
+        (dict(splits={"test": "data.eval_split"}), r"^data.eval_split='test': splits in .*: train, val$"),
+        (dict(seq_len=64, seq_len_key="phases[1].seq_length"),
+         r"^data.path='.*': sequences of 32 tokens, shorter than phases\[1\].seq_length \(64\)$"),
+        (dict(vocab_size=1000), r"^data.path='.*': its tokenizer has 512 tokens, data.path's 1000"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            check_manifest(tiny_data, "data.path", **kwargs)
+
+
+def test_prepare_once_builds_a_missing_dataset_or_stops_with_one_line(tmp_path):
+    from composer_growth.data.prepare import prepare_once
+
+    path = str(tmp_path / "built")
+    with pytest.raises(ConfigError, match=r"^phases\[2\].dataset='.*built': no dataset there \(no manifest.json\); "
+                                          r"give it a prepare block$"):
+        prepare_once(path, None, "phases[2].dataset", "give it a prepare block")
+    calls = []
+
+    def build():
+        calls.append(path)
+        prepare_dataset(path, seq_len=16, vocab_size=300, max_bytes=100_000, val_percent=20)
+
+    assert prepare_once(path, build, "phases[2].dataset", "unused") is True
+    assert prepare_once(path, build, "phases[2].dataset", "unused") is False  # there now: nothing to do
+    assert calls == [path]

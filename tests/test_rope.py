@@ -10,10 +10,14 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config
 
 from composer_growth.errors import ConfigError
+from composer_growth.families import FAMILIES
 from composer_growth.functional.rope import (
     SUPPORTED_ROPE_TYPES,
     apply_rope_scaling,
     max_addressable_positions,
+    rope_snapshot,
+    rope_target,
+    rope_type,
     validate_rope_scaling,
 )
 
@@ -190,3 +194,31 @@ def test_max_addressable_positions(scaling, max_pos, expected):
     config = {"model_type": "llama", "rope_scaling": scaling, "max_position_embeddings": max_pos}
     assert max_addressable_positions(config) == expected
     assert max_addressable_positions(build_gpt2()) == 64
+
+
+def test_rope_type_reads_either_key():
+    assert rope_type(None) == rope_type({}) == "default"
+    assert rope_type({"type": "linear", "factor": 2.0}) == rope_type({"rope_type": "linear"}) == "linear"
+    assert rope_type({"rope_type": "yarn", "type": "linear"}) == "yarn"  # rope_type wins, as in transformers
+
+
+@pytest.mark.parametrize("scaling, max_pos, declared, reach, shown", [
+    (None, None, MAX_POS, MAX_POS, "rope default, theta 10000"),
+    ({"rope_type": "linear", "factor": 2.0}, None, MAX_POS, 2 * MAX_POS, "rope linear x2, theta 10000"),
+    ({"rope_type": "dynamic", "factor": 2.0, "rope_theta": 5e4}, None, MAX_POS, math.inf, "rope dynamic x2, theta 50000"),
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": MAX_POS}, None, 4 * MAX_POS,
+     4 * MAX_POS, "rope yarn x4, theta 10000"),  # the declared context is the extended one
+    ({"rope_type": "linear", "factor": 2.0}, 100, 100, 2 * 100, "rope linear x2, theta 10000"),
+])
+def test_rope_target_of_a_scaling_and_positions(scaling, max_pos, declared, reach, shown):
+    model = build("llama")
+    family = FAMILIES["llama"]
+    clean = validate_rope_scaling(scaling) if scaling is not None else None
+    target = rope_target(clean, rope_snapshot(model.config, family), family, model.config, seq_length=LONG,
+                         max_position_embeddings=max_pos)
+    assert (target.max_positions, target.reach, target.describe()) == (declared, reach, shown)
+    apply_rope_scaling(model, target.scaling, max_position_embeddings=target.max_positions)  # what it applies
+    assert max_addressable_positions(model) == reach
+    gpt2 = build_gpt2()
+    learned = rope_target(None, rope_snapshot(gpt2.config, FAMILIES["gpt2"]), FAMILIES["gpt2"], gpt2.config)
+    assert (learned.kind, learned.reach, learned.describe()) == ("learned", 64, "learned positions")

@@ -12,9 +12,8 @@ from typing import Any
 
 import torch
 from composer.core import Algorithm, Event, State, Time
-from composer.core.precision import get_precision_context
 from composer.loggers import Logger
-from composer.utils import dist, ensure_tuple
+from composer.utils import dist
 from torch import nn
 
 from composer_growth.algorithms.surgery import check_supported, composer_model, grow, install_replay_hook, reshard
@@ -24,6 +23,7 @@ from composer_growth.families import FAMILIES, config_get, family_of, get_path, 
 from composer_growth.functional.growth import STACK_INITS, STACK_MODES, stack_layers, widen_mlp
 from composer_growth.functional.batch import select_rows
 from composer_growth.functional.lora import add_lora
+from composer_growth.functional.loss import batch_loss
 from composer_growth.registry import register_algorithm
 from composer_growth.timeutil import (check_progress_known, earliest_batch, epoch_batches, parse_time, reached,
                                       to_duration_fraction)
@@ -160,8 +160,8 @@ class _Growth(Algorithm):
         batch = select_rows(self._batch, rows)
         was_training = model.training
         model.eval()
-        with torch.no_grad(), get_precision_context(state.precision, state.precision_config):
-            loss = sum(ensure_tuple(model.loss(model(batch), batch)))
+        with torch.no_grad():
+            loss = batch_loss(model, batch, state.precision, state.precision_config)
         model.train(was_training)
         reshard(model)  # under FSDP2 a no_grad forward leaves the root unsharded
         loss = loss.detach().float().reshape(1)

@@ -703,7 +703,7 @@ class Orchestrator(Algorithm):
         """Hand the Trainer a loader whose rows per batch can change mid-epoch (see data/rows.py)."""
         from torch.utils.data import DataLoader
 
-        from composer_growth.algorithms.context_schedule import _Source
+        from composer_growth.data.phased import LoaderSource
         from composer_growth.data.rows import RowsLoader
 
         if self._rows_loader is not None:  # a second fit() goes on where the first stopped
@@ -716,7 +716,7 @@ class Orchestrator(Algorithm):
             raise ConfigError(f"schedule[{op.index}].name", op.name,
                               f"needs the Trainer's train loader to be a DataLoader with a batch size, "
                               f"not {type(loader).__name__}")
-        source = _Source("train", loader)
+        source = LoaderSource("train", loader)
         self._rows_loader = RowsLoader(source, rows)
         if self._loader_state is not None:
             source.resume = self._loader_state.get("source")

@@ -15,14 +15,13 @@ from typing import Any
 
 import torch
 from composer.core import Algorithm, Event, State, Time, TimeUnit
-from composer.core.precision import get_precision_context
 from composer.loggers import Logger
-from composer.utils import ensure_tuple
 
 from composer_growth.algorithms.order import set_batch_lengths
 from composer_growth.errors import ConfigError, check, check_flag, check_int
 from composer_growth.functional.batch import (MODES, batch_seq_length, batch_tokens, select_rows,
                                               set_batch_sequence_length)
+from composer_growth.functional.loss import batch_loss
 from composer_growth.registry import register_algorithm
 from composer_growth.timeutil import (check_progress_known, elapsed, epoch_batches, parse_time, to_duration_fraction,
                                       uncount_tokens)
@@ -280,10 +279,8 @@ class SeqLengthWarmup(Algorithm):
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         try:
             with torch.random.fork_rng(devices=devices):
-                with get_precision_context(state.precision, state.precision_config):
-                    loss = model.loss(model(sample), sample)
-                for item in ensure_tuple(loss):
-                    item.backward()
+                loss = batch_loss(model, sample, state.precision, state.precision_config)
+                loss.backward()
         except torch.cuda.OutOfMemoryError:
             loss = None
             warnings.warn(f"SeqLengthWarmup: pre-allocation at {self.max_seq_length} tokens x {rows} rows ran out "

@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -312,6 +312,66 @@ def read_manifest(path: str) -> dict[str, Any] | None:
             return json.load(f)
     except (OSError, json.JSONDecodeError):
         return infer_manifest(path)
+
+
+def no_dataset(key: str, path: str, hint: str, where: str = "") -> ConfigError:
+    """The error for a folder that holds no dataset: one line, ``hint`` saying how to make one."""
+    return ConfigError(key, path, f"no dataset there{where} (no manifest.json); {hint}")
+
+
+def check_manifest(path: str, key: str, splits: Mapping[str, str] | None = None, seq_len: int | None = None,
+                   seq_len_key: str = "seq_len", vocab_size: int | None = None,
+                   tokenizer_key: str | None = None) -> dict[str, Any] | None:
+    """:func:`read_manifest` of ``path``, checked against what a run reads from it; None: no dataset there.
+
+    ``splits`` maps each split the run reads to the option naming it (the key of its error);
+    ``seq_len``: the sequences must hold at least that many tokens (``seq_len_key`` asks for them);
+    ``vocab_size``: data.path's token count, which the dataset's tokenizer must have when both are
+    known; ``tokenizer_key``: the option that must name a tokenizer when ``path`` has no ``tokenizer/``.
+    Other errors name ``key`` and ``path``.
+    """
+    manifest = read_manifest(path)
+    if manifest is None:
+        return None
+    have = manifest.get("splits", {})
+    for split, split_key in (splits or {}).items():
+        if split not in have:
+            raise ConfigError(split_key, split, f"splits in {path}: {', '.join(have)}")
+    if seq_len is not None and int(manifest["seq_len"]) < seq_len:
+        raise ConfigError(key, path, f"sequences of {manifest['seq_len']} tokens, shorter than {seq_len_key} "
+                                     f"({seq_len})")
+    if vocab_size is not None and manifest.get("vocab_size") is not None and manifest["vocab_size"] != vocab_size:
+        raise ConfigError(key, path, f"its tokenizer has {manifest['vocab_size']} tokens, data.path's {vocab_size}: "
+                                     "prepare it with data.path's tokenizer")
+    if tokenizer_key is not None and not os.path.isdir(os.path.join(path, "tokenizer")):
+        raise ConfigError(tokenizer_key, None, f"{path} has no tokenizer/ folder (an MDS folder converted "
+                                               "elsewhere): name the tokenizer its tokens come from")
+    return manifest
+
+
+def prepare_once(path: str, build: Callable[[], Any] | None, key: str, hint: str) -> bool:
+    """Make sure every node has the dataset at ``path``; True when some node had to build it.
+
+    Each node's local rank 0 decides whether its copy is missing and every rank learns the answers,
+    so all take the same path. Without ``build`` every rank stops with the same one line (``key``,
+    ``hint``: how to make the dataset). Otherwise local rank 0 of each node that lacks it calls
+    ``build()`` (:func:`prepare_dataset` holds ``<path>.lock``: nodes sharing a filesystem build a shared
+    folder once and the others reuse it), and every rank waits for it.
+    """
+    from composer.utils import dist
+
+    node = dist.get_node_rank()
+    mine = (node, read_manifest(path) is None) if dist.get_local_rank() == 0 else None
+    missing = sorted(n for n, lacks in filter(None, dist.all_gather_object(mine)) if lacks)
+    if not missing:
+        return False
+    if build is None:
+        several = dist.get_world_size() != dist.get_local_world_size()
+        raise no_dataset(key, path, hint, f" on node {', '.join(map(str, missing))}" if several else "")
+    if dist.get_local_rank() == 0 and node in missing:
+        build()
+    dist.barrier()
+    return True
 
 
 def infer_manifest(path: str) -> dict[str, Any] | None:

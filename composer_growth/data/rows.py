@@ -14,7 +14,7 @@ from composer_growth.functional.batch import batch_rows, cat_rows, take_rows
 
 
 class BatchSource(Protocol):
-    """An endless supply of batches with a resumable position (e.g. the context schedule's ``_Source``)."""
+    """An endless supply of batches with a resumable position (e.g. :class:`composer_growth.data.phased.LoaderSource`)."""
 
     def next(self) -> Any: ...
 

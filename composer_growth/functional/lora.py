@@ -475,3 +475,44 @@ def prune_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[nn.
                         t.copy_(t.reshape(-1).index_fill(0, idx, 0).view(t.shape))
                     zeroed += n
     return zeroed
+
+
+# --------------------------------------------------------------------------- export
+
+
+def peft_model(model: nn.Module) -> Any:
+    """The peft ``PeftModel`` inside Composer / DDP wrappers (None without LoRA, or without peft)."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return None
+    for _ in range(6):
+        if isinstance(model, PeftModel):
+            return model
+        nxt = getattr(model, "module", None) or getattr(model, "_orig_mod", None) or getattr(model, "model", None)
+        if not isinstance(nxt, nn.Module):
+            return None
+        model = nxt
+    return None
+
+
+def save_adapter(peft: Any, folder: str) -> None:
+    """``peft.save_pretrained``; Composer leaves ``peft_type`` a plain string, which peft's model card needs
+    as its enum (a ``str`` enum: Composer's ``== 'LORA'`` checks still hold)."""
+    from peft import PeftType
+
+    for config in peft.peft_config.values():
+        if isinstance(config.peft_type, str) and not isinstance(config.peft_type, PeftType):
+            config.peft_type = PeftType(config.peft_type.upper())
+    peft.save_pretrained(folder)
+
+
+def base_state_dict(hf: nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's weights from a LoRA-injected model: adapter tensors dropped, names restored."""
+    out = {}
+    for name, tensor in hf.state_dict().items():
+        parts = name.split(".")
+        if any(p.startswith("lora_") for p in parts) or "modules_to_save" in parts:
+            continue
+        out[name.replace(".base_layer.", ".").replace(".original_module.", ".")] = tensor
+    return out

@@ -11,6 +11,11 @@ That function only *logs* most problems, so its warnings are captured here and r
 transformers' rope initialisation, so the model then computes what ``from_config(model.config)``
 with the same weights would compute (including the lazily updated dynamic / longrope frequencies,
 whose state starts fresh).
+
+:func:`rope_target` is the policy for one context: from a scaling, the model's own rope
+(:func:`rope_snapshot`) and the length to train, the config to apply, the declared max positions and
+how far the positions then reach. :func:`~composer_growth.families.rope_type` is the one reader of a
+dict's rope type.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import math
 import numbers
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -28,7 +34,8 @@ import torch.nn as nn
 from transformers import modeling_rope_utils as hf_rope
 
 from composer_growth.errors import ConfigError
-from composer_growth.families import FAMILIES, Family, config_get, config_set, family_of, get_path, set_path, unwrap_hf
+from composer_growth.families import (FAMILIES, Family, config_get, config_set, family_of, get_path, rope_type, set_path,
+                                      unwrap_hf)
 
 #: Rope types this transformers build can initialise (read from its registry, never hard-coded).
 SUPPORTED_ROPE_TYPES: tuple[str, ...] = tuple(sorted(set(hf_rope.ROPE_INIT_FUNCTIONS) | {"default"}))
@@ -74,15 +81,15 @@ def validate_rope_scaling(
         raise ConfigError(key, rope_scaling, "null or a mapping with rope_type and its parameters")
 
     params = dict(rope_scaling)
-    rope_type = _pop_rope_type(params, key)
-    if family is not None and family.rope_types is not None and rope_type not in dict(family.rope_types):
-        raise ConfigError(f"{key}.rope_type", rope_type,
+    kind = _pop_rope_type(params, key)
+    if family is not None and family.rope_types is not None and kind not in dict(family.rope_types):
+        raise ConfigError(f"{key}.rope_type", kind,
                           f"one of {', '.join(dict(family.rope_types))} ({family.name}'s config takes these)")
     theta = params.pop("rope_theta", None)
     params = {name: _coerce_param(value, f"{key}.{name}", name) for name, value in params.items()}
     if params.get("factor") is not None and params["factor"] <= 0:
         raise ConfigError(f"{key}.factor", params["factor"], "a number > 0")
-    clean = {"rope_type": rope_type, "type": rope_type, **params}
+    clean = {"rope_type": kind, "type": kind, **params}
 
     if max_position_embeddings is None and config is not None:
         max_position_embeddings = config_get(config, _max_positions_key(family))
@@ -253,12 +260,12 @@ def max_addressable_positions(config_like: Any, bound: bool = True) -> int | flo
 def _rope_reach(config: Any, family: Family | None, declared: int) -> int | float:
     scaling = (family.rope_scaling(config) if family is not None and not isinstance(config, Mapping)
                else _field(config, "rope_scaling")) or {}
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type == "default":
+    kind = rope_type(scaling)
+    if kind == "default":
         return declared
-    if rope_type == "dynamic":
+    if kind == "dynamic":
         return math.inf
-    if rope_type == "yarn" and "original_max_position_embeddings" in scaling:
+    if kind == "yarn" and "original_max_position_embeddings" in scaling:
         return declared
     original = (
         scaling.get("original_max_position_embeddings")
@@ -276,6 +283,110 @@ def _config_of(config_like: Any) -> Any:
 
 def _field(config: Any, name: str) -> Any:
     return config.get(name) if isinstance(config, Mapping) else config_get(config, name)
+
+
+# --------------------------------------------------------------------------- a rope config per context
+
+
+def rope_snapshot(config: Any, family: Family) -> dict[str, Any]:
+    """The rope fields of a config: its scaling, base, declared context and kind of positions."""
+    theta = None
+    for name in family.rope_theta_keys:
+        if config_get(config, name) is not None:
+            theta = float(config_get(config, name))
+            break
+    return {
+        "rope_scaling": copy.deepcopy(family.rope_scaling(config)),
+        "rope_theta": theta,
+        "max_positions": int(config_get(config, family.max_positions_key)),
+        "original_max_position_embeddings": getattr(config, "original_max_position_embeddings", None),
+        "positions": family.positions(config),
+    }
+
+
+@dataclass
+class RopeTarget:
+    """The rope config a model gets for a context, and how far its positions reach."""
+    scaling: dict[str, Any] | None  # what apply_rope_scaling gets (with rope_theta); None: no rotary
+    max_positions: int              # the config's declared context
+    reach: float                    # the longest sequence the positions address
+    kind: str = "rope"              # the model's positions: rope, alibi or learned
+
+    @property
+    def factor(self) -> float:
+        return float((self.scaling or {}).get("factor") or 1.0)
+
+    @property
+    def theta(self) -> float | None:
+        return (self.scaling or {}).get("rope_theta")
+
+    @property
+    def rope_type(self) -> str:
+        return rope_type(self.scaling)
+
+    def describe(self) -> str:
+        """One phrase: ``rope linear x2, theta 10000``, ``ALiBi (...)`` or ``learned positions``."""
+        if self.kind == "alibi":
+            return "ALiBi (longer sequences need no scaling)"
+        if self.scaling is None:
+            return "learned positions"
+        kind = self.rope_type
+        text = "rope " + (kind if kind == "default" else f"{kind} x{self.factor:g}")
+        if self.theta is not None:
+            text += f", theta {self.theta:g}"
+        return text
+
+
+def rope_target(scaling: Mapping[str, Any] | None, original: dict[str, Any], family: Family, config: Any = None,
+                seq_length: int | None = None, max_position_embeddings: int | None = None,
+                key: str = "rope_scaling") -> RopeTarget:
+    """The rope config for training at ``seq_length`` with ``scaling`` (normalised; None: the model's own
+    rope, ``original``: :func:`rope_snapshot` of the model as built), checked against ``config``.
+
+    The declared max positions stay the model's unless ``max_position_embeddings`` is given, or the
+    rope type reads the declared context as the *extended* one (``yarn`` with
+    ``original_max_position_embeddings``, ``llama3``): then it is ``factor x original``. A family whose
+    model refuses sequences past its declared context (``positions_bound``) declares ``seq_length``,
+    as far as the rope reaches.
+    """
+    p0 = original["max_positions"]
+    kind = position_kind(family, config) if config is not None else original.get("positions") or position_kind(family)
+    if kind != "rope":
+        if scaling is not None:
+            validate_rope_scaling(scaling, key, family, config=config)  # raises: no RoPE
+        # ALiBi extends to any length with no scaling, up to what the model accepts (positions_bound)
+        reach = p0 if kind == "learned" or family.positions_bound else math.inf
+        return RopeTarget(None, p0, reach, kind)
+    if scaling is not None:
+        chosen = dict(scaling)
+    elif original["rope_scaling"]:
+        chosen = dict(original["rope_scaling"])
+    else:
+        chosen = {"rope_type": "default"}
+    theta = chosen.pop("rope_theta", None)
+    if theta is None:
+        theta = original["rope_theta"]
+    kind = rope_type(chosen)
+    if max_position_embeddings is not None:
+        declared = max_position_embeddings
+    elif kind in ("yarn", "llama3") and chosen.get("original_max_position_embeddings") and chosen.get("factor"):
+        declared = max(p0, int(round(float(chosen["factor"]) * int(chosen["original_max_position_embeddings"]))))
+    else:
+        declared = p0
+    full = {**chosen, **({"rope_theta": theta} if theta is not None else {})}
+    full = validate_rope_scaling(full, key, family, max_position_embeddings=declared,
+                                 original_max_position_embeddings=original.get("original_max_position_embeddings"),
+                                 config=config) or {"rope_type": "default"}
+    view = {"model_type": family.name, family.max_positions_key: declared,
+            "rope_scaling": {k: v for k, v in full.items() if k != "rope_theta"},
+            "original_max_position_embeddings": original.get("original_max_position_embeddings")}
+    reach = max_addressable_positions(view, bound=False)
+    if family.positions_bound and max_position_embeddings is None and seq_length is not None:
+        # the model refuses sequences past its declared context: raise it to what is trained,
+        # as far as the rope reaches
+        declared = max(declared, min(seq_length, int(min(reach, 2**62))))
+        reach = min(reach, declared)
+    return RopeTarget(full, declared, reach)
 
 
 # --------------------------------------------------------------------------- apply
@@ -345,11 +456,8 @@ def _own_rotary_config(own: Any, clean: dict[str, Any] | None, max_positions: in
 
 
 def _rope_state(config: Any, family: Family) -> dict[str, Any]:
-    return {
-        "rope_scaling": copy.deepcopy(family.rope_scaling(config)),
-        "rope_theta": config_get(config, family.rope_theta_keys[0]) if family.rope_theta_keys else None,
-        "max_positions": config_get(config, family.max_positions_key),
-    }
+    snapshot = rope_snapshot(config, family)
+    return {name: snapshot[name] for name in ("rope_scaling", "rope_theta", "max_positions")}
 
 
 def _check_max_positions(value: int | None, family: Family, current: int, config: Any = None) -> int | None:

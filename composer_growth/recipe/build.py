@@ -25,6 +25,7 @@ PRECISIONS = ("fp32", "amp_fp16", "amp_bf16", "amp_fp8")
 DEVICES = ("cpu", "gpu", "mps")
 PARALLELISM_KEYS = ("fsdp", "tp")
 RECIPE_KEYS = frozenset(f.name for f in dataclasses.fields(Recipe))
+NO_DATA_HINT = "run `composer-growth prepare-data` there or give data.prepare to build it"
 
 
 def load_recipe(path: str, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
@@ -92,30 +93,21 @@ def _construct(kind: str, name: str, table: dict[str, Any], kwargs: dict[str, An
 
 
 def _check_data(recipe: Recipe, world_size: int = 1) -> None:
-    from composer_growth.data.prepare import read_manifest
+    from composer_growth.data.prepare import SOURCES, check_manifest, no_dataset
 
     data = recipe.data
     if data.remote is not None:
         return  # a remote dataset is checked by streaming when it is opened
-    manifest = read_manifest(data.path)
+    manifest = check_manifest(data.path, "data.path",
+                              splits={data.train_split: "data.train_split", data.eval_split: "data.eval_split"},
+                              tokenizer_key="tokenizer" if recipe.tokenizer is None else None)
     if manifest is None:
         if data.prepare is None and world_size > 1:
             return  # every rank learns which nodes lack it, and stops together (ensure_data)
         if data.prepare is None:
-            raise ConfigError("data.path", data.path,
-                              "no dataset there (no manifest.json); run `composer-growth prepare-data` "
-                              "or give data.prepare to build it")
-        from composer_growth.data.prepare import SOURCES
+            raise no_dataset("data.path", data.path, NO_DATA_HINT)
         check(data.prepare.source in SOURCES, "data.prepare.source", data.prepare.source, f"one of {', '.join(SOURCES)}")
         check(data.prepare.seq_len >= 2, "data.prepare.seq_len", data.prepare.seq_len, "an integer >= 2")
-        return
-    for key in ("train_split", "eval_split"):
-        split = getattr(data, key)
-        if split not in manifest.get("splits", {}):
-            raise ConfigError(f"data.{key}", split, f"splits in {data.path}: {', '.join(manifest.get('splits', {}))}")
-    if recipe.tokenizer is None and not os.path.isdir(os.path.join(data.path, "tokenizer")):
-        raise ConfigError("tokenizer", None, f"{data.path} has no tokenizer/ folder (an MDS folder converted "
-                                             "elsewhere): name the tokenizer its tokens come from")
 
 
 def _fsdp_fields(version: int) -> list[str]:
@@ -274,30 +266,18 @@ def ensure_data(plan: Plan) -> None:
     the same one-line error. Otherwise local rank 0 of each node that lacks it builds it, under a
     file lock: nodes sharing a filesystem build a shared folder once, and the others reuse it.
     """
-    from composer.utils import dist
-
-    from composer_growth.data.prepare import prepare_dataset, read_manifest
+    from composer_growth.data.prepare import prepare_dataset, prepare_once
 
     data = plan.recipe.data
     if data.remote is not None:
         return
-    node = dist.get_node_rank()
-    mine = (node, read_manifest(data.path) is None) if dist.get_local_rank() == 0 else None
-    missing = sorted(n for n, lacks in filter(None, dist.all_gather_object(mine)) if lacks)
-    if not missing:
-        return
-    if data.prepare is None:
-        where = "" if dist.get_world_size() == dist.get_local_world_size() else f" on node {', '.join(map(str, missing))}"
-        raise ConfigError("data.path", data.path,
-                          f"no dataset there{where} (no manifest.json); run `composer-growth prepare-data` "
-                          "there or give data.prepare to build it")
-    if dist.get_local_rank() == 0 and node in missing:
-        p = data.prepare
-        prepare_dataset(data.path, source=p.source, seq_len=p.seq_len, vocab_size=p.vocab_size,
-                        tokenizer=p.tokenizer, max_bytes=p.max_bytes, val_percent=p.val_percent, files=p.files,
-                        hub_name=p.hub_name, hub_split=p.hub_split, text_field=p.text_field)
-    dist.barrier()
-    _check_data(plan.recipe)  # the splits of what was built
+    p = data.prepare
+    build = None if p is None else lambda: prepare_dataset(
+        data.path, source=p.source, seq_len=p.seq_len, vocab_size=p.vocab_size, tokenizer=p.tokenizer,
+        max_bytes=p.max_bytes, val_percent=p.val_percent, files=p.files, hub_name=p.hub_name, hub_split=p.hub_split,
+        text_field=p.text_field)
+    if prepare_once(data.path, build, "data.path", NO_DATA_HINT):
+        _check_data(plan.recipe)  # the splits of what was built
 
 
 def check_save_folder(plan: Plan) -> None:
