@@ -3,7 +3,8 @@
 Every algorithm of the suite (``seq_length_warmup``, ``context_length_schedule``, ``stack_layers``,
 ``widen_mlp``, ``lora_merge``, ``orchestrator``, and the first four together) trains a llama on
 random tokens, one variant after another in one process, next to a run with no algorithm. A benchmark-side wrapper (nothing in the algorithms)
-times each algorithm's ``match`` and ``apply`` at every event with ``time.perf_counter`` and sums
+times each algorithm's ``match`` and ``apply`` (and ``run_event`` of the callbacks the suite adds: the
+context schedule's eval and export) at every event with ``time.perf_counter`` and sums
 them per step (``BATCH_END`` to ``BATCH_END``), against the step's wall time. Figures are medians over
 the idle steps (a busy CPU preempts the process now and then, inside a timed call or not).
 The ``noop`` variant is one algorithm that matches no event: its figure is the wrapper's own cost
@@ -59,9 +60,11 @@ class StepTimes(Callback):
 
     def __init__(self, timer: "AlgorithmTimer"):
         self.timer, self.steps, self.alg_s, self.per_event = timer, [], [], []
+        self.callbacks_timed = 0
         self._last = 0.0
 
     def fit_start(self, state: State, logger: Logger) -> None:
+        self.callbacks_timed = self.timer.wrap_callbacks(state)
         self._last = time.perf_counter()
         self.timer.reset()
 
@@ -99,6 +102,15 @@ class AlgorithmTimer:
                 events[key] += dt
 
         return timed
+
+    def wrap_callbacks(self, state: State) -> int:
+        """Time the suite's own callbacks too (the context schedule adds its eval and export at INIT)."""
+        ours = [cb for cb in state.callbacks if type(cb).__module__.startswith("composer_growth")
+                and not getattr(cb, "_timed", False)]
+        for cb in ours:
+            cb.run_event = self._wrap(cb.run_event, type(cb).__name__, "run_event")
+            cb._timed = True
+        return len(ours)
 
     def reset(self) -> None:
         self._events.clear()
@@ -190,7 +202,7 @@ def run_variant(variant: str, model_name: str, tokenizer, threads: int) -> dict[
     idle = list(range(ACTIVE[1], steps - 2))
     keys = {k for i in idle for k in rec.per_event[i]}
     events = {k: statistics.median(rec.per_event[i].get(k, 0.0) for i in idle) for k in keys}
-    return {"variant": variant, "model": model_name, "n_algorithms": len(algorithms), "steps": rec.steps, "alg_s": rec.alg_s,
+    return {"variant": variant, "model": model_name, "n_algorithms": len(algorithms) + rec.callbacks_timed, "steps": rec.steps, "alg_s": rec.alg_s,
             "idle": idle, "idle_events_s": dict(sorted(events.items(), key=lambda kv: -kv[1])),
             "step_ms": 1000 * statistics.median(rec.steps[i] for i in idle),
             "alg_us": 1e6 * statistics.median(rec.alg_s[i] for i in idle),

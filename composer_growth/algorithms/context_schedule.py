@@ -410,14 +410,16 @@ class ContextLengthSchedule(Algorithm):
     def match(self, event: Event, state: State) -> bool:
         return self.enabled and event in self._EVENTS
 
+    #: the method each event runs (names: one table for the class, not a dict built per call)
+    _HANDLERS = {Event.INIT: "_init", Event.AFTER_LOAD: "_after_load", Event.FIT_START: "_fit_start",
+                 Event.BEFORE_DATALOADER: "_before_dataloader", Event.AFTER_DATALOADER: "_after_dataloader",
+                 Event.BATCH_START: "_batch_start", Event.BATCH_END: "_batch_end", Event.FIT_END: "_fit_end"}
+
     def apply(self, event: Event, state: State, logger: Logger) -> None:
-        handler = {
-            Event.INIT: self._init, Event.AFTER_LOAD: self._after_load, Event.FIT_START: self._fit_start,
-            Event.BEFORE_DATALOADER: self._before_dataloader,
-            Event.AFTER_DATALOADER: lambda state, logger: set_batch_lengths(self, state, logger),
-            Event.BATCH_START: self._batch_start, Event.BATCH_END: self._batch_end, Event.FIT_END: self._fit_end,
-        }[event]
-        handler(state, logger)
+        getattr(self, self._HANDLERS[event])(state, logger)
+
+    def _after_dataloader(self, state: State, logger: Logger) -> None:
+        set_batch_lengths(self, state, logger)
 
     def _init(self, state: State, logger: Logger) -> None:
         hf = unwrap_hf(state.model)
