@@ -25,7 +25,8 @@ from composer_growth.functional.growth import STACK_INITS, STACK_MODES, stack_la
 from composer_growth.functional.batch import select_rows
 from composer_growth.functional.lora import add_lora
 from composer_growth.registry import register_algorithm
-from composer_growth.timeutil import check_progress_known, epoch_batches, parse_time, reached, to_duration_fraction
+from composer_growth.runfacts import RunFacts, check_at_fit_start
+from composer_growth.timeutil import check_progress_known, parse_time, reached, to_duration_fraction
 
 TRUNKS = ("train", "frozen", "lora")
 
@@ -49,6 +50,7 @@ class _Growth(Algorithm):
         self.probe_loss = probe_loss
         self.applied = False
         self.record: dict[str, Any] = {}
+        self.run_facts: RunFacts | None = None  # what validate_run checked the options against
         self._batch: dict[str, torch.Tensor] | None = None
 
     # -- what subclasses provide -------------------------------------------------------------
@@ -62,13 +64,15 @@ class _Growth(Algorithm):
         """Reject arguments the model cannot take (from its config), before training."""
 
     # -- validation -------------------------------------------------------------------------
-    def validate_run(self, max_duration: Time, recipe: Any = None, batches_per_epoch: int | None = None) -> None:
-        frac = to_duration_fraction(self.at, max_duration, batches_per_epoch)
+    def validate_run(self, facts: RunFacts) -> None:
+        self.run_facts = facts
+        max_duration = facts.max_duration
+        frac = to_duration_fraction(self.at, max_duration, facts.batches_per_epoch)
         if frac is not None and frac >= 1:
             raise ConfigError("at", str(self.at), f"must fall before the end of the run (max_duration {max_duration})")
-        if recipe is None:
+        if not facts.has_recipe:
             return
-        fsdp = (recipe.parallelism or {}).get("fsdp")
+        fsdp = facts.parallelism.get("fsdp")
         if isinstance(fsdp, dict):
             if fsdp.get("version", 1) != 2:
                 raise ConfigError("parallelism.fsdp.version", fsdp.get("version", 1),
@@ -76,15 +80,14 @@ class _Growth(Algorithm):
             for key in ("activation_checkpointing", "activation_cpu_offload"):
                 if fsdp.get(key):
                     raise ConfigError(f"parallelism.fsdp.{key}", fsdp[key], f"false with {self.name} (growth under FSDP2)")
-            if recipe.model.peft is not None:
-                raise ConfigError("model.peft", recipe.model.peft, f"null with {self.name} under FSDP2")
-        if recipe.model.pretrained is None:
-            if recipe.model.family not in FAMILIES:
-                raise ConfigError("model.family", recipe.model.family,
+            if facts.peft is not None:
+                raise ConfigError("model.peft", facts.peft, f"null with {self.name} under FSDP2")
+        if facts.model_family is not None:
+            if facts.model_family not in FAMILIES:
+                raise ConfigError("model.family", facts.model_family,
                                   f"{self.name} supports: {', '.join(sorted(FAMILIES))}")
-            from transformers import AutoConfig
-
-            self._check_model_config(AutoConfig.for_model(recipe.model.family, **recipe.model.config))
+            if facts.model_config is not None:
+                self._check_model_config(facts.model_config)
 
     # -- events -----------------------------------------------------------------------------
     # A frozenset: Composer asks every algorithm about every event, and a tuple compares with Event's
@@ -107,8 +110,7 @@ class _Growth(Algorithm):
             check_supported(state, self.name)
             if getattr(self, "trunk", "train") == "lora" and state.fsdp_enabled:
                 raise ValueError(f"{self.name}: trunk 'lora' needs DDP (or one process), not FSDP")
-            if state.max_duration is not None:
-                self.validate_run(state.max_duration, batches_per_epoch=epoch_batches(state))
+            check_at_fit_start(self, state)
             check_progress_known(state, {"at": self.at}, within=False)
         elif event is Event.AFTER_DATALOADER:
             self._batch = state.batch if self.probe_loss and not self.applied else None
@@ -264,11 +266,11 @@ class StackLayers(_Growth):
             bad = [i for i in self.source_layers if i >= n]
             check(not bad, "source_layers", self.source_layers, f"indices below the model's layer count ({n})")
 
-    def validate_run(self, max_duration: Time, recipe: Any = None, batches_per_epoch: int | None = None) -> None:
-        super().validate_run(max_duration, recipe, batches_per_epoch)
-        if recipe is not None and self.trunk == "lora" and recipe.model.peft is not None:
+    def validate_run(self, facts: RunFacts) -> None:
+        super().validate_run(facts)
+        if facts.has_recipe and self.trunk == "lora" and facts.peft is not None:
             raise ConfigError("trunk", self.trunk, "'lora' needs a model without model.peft adapters")
-        if recipe is not None and self.trunk == "lora" and (recipe.parallelism or {}).get("fsdp") is not None:
+        if facts.has_recipe and self.trunk == "lora" and facts.parallelism.get("fsdp") is not None:
             raise ConfigError("trunk", self.trunk, "train or frozen under FSDP2 ('lora' needs DDP)")
 
     def _op(self, model: nn.Module):

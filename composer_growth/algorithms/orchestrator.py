@@ -45,6 +45,7 @@ from composer_growth.functional.growth import STACK_INITS, stack_layers, widen_m
 from composer_growth.functional.lora import (LORA_GROUPS, PRUNE_MODES, lora_targets, merge_and_reinit_lora,
                                              prune_optimizer_state, resize_lora_rank, scale_lora_alpha)
 from composer_growth.registry import register_algorithm
+from composer_growth.runfacts import RunFacts, check_at_fit_start
 from composer_growth.timeutil import elapsed, parse_time
 
 log = logging.getLogger(__name__)
@@ -567,6 +568,7 @@ class Orchestrator(Algorithm):
         self._loader_state: dict[str, Any] | None = None
         self._replayed = 0
         self._lr_schedulers: list[tuple[Any, Any, float]] = []  # (LambdaLR, Composer scheduler, ssr)
+        self.run_facts: RunFacts | None = None  # what validate_run checked the options against
 
     @property
     def next_index(self) -> int:
@@ -580,27 +582,27 @@ class Orchestrator(Algorithm):
 
     # ------------------------------------------------------------------ validation
 
-    def validate_run(self, max_duration: Time, recipe: Any = None) -> None:
+    def validate_run(self, facts: RunFacts) -> None:
         """Check the schedule against the run and the recipe before anything is built."""
-        if max_duration.unit == TimeUnit.EPOCH:
+        self.run_facts = facts
+        if facts.max_duration.unit == TimeUnit.EPOCH:
             for op in self.ops:
                 if op.name in ("change_batch_size", "reset_lr_schedule", "change_warmup_iters"):
                     raise ConfigError(f"schedule[{op.index}].name", op.name, "needs max_duration in ba, tok or sp")
-        if recipe is None:
+        if not facts.has_recipe:
             return
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        self._check_batches(recipe.global_train_batch_size // world, recipe.device_train_microbatch_size, world)
+        self._check_batches(facts.rows_per_device, facts.microbatch, facts.world_size)
         arch = self._groups("architecture") + [op for op in self.ops if op.name.startswith("decrease_")]
-        if arch and recipe.parallelism and "fsdp" in recipe.parallelism:
-            raise ConfigError("parallelism.fsdp", recipe.parallelism["fsdp"],
+        if arch and "fsdp" in facts.parallelism:
+            raise ConfigError("parallelism.fsdp", facts.parallelism["fsdp"],
                               f"schedule[{arch[0].index}].name={arch[0].name!r} needs DDP (or one process)")
-        if arch and recipe.model.pretrained is None and recipe.model.family not in FAMILIES:
+        if arch and facts.model_family is not None and facts.model_family not in FAMILIES:
             op = arch[0]
             raise ConfigError(f"schedule[{op.index}].name", op.name,
                               f"needs a model family in the table ({', '.join(sorted(FAMILIES))}), "
-                              f"not {recipe.model.family!r}")
+                              f"not {facts.model_family!r}")
         lora = self._groups("lora")
-        if lora and recipe.model.peft is None:
+        if lora and facts.peft is None:
             raise ConfigError(f"schedule[{lora[0].index}].name", lora[0].name,
                               "needs a model with LoRA adapters (model.peft)")
 
@@ -664,8 +666,7 @@ class Orchestrator(Algorithm):
             self._decide(state, logger, loss)
 
     def _fit_start(self, state: State, logger: Logger) -> None:
-        if state.max_duration is not None:
-            self.validate_run(state.max_duration)
+        check_at_fit_start(self, state)
         if not any(ev.label == self.label for ev in state.evaluators) and any(
                 op.trigger_loss is not None for op in self.ops):
             labels = ", ".join(ev.label for ev in state.evaluators) or "none"

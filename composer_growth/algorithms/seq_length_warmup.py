@@ -21,10 +21,12 @@ from composer.utils import ensure_tuple
 
 from composer_growth.algorithms.order import set_batch_lengths
 from composer_growth.errors import ConfigError, check, check_flag, check_int
+from composer_growth.families import unwrap_composer
 from composer_growth.functional.batch import (MODES, batch_seq_length, batch_tokens, select_rows,
                                               set_batch_sequence_length)
 from composer_growth.registry import register_algorithm
-from composer_growth.timeutil import (check_progress_known, elapsed, epoch_batches, parse_time, to_duration_fraction,
+from composer_growth.runfacts import RunFacts, check_at_fit_start
+from composer_growth.timeutil import (check_progress_known, elapsed, parse_time, to_duration_fraction,
                                       uncount_tokens)
 
 SCHEDULES = ("linear", "root")
@@ -108,6 +110,7 @@ class SeqLengthWarmup(Algorithm):
         self._active = False
         self._preallocated = False
         self._logged_len: int | None = None
+        self.run_facts: RunFacts | None = None  # what validate_run checked the options against
 
     def _parse_steps(self, schedule) -> list[tuple[Time, int]]:
         steps = []
@@ -137,20 +140,18 @@ class SeqLengthWarmup(Algorithm):
         return self.steps[-1][0] if self.steps is not None else self.duration
 
     # -- validation before training -----------------------------------------------------------
-    def validate_run(self, max_duration: Time, recipe: Any = None, batches_per_epoch: int | None = None) -> None:
+    def validate_run(self, facts: RunFacts) -> None:
         """Reject a warmup longer than the run, or longer than the data's sequences."""
-        end = self.end
-        frac = to_duration_fraction(end, max_duration, batches_per_epoch)
+        self.run_facts = facts
+        end, max_duration = self.end, facts.max_duration
+        frac = to_duration_fraction(end, max_duration, facts.batches_per_epoch)
         if frac is not None and frac > 1:
             key = "schedule" if self.steps is not None else "duration"
             raise ConfigError(key, str(end), f"must end within max_duration ({max_duration})")
-        if recipe is not None:
-            from composer_growth.data.prepare import read_manifest
-
-            manifest = read_manifest(recipe.data.path)
-            if manifest is not None and manifest["seq_len"] < self.max_seq_length:
-                raise ConfigError("max_seq_length", self.max_seq_length,
-                                  f"at most the data's sequence length ({manifest['seq_len']} in {recipe.data.path})")
+        manifest = facts.manifest
+        if manifest is not None and manifest["seq_len"] < self.max_seq_length:
+            raise ConfigError("max_seq_length", self.max_seq_length,
+                              f"at most the data's sequence length ({manifest['seq_len']} in {facts.data_path})")
 
     # -- schedule ---------------------------------------------------------------------------
     def _over(self, state: State) -> bool:
@@ -190,8 +191,7 @@ class SeqLengthWarmup(Algorithm):
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event is Event.FIT_START:
-            if state.max_duration is not None:
-                self.validate_run(state.max_duration, batches_per_epoch=epoch_batches(state))
+            check_at_fit_start(self, state)
             times = {"duration": self.duration} if self.steps is None else {
                 f"schedule[{i}][0]": t for i, (t, _) in enumerate(self.steps)}
             check_progress_known(state, times, within=self.steps is None)
@@ -272,7 +272,7 @@ class SeqLengthWarmup(Algorithm):
         rows = state.device_train_microbatch_size if isinstance(state.device_train_microbatch_size, int) else 1
         sample = set_batch_sequence_length(batch, self.max_seq_length, "truncate")
         sample = state.device.batch_to_device(select_rows(sample, rows))
-        model = state.model.module if isinstance(state.model, torch.nn.parallel.DistributedDataParallel) else state.model
+        model = unwrap_composer(state.model)
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         try:
             with torch.random.fork_rng(devices=devices):

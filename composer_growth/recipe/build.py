@@ -16,7 +16,8 @@ from typing import Any
 from composer_growth.errors import ConfigError, check
 from composer_growth.families import FAMILIES, mark_fsdp_blocks
 from composer_growth.recipe.schema import Recipe, from_mapping
-from composer_growth.registry import ALGORITHMS, CALLBACKS, LOGGERS, load_all
+from composer_growth.registry import ALGORITHMS, CALLBACKS, LOGGERS, register_composer_builtins
+from composer_growth.runfacts import RunFacts
 from composer_growth.timeutil import parse_time
 
 OPTIMIZERS = ("decoupled_adamw", "adamw", "decoupled_sgdw")
@@ -60,6 +61,7 @@ class Plan:
     callbacks: list[Any] = field(default_factory=list)
     loggers: list[Any] = field(default_factory=list)
     world_size: int = 1
+    facts: RunFacts | None = None  # what the algorithms were checked against
 
     @property
     def device_train_batch_size(self) -> int:
@@ -195,6 +197,18 @@ def _check_model(recipe: Recipe) -> None:
           model.attn_implementation, "one of eager, sdpa, flash_attention_2")
 
 
+def load_all() -> None:
+    """Import every module that registers an algorithm or a callback, and Composer's own (idempotent).
+
+    The registry imports nothing: the modules register themselves when imported (``@register_algorithm``),
+    so the layer that builds recipes imports them.
+    """
+    import composer_growth.algorithms  # noqa: F401  (registers the suite's algorithms)
+    import composer_growth.callbacks  # noqa: F401  (registers the suite's callbacks)
+
+    register_composer_builtins()
+
+
 def validate(data: dict[str, Any], world_size: int | None = None) -> Plan:
     """Check every key of a recipe and build its algorithms, callbacks and loggers."""
     load_all()
@@ -242,16 +256,24 @@ def validate(data: dict[str, Any], world_size: int | None = None) -> Plan:
     algorithms = [_construct("algorithms", n, ALGORITHMS, kw) for n, kw in recipe.algorithms.items()]
     callbacks = [_construct("callbacks", n, CALLBACKS, kw) for n, kw in recipe.callbacks.items()]
     loggers = [_construct("loggers", n, LOGGERS, kw) for n, kw in recipe.loggers.items()]
+    facts = RunFacts.from_recipe(recipe, world_size)
     for name, alg in zip(recipe.algorithms, algorithms):
-        hook = getattr(alg, "validate_run", None)
-        if hook is not None:
-            try:
-                hook(max_duration=max_duration, recipe=recipe)
-            except ConfigError as e:
-                top = e.key.split(".")[0].split("[")[0]
-                key = e.key if top in RECIPE_KEYS else f"algorithms.{name}.{e.key}"
-                raise ConfigError(key, e.value, e.allowed) from None
-    return Plan(recipe=recipe, algorithms=algorithms, callbacks=callbacks, loggers=loggers, world_size=world_size)
+        validate_algorithm(name, alg, facts)
+    return Plan(recipe=recipe, algorithms=algorithms, callbacks=callbacks, loggers=loggers, world_size=world_size,
+                facts=facts)
+
+
+def validate_algorithm(name: str, algorithm: Any, facts: RunFacts) -> None:
+    """``algorithm.validate_run(facts)`` (if it has one); an error names the recipe key it is about."""
+    hook = getattr(algorithm, "validate_run", None)
+    if hook is None:
+        return
+    try:
+        hook(facts)
+    except ConfigError as e:
+        top = e.key.split(".")[0].split("[")[0]
+        key = e.key if top in RECIPE_KEYS else f"algorithms.{name}.{e.key}"
+        raise ConfigError(key, e.value, e.allowed) from None
 
 
 def init_dist(plan: Plan) -> None:
