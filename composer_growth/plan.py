@@ -19,7 +19,7 @@ from typing import Any
 
 from composer.core import TimeUnit
 
-from composer_growth.errors import ConfigError
+from composer_growth.errors import ConfigError, check_int
 from composer_growth.families import config_get, family_of
 from composer_growth.runfacts import RunFacts
 from composer_growth.timeutil import parse_time
@@ -127,11 +127,9 @@ def foundry_run(data: dict[str, Any]) -> tuple[RunFacts, list[tuple[str, Any]]]:
 
     load_all()
     max_seq_len = data.get("max_seq_len")
-    if not isinstance(max_seq_len, int):
-        raise ConfigError("max_seq_len", max_seq_len, "an integer")
+    check_int(max_seq_len, "max_seq_len")
     gbs = data.get("global_train_batch_size")
-    if not isinstance(gbs, int) or gbs <= 0:
-        raise ConfigError("global_train_batch_size", gbs, "a positive integer")
+    check_int(gbs, "global_train_batch_size", minimum=1, allowed="a positive integer")
     config = _foundry_config(dict(data.get("model") or {}), max_seq_len)
     if getattr(config, "vocab_size", None) is None:
         raise ConfigError("model.vocab_size", None, "needed to count parameters")

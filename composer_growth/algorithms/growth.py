@@ -19,7 +19,7 @@ from torch import nn
 
 from composer_growth.algorithms.surgery import check_supported, composer_model, grow, install_replay_hook, reshard
 from composer_growth.events import announce
-from composer_growth.errors import ConfigError, check, check_flag, check_int
+from composer_growth.errors import ConfigError, check, check_flag, check_int, check_number, is_int
 from composer_growth.families import FAMILIES, config_get, family_of, get_path, unwrap_hf
 from composer_growth.functional.growth import STACK_INITS, STACK_MODES, stack_layers, widen_mlp
 from composer_growth.functional.batch import select_rows
@@ -224,21 +224,21 @@ class StackLayers(_Growth):
         check(init in STACK_INITS, "init", init, f"one of {', '.join(STACK_INITS)}")
         check(trunk in TRUNKS, "trunk", trunk, f"one of {', '.join(TRUNKS)}")
         if mode == "repeat":
-            check(isinstance(times, int) and times >= 2, "times", times, "an integer >= 2")
+            check_int(times, "times", minimum=2)
         if mode == "explicit":
             check(isinstance(source_layers, list) and len(source_layers) > 0
-                  and all(isinstance(i, int) and i >= 0 for i in source_layers),
+                  and all(is_int(i) and i >= 0 for i in source_layers),
                   "source_layers", source_layers, "a non-empty list of layer indices >= 0")
         if mode in ("append", "prepend"):
-            check(isinstance(num_new, int) and num_new >= 1, "num_new", num_new, "an integer >= 1")
+            check_int(num_new, "num_new", minimum=1)
         self.mode, self.times, self.source_layers, self.num_new = mode, times, source_layers, num_new
-        check(isinstance(lora_rank, int) and lora_rank >= 1, "lora_rank", lora_rank, "an integer >= 1")
+        check_int(lora_rank, "lora_rank", minimum=1)
         check_int(seed, "seed")
         self.init, self.trunk, self.seed = init, trunk, seed
         self.lora_rank, self.lora_alpha = lora_rank, lora_alpha
         self.stack_lora_ranks = self._stack_ranks(stack_lora, stack_lora_pattern)
-        check(stack_lora_alpha is None or (isinstance(stack_lora_alpha, (int, float)) and stack_lora_alpha > 0),
-              "stack_lora_alpha", stack_lora_alpha, "null or a number > 0")
+        if stack_lora_alpha is not None:
+            check_number(stack_lora_alpha, "stack_lora_alpha", above=0, allowed="null or a number > 0")
         self.stack_lora_alpha = stack_lora_alpha
         self._old_layers: set[int] = set()
 
@@ -249,8 +249,7 @@ class StackLayers(_Growth):
             return None
         stacks = self.times - 1 if self.mode == "repeat" else 1
         if isinstance(stack_lora, list):
-            check(len(stack_lora) == stacks and all(isinstance(r, int) and not isinstance(r, bool) and r >= 1
-                                                    for r in stack_lora),
+            check(len(stack_lora) == stacks and all(is_int(r) and r >= 1 for r in stack_lora),
                   "stack_lora", stack_lora, f"a list of {stacks} integer ranks >= 1 (one per new stack)")
             return list(stack_lora)
         check_int(stack_lora, "stack_lora", minimum=1)
@@ -330,9 +329,8 @@ class WidenMLP(_Growth):
     def __init__(self, at: Any = "0.5dur", factor: float = 2.0, noise_std: float = 0.0, seed: int = 0,
                  probe_loss: bool = True):
         super().__init__(at, probe_loss)
-        check(isinstance(factor, (int, float)) and not isinstance(factor, bool) and factor > 1, "factor", factor,
-              "a number > 1")
-        check(isinstance(noise_std, (int, float)) and noise_std >= 0, "noise_std", noise_std, "a number >= 0")
+        check_number(factor, "factor", above=1)
+        check_number(noise_std, "noise_std", minimum=0)
         check_int(seed, "seed")
         self.factor, self.noise_std, self.seed = float(factor), float(noise_std), seed
 

@@ -35,7 +35,7 @@ from composer.utils import dist
 
 from composer_growth.algorithms.surgery import check_supported, composer_model, grow, install_replay_hook
 from composer_growth.events import announce
-from composer_growth.errors import ConfigError, check, check_int
+from composer_growth.errors import ConfigError, check, check_flag, check_int, check_number
 from composer_growth.families import FAMILIES, family_of, unwrap_hf
 from composer_growth.functional.growth import ParamSource
 from composer_growth.functional.lora import (LORA_GROUPS, PRUNE_MODES, add_lora, lora_target_modules, lora_targets,
@@ -88,15 +88,15 @@ class LoraMergeRestart(Algorithm):
         check(self.interval.value > 0, "interval", interval, "a positive time")
         _check_targets(targets, "targets")
         check(prune in PRUNE_MODES, "prune", prune, f"one of {', '.join(PRUNE_MODES)}")
-        check(isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 <= ratio < 1, "ratio", ratio,
-              "a number in [0, 1)")
+        check_number(ratio, "ratio", minimum=0, below=1)
         self.restart_warmup: Time = parse_time(restart_warmup, "restart_warmup")
         self.start_at: Time | None = None if start_at is None else parse_time(start_at, "start_at")
         if rank is not None:
             check_int(rank, "rank", minimum=1)
-        check(alpha is None or (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha > 0),
-              "alpha", alpha, "null or a number > 0")
-        check(use_rslora is None or isinstance(use_rslora, bool), "use_rslora", use_rslora, "null, true or false")
+        if alpha is not None:
+            check_number(alpha, "alpha", above=0, allowed="null or a number > 0")
+        if use_rslora is not None:
+            check_flag(use_rslora, "use_rslora", allowed="null, true or false")
         check_int(seed, "seed")
         check(export_folder is None or isinstance(export_folder, str), "export_folder", export_folder,
               "null or a folder path")

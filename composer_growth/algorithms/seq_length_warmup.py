@@ -20,7 +20,7 @@ from composer.loggers import Logger
 from composer.utils import ensure_tuple
 
 from composer_growth.algorithms.order import set_batch_lengths
-from composer_growth.errors import ConfigError, check, check_flag, check_int
+from composer_growth.errors import ConfigError, check, check_flag, check_int, check_number
 from composer_growth.families import unwrap_composer
 from composer_growth.functional.batch import (MODES, batch_seq_length, batch_tokens, select_rows,
                                               set_batch_sequence_length)
@@ -72,20 +72,18 @@ class SeqLengthWarmup(Algorithm):
                  duration: Any = "0.3dur", schedule: Any = "linear", root_degree: float = 2.0,
                  mode: str = "truncate", preserve_end_of_sequence: bool = False, preallocate: bool = True,
                  pad_token_id: int = 0, microbatch_policy: str = "bounded", max_microbatch_scale: float = 2.0):
-        check(isinstance(min_seq_length, int) and min_seq_length >= 1, "min_seq_length", min_seq_length,
-              "a positive integer")
-        check(isinstance(max_seq_length, int) and max_seq_length >= min_seq_length, "max_seq_length",
-              max_seq_length, f"an integer >= min_seq_length ({min_seq_length})")
-        check(isinstance(step_size, int) and step_size >= 1, "step_size", step_size, "a positive integer")
+        check_int(min_seq_length, "min_seq_length", minimum=1, allowed="a positive integer")
+        check_int(max_seq_length, "max_seq_length", minimum=min_seq_length,
+                  allowed=f"an integer >= min_seq_length ({min_seq_length})")
+        check_int(step_size, "step_size", minimum=1, allowed="a positive integer")
         check(mode in MODES, "mode", mode, f"one of {', '.join(MODES)}")
-        check(isinstance(root_degree, (int, float)) and root_degree > 0, "root_degree", root_degree, "a number > 0")
+        check_number(root_degree, "root_degree", above=0)
         check_flag(preserve_end_of_sequence, "preserve_end_of_sequence")
         check_flag(preallocate, "preallocate")
         check_int(pad_token_id, "pad_token_id", minimum=0)
         check(microbatch_policy in MICROBATCH_POLICIES, "microbatch_policy", microbatch_policy,
               f"one of {', '.join(MICROBATCH_POLICIES)}")
-        check(isinstance(max_microbatch_scale, (int, float)) and not isinstance(max_microbatch_scale, bool)
-              and max_microbatch_scale >= 1, "max_microbatch_scale", max_microbatch_scale, "a number >= 1")
+        check_number(max_microbatch_scale, "max_microbatch_scale", minimum=1)
         self.microbatch_policy, self.max_microbatch_scale = microbatch_policy, float(max_microbatch_scale)
         self.min_seq_length, self.max_seq_length, self.step_size = min_seq_length, max_seq_length, step_size
         self.duration = parse_time(duration, "duration")
@@ -119,7 +117,7 @@ class SeqLengthWarmup(Algorithm):
                 raise ConfigError(f"schedule[{i}]", item, "a [time, length] pair")
             t = Time(0, TimeUnit.DURATION) if item[0] in (0, "0") else parse_time(item[0], f"schedule[{i}][0]")
             length = item[1]
-            check(isinstance(length, int) and length >= 1, f"schedule[{i}][1]", length, "a positive integer length")
+            check_int(length, f"schedule[{i}][1]", minimum=1, allowed="a positive integer length")
             steps.append((t, length))
         units = {t.unit for t, _ in steps if t.value != 0}
         check(len(units) <= 1, "schedule", schedule, "every step time in one unit")

@@ -7,13 +7,14 @@ fails in seconds, before a model is built or data read.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from composer_growth.errors import ConfigError, check
+from composer_growth.errors import ConfigError, check, is_int
 from composer_growth.families import FAMILIES, mark_fsdp_blocks
 from composer_growth.recipe.schema import Recipe, from_mapping
 from composer_growth.registry import ALGORITHMS, CALLBACKS, LOGGERS, register_composer_builtins
@@ -26,6 +27,8 @@ PRECISIONS = ("fp32", "amp_fp16", "amp_bf16", "amp_fp8")
 DEVICES = ("cpu", "gpu", "mps")
 PARALLELISM_KEYS = ("fsdp", "tp")
 RECIPE_KEYS = frozenset(f.name for f in dataclasses.fields(Recipe))
+#: the modules whose import registers the suite's algorithms and callbacks
+REGISTERING_MODULES = ("composer_growth.algorithms", "composer_growth.callbacks")
 
 
 def load_recipe(path: str, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
@@ -142,7 +145,7 @@ def _check_fsdp(recipe: Recipe) -> None:
         return
     check(isinstance(fsdp, dict), "parallelism.fsdp", fsdp, "a mapping (version: 2 and FSDP2Config keys)")
     version = fsdp.get("version", 1)
-    check(version in (1, 2) and not isinstance(version, bool), "parallelism.fsdp.version", version, "1 or 2")
+    check(is_int(version) and version in (1, 2), "parallelism.fsdp.version", version, "1 or 2")
     allowed = _fsdp_fields(version)
     for key, value in fsdp.items():
         check(key == "version" or key in allowed, f"parallelism.fsdp.{key}", value,
@@ -203,9 +206,8 @@ def load_all() -> None:
     The registry imports nothing: the modules register themselves when imported (``@register_algorithm``),
     so the layer that builds recipes imports them.
     """
-    import composer_growth.algorithms  # noqa: F401  (registers the suite's algorithms)
-    import composer_growth.callbacks  # noqa: F401  (registers the suite's callbacks)
-
+    for module in REGISTERING_MODULES:
+        importlib.import_module(module)
     register_composer_builtins()
 
 
