@@ -83,7 +83,7 @@ class RunFacts:
         gbs = recipe.global_train_batch_size
         return cls(max_duration=parse_time(recipe.max_duration, "max_duration"), world_size=world_size,
                    global_batch=gbs, microbatch=recipe.device_train_microbatch_size,
-                   batches_per_epoch=(sequences // gbs) if sequences and gbs else None,
+                   batches_per_epoch=_batches_per_epoch(sequences, gbs, world_size),
                    data_seq_len=seq_len, model_config=_recipe_model_config(model, vocab), origin="recipe",
                    source=recipe.run_name or "", manifest=manifest, data_path=data.path, data_prepare=prepare,
                    data_shuffle=data.shuffle, data_num_workers=data.num_workers,
@@ -106,6 +106,15 @@ class RunFacts:
                    global_batch=rows * world if isinstance(rows, int) else None,
                    microbatch="auto" if state.auto_microbatching else mb, batches_per_epoch=epoch_batches(state),
                    model_config=config, origin="state", source=state.run_name or "")
+
+
+def _batches_per_epoch(sequences: int | None, global_batch: int, world_size: int) -> int | None:
+    """Batches in an epoch of the recipe's train loader: StreamingDataset gives each rank
+    ceil(sequences / world) samples, and the loader drops the last partial batch."""
+    rows = global_batch // max(world_size, 1)
+    if not sequences or rows <= 0:
+        return None
+    return -(-sequences // max(world_size, 1)) // rows or None
 
 
 def _asdict(block: Any) -> dict[str, Any]:
