@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from composer_growth.errors import ConfigError
+from composer_growth.families import unwrap_hf
 from composer_growth.recipe import load_recipe, run, validate
 
 from conftest import launch, launch_failure, read_summary, resume_from
@@ -110,7 +111,7 @@ def test_model_blocks_are_the_fsdp_units(tiny_recipe):
 
     recipe = validate(tiny_recipe).recipe
     model = build_model(recipe, build_tokenizer(recipe))
-    hf = model.model
+    hf = unwrap_hf(model)
     units = [name for name, m in hf.named_modules() if hf.fsdp_wrap_fn(m)]
     assert units == ["model.layers.0", "model.layers.1"]
     assert [name for name, m in hf.named_modules() if hf.activation_checkpointing_fn(m)] == units
