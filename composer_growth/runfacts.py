@@ -24,15 +24,12 @@ from composer.core import State, Time
 
 from composer_growth.timeutil import epoch_batches, parse_time
 
-#: where the facts come from: a recipe (every field known), a State at FIT_START, an llm-foundry YAML
-ORIGINS = ("recipe", "state", "foundry")
-
 
 @dataclass
 class RunFacts:
     """The facts of one run that algorithms check their options against.
 
-    Fields after ``model_config`` are a recipe's (``origin == "recipe"``); from a State or an
+    The fields after ``source`` are a recipe's (``origin == "recipe"``); from a State or an
     llm-foundry YAML they keep their defaults, which say nothing about the run.
     """
     max_duration: Time
@@ -42,7 +39,7 @@ class RunFacts:
     batches_per_epoch: int | None = None
     data_seq_len: int | None = None  # tokens per row of the training data
     model_config: Any = None  # the model's transformers (or llm-foundry) config; None when unknown
-    origin: str = "state"
+    origin: str = "state"  # "recipe" (every field known), "state" (FIT_START) or "foundry" (an llm-foundry YAML)
     source: str = ""  # the run's name, for messages
     # -- a recipe's --------------------------------------------------------------------------
     manifest: dict[str, Any] | None = None  # data.path's manifest.json (None: not there yet or remote)
