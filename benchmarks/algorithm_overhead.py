@@ -40,7 +40,7 @@ from composer.core import Algorithm, Callback, Event, State  # noqa: E402
 from composer.loggers import InMemoryLogger, Logger  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from common import build_recipe_parts, describe_device, markdown_table, write_json  # noqa: E402
+from common import build_recipe_parts, describe_device, markdown_table, set_up, write_json  # noqa: E402
 
 VARIANTS = ("none", "noop", "seq_length_warmup", "context_length_schedule", "stack_layers", "widen_mlp", "lora_merge",
             "orchestrator", "all")
@@ -216,14 +216,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--repeats", type=int, default=2, help="variants interleaved, this many rounds")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--tokenizer", default="./data/bench-512/tokenizer",
-                   help="a tokenizer folder (vocabulary size and special tokens only; the tokens are random)")
+    p.add_argument("--data", default="./data/bench-512",
+                   help="a prepared dataset whose tokenizer is used (vocabulary size and special tokens only; the "
+                        f"tokens are random); built with a {VOCAB}-token BPE if missing")
+    p.add_argument("--tokenizer", help="a tokenizer folder to use instead of --data's")
     p.add_argument("--out", default="runs/bench/algorithm_overhead.json")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    from transformers import AutoTokenizer
+    if args.tokenizer:
+        from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        torch.set_num_threads(args.threads)
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    else:  # the same dataset (and tokenizer) as seq_length_warmup.py --small
+        args.seq_len, args.vocab_size, args.max_bytes = 512, VOCAB, 8_000_000
+        tokenizer = set_up(args)
     assert len(tokenizer) <= VOCAB + 8, len(tokenizer)
     models = [m for m in args.models.split(",") if m]
     variants = [v for v in args.variants.split(",") if v]

@@ -21,14 +21,22 @@ from torch.utils.data import DataLoader
 
 # -- data ---------------------------------------------------------------------------------------
 
-def set_up(args: Any) -> Any:
-    """The threads of ``--threads``, the benchmark's dataset (built on first use) and its tokenizer."""
+def set_up(args: Any, seq_len: int | None = None) -> Any:
+    """The threads of ``--threads``, the benchmark's dataset (built on first use, with sequences of
+    ``seq_len`` tokens, default ``--seq-len``) and its tokenizer."""
     from transformers import AutoTokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    ensure_data(args.data, args.seq_len, args.vocab_size, args.max_bytes)
+    ensure_data(args.data, seq_len or args.seq_len, args.vocab_size, args.max_bytes)
     return AutoTokenizer.from_pretrained(os.path.join(args.data, "tokenizer"))
+
+
+def set_up_with_eval(args: Any) -> tuple[Any, DataLoader]:
+    """:func:`set_up`'s tokenizer and the fixed validation subset (``--eval-batches`` of ``--batch-size``
+    rows of ``--seq-len`` tokens)."""
+    tokenizer = set_up(args)
+    return tokenizer, fixed_eval_loader(args.data, "val", args.batch_size, args.eval_batches, args.seq_len)
 
 
 def ensure_data(path: str, seq_len: int, vocab_size: int, max_bytes: int) -> str:
@@ -71,6 +79,19 @@ def build_recipe_parts(family: str, config: dict[str, Any], lr: float, t_warmup:
                   optimizer=OptimizerConfig(name="decoupled_adamw", lr=lr, betas=[0.9, 0.95],
                                             weight_decay=weight_decay),
                   scheduler=SchedulerConfig(name="cosine_with_warmup", t_warmup=t_warmup, alpha_f=alpha_f))
+
+
+def initial_state(recipe: Any, tokenizer: Any, seed: int) -> tuple[dict[str, Any], int]:
+    """The weights every run of a benchmark starts from (the recipe's model, seeded) and their count."""
+    import copy
+
+    from composer.utils import reproducibility
+
+    from composer_growth.recipe.build import build_model
+
+    reproducibility.seed_all(seed)
+    model = build_model(recipe, tokenizer)
+    return copy.deepcopy(model.state_dict()), sum(p.numel() for p in model.parameters())
 
 
 # -- measuring ----------------------------------------------------------------------------------
@@ -330,6 +351,29 @@ def finish_args(parser: Any, args: Any, runs: Any, data_len: int) -> None:
         parser.error("--device gpu: no CUDA device here (use --device cpu)")
     if args.threads is None and args.device == "cpu":
         args.threads = 1
+
+
+def fill_defaults(args: Any, preset: dict[str, Any]) -> None:
+    """Every option left unset takes the preset's value (``--tiny``'s or the full run's)."""
+    for key, value in preset.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+
+
+#: the shape options most benchmarks share: flag, help (None: none)
+SHAPE_ARGS = (("--batch-size", None), ("--microbatch", "device_train_microbatch_size (default: the batch size)"),
+              ("--seq-len", None), ("--hidden", None), ("--intermediate", None), ("--heads", None),
+              ("--layers", None), ("--eval-interval", "batches between evals"),
+              ("--eval-batches", "batches in the fixed validation subset"))
+
+
+def add_shape_args(parser: Any, skip: tuple[str, ...] = (), **helps: str) -> None:
+    """The integer options of :data:`SHAPE_ARGS` but ``skip`` (their ``dest`` names); ``helps`` gives a
+    benchmark's own help text by ``dest``."""
+    for flag, text in SHAPE_ARGS:
+        dest = flag[2:].replace("-", "_")
+        if dest not in skip:
+            parser.add_argument(flag, type=int, help=helps.get(dest, text))
 
 
 def base_parser(description: str, runs: Any, out: str, data_help: str):

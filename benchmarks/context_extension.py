@@ -47,8 +47,9 @@ import torch  # noqa: E402
 from composer.core import Callback, State  # noqa: E402
 from composer.loggers import Logger  # noqa: E402
 
-from common import (Recorder, base_parser, build_recipe_parts, describe_device, ensure_data, fixed_eval_loader, finish_args,  # noqa: E402
-                    load_included, markdown_table, peak_memory, reset_peak_memory, write_json)
+from common import (Recorder, add_shape_args, base_parser, build_recipe_parts, describe_device,  # noqa: E402
+                    fill_defaults, finish_args, fixed_eval_loader, initial_state, load_included, markdown_table,
+                    peak_memory, reset_peak_memory, set_up, write_json)
 
 RUNS = ("long", "phased", "phased-eqtime")
 SHARES = (0.8, 0.16, 0.04)  # of the run: short, mid, long
@@ -62,18 +63,13 @@ TINY = dict(steps=60, batch_size=16, lengths="32,64,128", hidden=64, intermediat
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = base_parser(__doc__.split("\n\n")[0], RUNS, "runs/bench/context_extension.json",
                     "a prepared dataset at the long length (default ./data/bench-<long>, built if missing)")
-    p.add_argument("--batch-size", type=int, help="rows of the LONG length per step (tokens per step = this x long)")
-    p.add_argument("--microbatch", type=int, help="device_train_microbatch_size at the long length (default: batch)")
     p.add_argument("--lengths", help="short,mid,long")
-    p.add_argument("--hidden", type=int)
-    p.add_argument("--intermediate", type=int)
-    p.add_argument("--heads", type=int)
-    p.add_argument("--layers", type=int)
-    p.add_argument("--eval-batches", type=int, help="batches (of --batch-size rows at the long length) per eval length")
+    add_shape_args(p, skip=("seq_len", "eval_interval"),
+                   batch_size="rows of the LONG length per step (tokens per step = this x long)",
+                   microbatch="device_train_microbatch_size at the long length (default: batch)",
+                   eval_batches="batches (of --batch-size rows at the long length) per eval length")
     args = p.parse_args(argv)
-    for key, value in (TINY if args.tiny else FULL).items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+    fill_defaults(args, TINY if args.tiny else FULL)
     args.lengths = [int(x) for x in str(args.lengths).split(",")]
     if len(args.lengths) != 3 or not args.lengths[0] < args.lengths[1] < args.lengths[2]:
         p.error("--lengths: three increasing lengths short,mid,long")
@@ -262,25 +258,13 @@ def columns(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from composer.utils import reproducibility
-    from transformers import AutoTokenizer
-
-    from composer_growth.recipe.build import build_model
-
     short, mid, long = args.lengths
-    ensure_data(args.data, long, args.vocab_size, args.max_bytes)
-    tokenizer = AutoTokenizer.from_pretrained(os.path.join(args.data, "tokenizer"))
+    tokenizer = set_up(args, long)
     lr_warmup = "0.05dur"  # 5% of each run (of phased-eqtime's longer run too)
     recipes = {"long": build_recipe_parts("llama", model_config(args, long), args.lr, t_warmup=lr_warmup),
                "phased": build_recipe_parts("llama", model_config(args, mid), args.lr, t_warmup=lr_warmup)}
     recipes["phased-eqtime"] = recipes["phased"]
-    reproducibility.seed_all(args.seed)
-    init_model = build_model(recipes["long"], tokenizer)
-    init_state = copy.deepcopy(init_model.state_dict())  # rope buffers are not persistent: the same for both
-    n_params = sum(p.numel() for p in init_model.parameters())
-    del init_model
+    init_state, n_params = initial_state(recipes["long"], tokenizer, args.seed)  # rope buffers are not persistent
     eval_loader = fixed_eval_loader(args.data, "val", args.batch_size, args.eval_batches, long)
 
     header = (f"context_extension benchmark on {describe_device(args.device)}\n"

@@ -43,9 +43,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import (PeakRSS, Recorder, _sync, bench_trainer, build_recipe_parts, describe_device,  # noqa: E402
-                    ensure_data, fixed_eval_loader, load_included, loss_at, loss_table, markdown_table, mean_ms,
-                    peak_memory, reset_peak_memory, rss_bytes, time_to_loss, write_json)
+from common import (PeakRSS, Recorder, _sync, add_shape_args, bench_trainer, build_recipe_parts,  # noqa: E402
+                    describe_device, fill_defaults, load_included, loss_at, loss_table, markdown_table, mean_ms,
+                    peak_memory, reset_peak_memory, rss_bytes, set_up_with_eval, time_to_loss, write_json)
 
 RUNS = {"scratch": None, "gstack": "copy", "gstack-fp": "function_preserving"}  # name -> StackLayers init
 SURGERY_OPS = ("stack", "widen", "stack+widen")
@@ -78,15 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--steps", type=int, help="training batches of every run")
     g.add_argument("--growth-steps", type=int, help="training batches of the growth runs (default: --steps)")
     g.add_argument("--growth-at", type=float, default=0.25, help="growth after this share of --steps")
-    g.add_argument("--batch-size", type=int)
-    g.add_argument("--microbatch", type=int, help="device_train_microbatch_size (default: the batch size)")
-    g.add_argument("--seq-len", type=int)
-    g.add_argument("--hidden", type=int)
-    g.add_argument("--intermediate", type=int)
-    g.add_argument("--heads", type=int)
-    g.add_argument("--layers", type=int, help="depth of the large model (the small one has half)")
-    g.add_argument("--eval-interval", type=int, help="batches between evals")
-    g.add_argument("--eval-batches", type=int, help="batches in the fixed validation subset")
+    add_shape_args(g, layers="depth of the large model (the small one has half)")
     g.add_argument("--precision", choices=("fp32", "amp_bf16"))
     g.add_argument("--lr", type=float)
     g.add_argument("--vocab-size", type=int, help="BPE size when the dataset is built here")
@@ -94,9 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {','.join(RUNS)}")
     g.add_argument("--include", help="an earlier --out file whose gstack runs join this table")
     args = p.parse_args(argv)
-    for key, value in (TINY if args.tiny else FULL).items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+    fill_defaults(args, TINY if args.tiny else FULL)
     args.surgery_model = [int(x) for x in args.surgery_model.split(",")]
     args.surgery_ops = [o.strip() for o in args.surgery_ops.split(",") if o.strip()]
     args.runs = [r.strip() for r in args.runs.split(",") if r.strip()]
@@ -340,11 +330,7 @@ def loss_over_time(results: dict[str, dict[str, Any]]) -> str:
 
 
 def run_gstack(args: argparse.Namespace) -> dict[str, Any]:
-    from transformers import AutoTokenizer
-
-    ensure_data(args.data, args.seq_len, args.vocab_size, args.max_bytes)
-    tokenizer = AutoTokenizer.from_pretrained(os.path.join(args.data, "tokenizer"))
-    eval_loader = fixed_eval_loader(args.data, "val", args.batch_size, args.eval_batches, args.seq_len)
+    tokenizer, eval_loader = set_up_with_eval(args)
     header = (f"gstack on {describe_device(args.device)}: llama {args.hidden} wide (MLP {args.intermediate}, "
               f"{args.heads} heads, tied embeddings), scratch {args.layers} layers for {args.steps} batches; "
               f"G_stack {args.layers // 2} -> {args.layers} layers after batch {args.growth_batch} of "

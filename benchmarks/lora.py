@@ -33,8 +33,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import (Recorder, set_up, base_parser, build_recipe_parts, describe_device, finish_args,  # noqa: E402
-                    fixed_eval_loader, markdown_table, mean_ms, peak_memory, reset_peak_memory, write_json)
+from common import (Recorder, add_shape_args, base_parser, bench_trainer, build_recipe_parts,  # noqa: E402
+                    describe_device, fill_defaults, finish_args, markdown_table, mean_ms, peak_memory,
+                    reset_peak_memory, set_up_with_eval, write_json)
 
 RUNS = ("full", "lora", "relora", "relora-warm")
 
@@ -49,24 +50,14 @@ TINY = dict(steps=100, batch_size=16, seq_len=128, hidden=128, intermediate=352,
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = base_parser(__doc__.split("\n\n")[0], RUNS, "runs/bench/lora.json",
                     "a prepared dataset (default: ./data/bench-<seq_len>, built if missing)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--microbatch", type=int, help="device_train_microbatch_size (default: the batch size)")
-    p.add_argument("--seq-len", type=int)
-    p.add_argument("--hidden", type=int)
-    p.add_argument("--intermediate", type=int)
-    p.add_argument("--heads", type=int)
-    p.add_argument("--layers", type=int)
-    p.add_argument("--eval-interval", type=int, help="batches between evals")
-    p.add_argument("--eval-batches", type=int, help="batches in the fixed validation subset")
+    add_shape_args(p)
     p.add_argument("--rank", type=int, help="LoRA rank (alpha = rank)")
     p.add_argument("--interval", type=int, help="batches between ReLoRA merges")
     p.add_argument("--restart-warmup", type=int, help="batches of LR ramp after each merge")
     p.add_argument("--ratio", type=float, default=0.9, help="share of the adapters' Adam moments pruned (magnitude)")
     p.add_argument("--warm-start", type=float, default=0.25, help="relora-warm: share of the run at full rank")
     args = p.parse_args(argv)
-    for key, value in (TINY if args.tiny else FULL).items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+    fill_defaults(args, TINY if args.tiny else FULL)
     finish_args(p, args, RUNS, args.seq_len)
     if args.include:
         p.error("--include: not supported here (the four runs take minutes on a CPU)")
@@ -83,15 +74,12 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_trainer(name: str, args: argparse.Namespace, tokenizer, eval_loader, recorder, steps: int):
-    from composer import Trainer
-    from composer.core import Evaluator
     from composer.utils import reproducibility
 
     from composer_growth import LoraMergeRestart
-    from composer_growth.data.loaders import build_lm_dataloader
     from composer_growth.families import unwrap_hf
     from composer_growth.functional import add_lora
-    from composer_growth.recipe.build import build_model, build_optimizer, build_scheduler
+    from composer_growth.recipe.build import build_model
 
     config = dict(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
                   num_attention_heads=args.heads, num_key_value_heads=args.heads,
@@ -109,16 +97,7 @@ def build_trainer(name: str, args: argparse.Namespace, tokenizer, eval_loader, r
     if name == "relora-warm":
         algorithms.append(LoraMergeRestart(start_at=f"{round(args.warm_start * steps)}ba", targets="all",
                                            rank=args.rank, **relora))
-    train_loader = build_lm_dataloader(args.data, "train", args.batch_size, shuffle=True, seed=args.seed)
-    evaluator = Evaluator(label="eval", dataloader=eval_loader, metric_names=["LanguageCrossEntropy"])
-    return Trainer(
-        model=model, train_dataloader=train_loader, eval_dataloader=evaluator,
-        eval_interval=f"{args.eval_interval}ba", max_duration=f"{steps}ba",
-        optimizers=build_optimizer(recipe, model), schedulers=build_scheduler(recipe),
-        algorithms=algorithms, callbacks=[recorder],
-        device=args.device, precision=args.precision, device_train_microbatch_size=args.microbatch,
-        seed=args.seed, progress_bar=False, log_to_console=False, python_log_level="error",
-    )
+    return bench_trainer(args, model, recipe, eval_loader, recorder, steps, algorithms)
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -193,8 +172,7 @@ def loss_over_tokens(results: dict[str, dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    tokenizer = set_up(args)
-    eval_loader = fixed_eval_loader(args.data, "val", args.batch_size, args.eval_batches, args.seq_len)
+    tokenizer, eval_loader = set_up_with_eval(args)
     header = (f"lora on {describe_device(args.device)}: llama {args.hidden} wide, {args.layers} layers (MLP "
               f"{args.intermediate}, {args.heads} heads, untied embeddings), {args.steps} batches of {args.batch_size} x "
               f"{args.seq_len}, {args.precision}, lr {args.lr} (cosine, 5% warmup); LoRA rank {args.rank} (alpha = "

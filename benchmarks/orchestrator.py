@@ -31,9 +31,9 @@ from typing import Any
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (Recorder, set_up, base_parser, bench_trainer, build_recipe_parts, describe_device,  # noqa: E402
-                    finish_args, fixed_eval_loader, load_included, loss_table, markdown_table,
-                    time_to_loss, write_json)
+from common import (Recorder, add_shape_args, base_parser, bench_trainer, build_recipe_parts,  # noqa: E402
+                    describe_device, fill_defaults, finish_args, load_included, loss_table, markdown_table,
+                    set_up_with_eval, time_to_loss, write_json)
 
 RUNS = ("static", "loss", "fixed")
 
@@ -48,23 +48,14 @@ TINY = dict(steps=120, batch_size=16, seq_len=128, hidden=64, intermediate=192, 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = base_parser(__doc__.split("\n\n")[0], RUNS, "runs/bench/orchestrator.json",
                     "a prepared dataset (default ./data/bench-<seq_len>, built if missing)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--microbatch", type=int, help="device_train_microbatch_size (default: the batch size)")
-    p.add_argument("--seq-len", type=int)
-    p.add_argument("--hidden", type=int)
-    p.add_argument("--intermediate", type=int, help="MLP width of the final model (the start has 1 / 1.5 of it)")
-    p.add_argument("--heads", type=int)
-    p.add_argument("--layers", type=int, help="depth of the final model (the start has half)")
-    p.add_argument("--eval-interval", type=int, help="batches between evals")
-    p.add_argument("--eval-batches", type=int, help="batches in the fixed validation subset")
+    add_shape_args(p, intermediate="MLP width of the final model (the start has 1 / 1.5 of it)",
+                   layers="depth of the final model (the start has half)")
     p.add_argument("--triggers", help="eval-loss thresholds of stack_layers and widen_mlp (run 'loss')")
     p.add_argument("--max-wait", type=float, default=0.4, help="timeout of each op of run 'loss', share of the run")
     p.add_argument("--fixed-at", default="0.25,0.5", help="shares of --steps after which run 'fixed' grows")
     p.add_argument("--growth-steps", type=int, help="training batches of runs 'loss' and 'fixed' (default: --steps)")
     args = p.parse_args(argv)
-    for key, value in (TINY if args.tiny else FULL).items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+    fill_defaults(args, TINY if args.tiny else FULL)
     args.triggers = [float(x) for x in str(args.triggers).split(",")]
     args.fixed_at = [float(x) for x in str(args.fixed_at).split(",")]
     if len(args.triggers) != 2 or len(args.fixed_at) != 2:
@@ -168,8 +159,7 @@ COLUMNS = [("run", "run"), ("params", "params start -> end"), ("ops", "ops fired
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    tokenizer = set_up(args)
-    eval_loader = fixed_eval_loader(args.data, "val", args.batch_size, args.eval_batches, args.seq_len)
+    tokenizer, eval_loader = set_up_with_eval(args)
     header = (f"orchestrator on {describe_device(args.device)}: llama {args.hidden} wide, {args.heads} heads, tied "
               f"embeddings; static {args.layers} layers, MLP {args.intermediate}; loss / fixed start at "
               f"{args.layers // 2} layers, MLP {args.intermediate * 2 // 3}; {args.steps} batches (growth runs "

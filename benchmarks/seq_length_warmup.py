@@ -19,7 +19,6 @@ Runs can be split over several invocations: ``--include earlier.json`` adds the 
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import gc
 import math
@@ -33,8 +32,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import (PeakRSS, set_up, Recorder, base_parser, build_recipe_parts, describe_device, fixed_eval_loader, finish_args,  # noqa: E402
-                    load_included, markdown_table, peak_memory, reset_peak_memory, time_to_loss, write_json)
+from common import (PeakRSS, Recorder, add_shape_args, base_parser, bench_trainer, build_recipe_parts,  # noqa: E402
+                    describe_device, fill_defaults, finish_args, fixed_eval_loader, initial_state, load_included,
+                    markdown_table, peak_memory, reset_peak_memory, set_up, time_to_loss, write_json)
 
 RUNS = ("baseline", "composer", "ours-truncate", "composer-reshape", "ours-reshape-rows", "ours-reshape-tokens",
         "ours-reshape-bounded")
@@ -71,18 +71,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(the CPU microbatch-policy comparison)")
     p.add_argument("--repeats", type=int, default=1, help="rounds of all --runs, interleaved")
     p.add_argument("--bound", type=float, default=2.0, help="max_microbatch_scale of ours-reshape-bounded")
-    p.add_argument("--batch-size", type=int, help="sequences per batch")
-    p.add_argument("--microbatch", type=int, help="device_train_microbatch_size (default: the batch size)")
-    p.add_argument("--seq-len", type=int, help="full sequence length (the warmup's max_seq_length)")
+    add_shape_args(p, skip=("hidden", "intermediate", "heads", "layers"), batch_size="sequences per batch",
+                   seq_len="full sequence length (the warmup's max_seq_length)")
     p.add_argument("--warmup-duration", type=float, default=0.3, help="share of the run the warmup lasts")
     p.add_argument("--min-seq-len", type=int)
     p.add_argument("--step-size", type=int)
-    p.add_argument("--eval-interval", type=int, help="batches between evals")
-    p.add_argument("--eval-batches", type=int, help="batches in the fixed validation subset")
     args = p.parse_args(argv)
-    for key, value in (TINY if args.tiny else SMALL if args.small else FULL).items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+    fill_defaults(args, TINY if args.tiny else SMALL if args.small else FULL)
     finish_args(p, args, RUNS, args.seq_len)
     if any(r.startswith("composer") for r in args.runs):  # Composer's schedule divides by (warmup batches // length updates)
         updates = (args.seq_len - args.min_seq_len) // args.step_size
@@ -121,24 +116,11 @@ def make_algorithms(name: str, args: argparse.Namespace) -> list[Any]:
 
 def build_trainer(name: str, args: argparse.Namespace, recipe, tokenizer, init_state, eval_loader, recorder,
                   steps: int):
-    from composer import Trainer
-    from composer.core import Evaluator
-
-    from composer_growth.data.loaders import build_lm_dataloader
-    from composer_growth.recipe.build import build_model, build_optimizer, build_scheduler
+    from composer_growth.recipe.build import build_model
 
     model = build_model(recipe, tokenizer)
     model.load_state_dict(init_state)
-    train_loader = build_lm_dataloader(args.data, "train", args.batch_size, shuffle=True, seed=args.seed)
-    evaluator = Evaluator(label="eval", dataloader=eval_loader, metric_names=["LanguageCrossEntropy"])
-    return Trainer(
-        model=model, train_dataloader=train_loader, eval_dataloader=evaluator,
-        eval_interval=f"{args.eval_interval}ba", max_duration=f"{steps}ba",
-        optimizers=build_optimizer(recipe, model), schedulers=build_scheduler(recipe),
-        algorithms=make_algorithms(name, args), callbacks=[recorder],
-        device=args.device, precision=args.precision, device_train_microbatch_size=args.microbatch,
-        seed=args.seed, progress_bar=False, log_to_console=False, python_log_level="error",
-    )
+    return bench_trainer(args, model, recipe, eval_loader, recorder, steps, make_algorithms(name, args))
 
 
 def prime(args: argparse.Namespace, recipe, tokenizer, init_state, eval_loader, steps: int = 3) -> None:
@@ -250,19 +232,11 @@ COLUMNS = [("run", "run"), ("ttt", "time to baseline's final loss (s)"), ("speed
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    from composer.utils import reproducibility
-
-    from composer_growth.recipe.build import build_model
-
     tokenizer = set_up(args)
     lr_warmup = f"{max(1, round(0.05 * args.steps))}ba"  # 5% of the run
     recipe = build_recipe_parts(args.family, model_config(args.family, args.seq_len, args.small), args.lr,
                                 t_warmup=lr_warmup)
-    reproducibility.seed_all(args.seed)
-    init_model = build_model(recipe, tokenizer)
-    init_state = copy.deepcopy(init_model.state_dict())
-    n_params = sum(p.numel() for p in init_model.parameters())
-    del init_model
+    init_state, n_params = initial_state(recipe, tokenizer, args.seed)
     eval_loader = fixed_eval_loader(args.data, "val", args.batch_size, args.eval_batches, args.seq_len)
 
     header = (f"seq_length_warmup benchmark on {describe_device(args.device)}\n"

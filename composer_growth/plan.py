@@ -15,28 +15,17 @@ import copy
 import json
 import math
 import os
-from dataclasses import dataclass
 from typing import Any
 
-from composer.core import Time, TimeUnit
+from composer.core import TimeUnit
 
-from composer_growth.errors import ConfigError
+from composer_growth.errors import ConfigError, check_int
 from composer_growth.families import config_get, family_of
+from composer_growth.runfacts import RunFacts
 from composer_growth.timeutil import parse_time
 
 #: a run longer than this is walked in strides (events still land on their batch)
 MAX_WALK = 2_000_000
-
-
-@dataclass
-class RunFacts:
-    """What the plan needs to know about a run, read from its recipe (and the data's manifest)."""
-    max_duration: Time
-    global_batch: int
-    data_seq_len: int
-    model_config: Any
-    batches_per_epoch: int | None = None
-    source: str = ""
 
 
 class Clock:
@@ -90,29 +79,14 @@ def meta_model(config: Any):
 
 
 def facts_from_recipe(plan: Any) -> RunFacts:
-    """The facts of a validated recipe (:func:`composer_growth.recipe.validate`)."""
-    from transformers import AutoConfig
-
-    from composer_growth.data.prepare import read_manifest
-
+    """The facts of a validated recipe (:func:`composer_growth.recipe.validate`), as its algorithms saw them."""
+    facts = plan.facts if plan.facts is not None else RunFacts.from_recipe(plan.recipe, plan.world_size)
     r = plan.recipe
-    manifest = read_manifest(r.data.path) if r.data.remote is None else None
-    if manifest is not None:
-        seq_len, vocab = manifest["seq_len"], manifest.get("vocab_size")
-        sequences = manifest.get("splits", {}).get(r.data.train_split, {}).get("sequences")
-    elif r.data.prepare is not None:
-        seq_len, vocab, sequences = r.data.prepare.seq_len, r.data.prepare.vocab_size, None
-    else:
+    if facts.data_seq_len is None:
         raise ConfigError("data.path", r.data.path, "a prepared dataset (manifest.json) or data.prepare")
-    if r.model.pretrained is not None:
-        config = AutoConfig.from_pretrained(r.model.pretrained)
-    else:
-        extra = {"vocab_size": vocab} if vocab and "vocab_size" not in r.model.config else {}
-        config = AutoConfig.for_model(r.model.family, **extra, **r.model.config)
-    gbs = r.global_train_batch_size
-    return RunFacts(max_duration=parse_time(r.max_duration, "max_duration"), global_batch=gbs, data_seq_len=seq_len,
-                    model_config=config, batches_per_epoch=(sequences // gbs) if sequences else None,
-                    source=r.run_name or "")
+    if facts.model_config is None:
+        raise ConfigError("model", r.model.pretrained or r.model.family, "a model whose config can be built")
+    return facts
 
 
 def _foundry_config(model: dict[str, Any], max_seq_len: int) -> Any:
@@ -148,23 +122,22 @@ def is_foundry(data: dict[str, Any]) -> bool:
 def foundry_run(data: dict[str, Any]) -> tuple[RunFacts, list[tuple[str, Any]]]:
     """The facts and our algorithms of an llm-foundry train YAML (``algorithms:``, ``max_duration``,
     ``global_train_batch_size``, ``max_seq_len``, ``model``)."""
-    from composer_growth.recipe.build import _construct
-    from composer_growth.registry import ALGORITHMS, load_all
+    from composer_growth.recipe.build import _construct, load_all
+    from composer_growth.registry import ALGORITHMS
 
     load_all()
     max_seq_len = data.get("max_seq_len")
-    if not isinstance(max_seq_len, int):
-        raise ConfigError("max_seq_len", max_seq_len, "an integer")
+    check_int(max_seq_len, "max_seq_len")
     gbs = data.get("global_train_batch_size")
-    if not isinstance(gbs, int) or gbs <= 0:
-        raise ConfigError("global_train_batch_size", gbs, "a positive integer")
+    check_int(gbs, "global_train_batch_size", minimum=1, allowed="a positive integer")
     config = _foundry_config(dict(data.get("model") or {}), max_seq_len)
     if getattr(config, "vocab_size", None) is None:
         raise ConfigError("model.vocab_size", None, "needed to count parameters")
     algs = [(name, _construct("algorithms", name, ALGORITHMS, dict(kw or {})))
             for name, kw in (data.get("algorithms") or {}).items() if name in ALGORITHMS]
     facts = RunFacts(max_duration=parse_time(str(data.get("max_duration")), "max_duration"), global_batch=gbs,
-                     data_seq_len=max_seq_len, model_config=config, source=str(data.get("run_name") or ""))
+                     data_seq_len=max_seq_len, model_config=config, origin="foundry",
+                     source=str(data.get("run_name") or ""))
     return facts, algs
 
 
@@ -193,17 +166,12 @@ def plan_run(facts: RunFacts, algorithms: list[tuple[str, Any]]) -> dict[str, An
     """Walk the run batch by batch; return segments, events and FLOPs totals (a JSON-able mapping)."""
     from composer_growth.algorithms.context_schedule import ContextLengthSchedule
     from composer_growth.algorithms.growth import _Growth
+    from composer_growth.recipe.build import validate_algorithm
 
     md = facts.max_duration
     for name, alg in algorithms:
-        hook = getattr(alg, "validate_run", None)
-        if hook is not None and not isinstance(alg, ContextLengthSchedule):
-            try:
-                hook(md)
-            except ConfigError as e:
-                raise ConfigError(f"algorithms.{name}.{e.key}", e.value, e.allowed) from None
-        if isinstance(alg, ContextLengthSchedule):
-            alg._schedule(md)
+        if getattr(alg, "run_facts", None) is not facts:  # a recipe's algorithms were checked by validate
+            validate_algorithm(name, alg, facts)
     schedule = next((a for _, a in algorithms if isinstance(a, ContextLengthSchedule) and a.enabled), None)
     lengths = sorted((a for _, a in algorithms if hasattr(a, "plan_length")
                       and getattr(a, "enabled", True)), key=lambda a: getattr(a, "length_rank", 0))

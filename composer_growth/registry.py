@@ -1,4 +1,9 @@
-"""Name -> constructor tables for what a recipe can switch on: algorithms, callbacks, loggers."""
+"""Name -> constructor tables for what a recipe can switch on: algorithms, callbacks, loggers.
+
+The tables are filled where the code lives (``@register_algorithm``, ``@register_callback``); this
+module imports none of it. :func:`composer_growth.recipe.build.load_all` imports every module that
+registers something.
+"""
 
 from __future__ import annotations
 
@@ -24,7 +29,8 @@ def register_callback(name: str):
     return deco
 
 
-def _register_composer_builtins() -> None:
+def register_composer_builtins() -> None:
+    """Composer's own algorithms, callbacks and loggers a recipe may name (idempotent)."""
     from composer.algorithms import EMA, GradientClipping
     from composer.callbacks import LRMonitor, MemoryMonitor, OptimizerMonitor, RuntimeEstimator, SpeedMonitor
     from composer.loggers import FileLogger, TensorboardLogger
@@ -34,11 +40,3 @@ def _register_composer_builtins() -> None:
     CALLBACKS.update(lr_monitor=LRMonitor, memory_monitor=MemoryMonitor, optimizer_monitor=OptimizerMonitor,
                      speed_monitor=SpeedMonitor, runtime_estimator=RuntimeEstimator)
     LOGGERS.update(tensorboard=TensorboardLogger, file=FileLogger)
-
-
-def load_all() -> None:
-    """Import every module that registers something (idempotent)."""
-    import composer_growth.algorithms  # noqa: F401
-    import composer_growth.callbacks  # noqa: F401
-
-    _register_composer_builtins()

@@ -94,15 +94,6 @@ def elapsed(state: State, unit: TimeUnit) -> float:
     return float(state.timestamp.get(unit).value)
 
 
-def progress(state: State, start: Time, end: Time) -> float:
-    """Share of the way from ``start`` to ``end`` (same unit) the run has done, clipped to [0, 1]."""
-    now = elapsed(state, end.unit)
-    span = float(end.value) - float(start.value)
-    if span <= 0:
-        return 1.0 if now >= float(end.value) else 0.0
-    return min(1.0, max(0.0, (now - float(start.value)) / span))
-
-
 def reached(state: State, t: Time) -> bool:
     """Whether the run has done ``t`` (``dur`` and ``ep`` times inside an epoch as :func:`elapsed` says)."""
     return elapsed(state, t.unit) >= float(t.value)

@@ -153,6 +153,18 @@ def check_forward_backward(model, batch):
     output['loss'].backward()
 
 
+def _state(model, dataloader) -> State:
+    return State(
+        model=model,
+        rank_zero_seed=0,
+        run_name='run_name',
+        device=DeviceCPU(),
+        dataloader=dataloader,
+        dataloader_label='train',
+        max_duration='1ep',
+    )
+
+
 def _mode(truncate: bool) -> str:
     return "truncate" if truncate else "reshape"
 
@@ -169,15 +181,7 @@ class TestSeqLengthWarmup:
                         preserve_end_of_sequence: bool):
         model = model(tokenizers)
         dataloader = dataloader(tokenizers)
-        state = State(
-            model=model,
-            rank_zero_seed=0,
-            run_name='run_name',
-            device=DeviceCPU(),
-            dataloader=dataloader,
-            dataloader_label='train',
-            max_duration='1ep',
-        )
+        state = _state(model, dataloader)
         batch_before = next(iter(dataloader))
         assert isinstance(batch_before, BatchEncoding)
         batch_after = set_batch_sequence_length(
@@ -194,15 +198,7 @@ class TestSeqLengthWarmup:
     def test_algorithm(self, tokenizers, model, dataloader, truncate: bool, preserve_end_of_sequence: bool):
         model = model(tokenizers)
         dataloader = dataloader(tokenizers)
-        state = State(
-            model=model,
-            rank_zero_seed=0,
-            run_name='run_name',
-            device=DeviceCPU(),
-            dataloader=dataloader,
-            dataloader_label='train',
-            max_duration='1ep',
-        )
+        state = _state(model, dataloader)
         empty_logger = Logger(state)
 
         # Synthetic dataset has a size of 2 batches per epoch (max duration = 1ep)

@@ -28,6 +28,8 @@ from composer_growth.algorithms.context_schedule import ContextLengthSchedule
 from composer_growth.errors import ConfigError
 from composer_growth.recipe import load_recipe, run, validate
 
+from conftest import read_summary
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALG = "context_length_schedule"
 STEPS = 12  # 6 at 8 tokens, 3 at 16, 3 at 32
@@ -90,11 +92,6 @@ class Record(Callback):
         self.lrs.append((int(state.timestamp.batch), state.optimizers[0].param_groups[0]["lr"], scheduled))
 
 
-def _summary(path) -> dict:
-    with open(path) as f:
-        return json.load(f)
-
-
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, data16, tiny_data):
     folder = tmp_path_factory.mktemp("full")
@@ -104,7 +101,7 @@ def full_run(tmp_path_factory, data16, tiny_data):
     plan.loggers.append(memory)
     plan.callbacks.append(record)
     trainer = run(plan)
-    return {"recipe": recipe, "trainer": trainer, "summary": _summary(recipe["summary_file"]), "memory": memory,
+    return {"recipe": recipe, "trainer": trainer, "summary": read_summary(recipe["summary_file"]), "memory": memory,
             "record": record, "folder": str(folder)}
 
 
@@ -244,7 +241,7 @@ def test_resume_inside_phase_matches_uninterrupted(full_run, tmp_path, checkpoin
     names = [p["name"] for p in full_run["recipe"]["algorithms"][ALG]["phases"]]
     assert names[memory.data["context/phase"][0][1]] == phase  # the phase of the first resumed batch
     assert trainer.state.algorithms[0].phase.name == "long"
-    after, before = _summary(recipe["summary_file"]), full_run["summary"]
+    after, before = read_summary(recipe["summary_file"]), full_run["summary"]
     assert after["tokens_trained"] == before["tokens_trained"]
     assert after["train_loss"] == before["train_loss"]
     assert [e["loss"] for e in after["evals"]] == [e["loss"] for e in before["evals"]]
@@ -305,7 +302,7 @@ def test_disabled_leaves_training_untouched(tmp_path, data16, tiny_data):
         if alg is None:
             recipe["algorithms"] = {}
         run(validate(recipe))
-        runs.append(_summary(recipe["summary_file"]))
+        runs.append(read_summary(recipe["summary_file"]))
     assert runs[0]["train_loss"] == runs[1]["train_loss"]
     assert runs[0]["evals"] == runs[1]["evals"]
     assert runs[0]["tokens_trained"] == 4 * TOKENS_PER_STEP
@@ -449,7 +446,7 @@ def test_composer_launcher_two_ranks(tmp_path, data16, tiny_data):
     if proc.returncode != 0:
         ranks = "".join(open(tmp_path / f"err{r}.txt").read()[-2000:] for r in (0, 1) if (tmp_path / f"err{r}.txt").exists())
         pytest.fail(proc.stdout[-2000:] + proc.stderr[-2000:] + ranks)
-    r0, r1 = _summary(tmp_path / "summary-0.json"), _summary(tmp_path / "summary-1.json")
+    r0, r1 = read_summary(tmp_path / "summary-0.json"), read_summary(tmp_path / "summary-1.json")
     assert r0["batches"] == r1["batches"] == 8
     assert r0["tokens_trained"] == r1["tokens_trained"] == 8 * TOKENS_PER_STEP  # phase 3: 2 rows of 32 per rank
     assert r0["train_loss"] == r1["train_loss"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -10,7 +9,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from conftest import launch, launch_failure
+from conftest import launch, launch_failure, read_summary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,8 +35,7 @@ def test_warmup_and_context_schedule_under_fsdp2_match_ddp(tiny_recipe, tmp_path
                   [str(path), str(tmp_path / "p{rank}.json"), *runs], tmp_path, own_shm=True)
     assert proc.returncode == 0, launch_failure(proc, tmp_path)
     for rank in (0, 1):
-        with open(tmp_path / f"p{rank}.json") as f:
-            results = json.load(f)
+        results = read_summary(tmp_path / f"p{rank}.json")
         ddp, fsdp, resumed = (results[r] for r in runs)
         assert fsdp["fsdp"] and fsdp["units"] == 2 + 1 and not ddp["fsdp"]
         assert ddp["lengths"] == fsdp["lengths"] == [8, 8, 16, 16, 32, 32, 32, 32]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -16,7 +15,7 @@ from composer_growth.errors import ConfigError
 from composer_growth.families import unwrap_hf
 from composer_growth.recipe import run, validate
 
-from conftest import launch, launch_failure, resume_from
+from conftest import launch, launch_failure, read_summary, resume_from
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,11 +27,6 @@ def _grow_twice(recipe, **stack):
     }
     recipe.update(max_duration="12ba", save_interval="3ba", eval_interval="6ba")
     return recipe
-
-
-def _summary(path):
-    with open(path) as f:
-        return json.load(f)
 
 
 def test_grow_twice_and_keep_training(tiny_recipe):
@@ -50,7 +44,7 @@ def test_grow_twice_and_keep_training(tiny_recipe):
     params = list(composer_model(trainer.state).parameters())
     assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in params}
     assert all(int(opt.state[p]["step"]) == 12 for p in params)
-    info = _summary(tiny_recipe["summary_file"])
+    info = read_summary(tiny_recipe["summary_file"])
     assert info["last_eval_loss"] < info["evals"][1]["loss"] < info["first_eval_loss"]
     # the HF export of the grown model reloads with from_pretrained
     out = os.path.join(tiny_recipe["save_folder"], "hf")
@@ -77,7 +71,7 @@ def test_scheduler_follows_the_new_optimizer(tiny_recipe):
 def test_resume_before_between_and_after_growth(tiny_recipe, tmp_path, checkpoint):
     full = _grow_twice(tiny_recipe)
     run(validate(full))
-    uninterrupted = _summary(full["summary_file"])
+    uninterrupted = read_summary(full["summary_file"])
     trainer, after = resume_from(full, checkpoint, tmp_path)
     assert unwrap_hf(trainer.state.model).config.num_hidden_layers == 4
     assert after["train_loss"] == pytest.approx(uninterrupted["train_loss"], rel=1e-5)
@@ -142,7 +136,7 @@ def test_lora_trunk_trains_only_adapters_of_the_old_layers(tiny_recipe, tmp_path
 
     # a resumed run replays the growth and the adapters before loading the weights
     _, after = resume_from(tiny_recipe, "ep0-ba6-rank0.pt", tmp_path)
-    assert after["train_loss"] == pytest.approx(_summary(tiny_recipe["summary_file"])["train_loss"], rel=1e-5)
+    assert after["train_loss"] == pytest.approx(read_summary(tiny_recipe["summary_file"])["train_loss"], rel=1e-5)
 
     # merged, the export is a plain model with the same function
     ids = torch.randint(0, hf.config.vocab_size, (2, 16))
@@ -165,7 +159,7 @@ def test_two_ranks_hold_identical_parameters_after_growth(tiny_recipe, tmp_path)
     path.write_text(yaml.safe_dump(recipe))
     proc = launch(os.path.join(ROOT, "tests", "scripts", "grow_ddp.py"), [str(path), str(tmp_path / "p{rank}.json")], tmp_path)
     assert proc.returncode == 0, launch_failure(proc, tmp_path)
-    r0, r1 = _summary(tmp_path / "p0.json"), _summary(tmp_path / "p1.json")
+    r0, r1 = read_summary(tmp_path / "p0.json"), read_summary(tmp_path / "p1.json")
     assert r0["ddp"] and r0["layers"] == 4
     assert r0["params"] == r1["params"]
     assert r0["loss"] == r1["loss"]
@@ -222,7 +216,7 @@ def test_growth_under_fsdp2_matches_ddp_and_resumes_sharded_and_full(tiny_recipe
                   [str(path), str(tmp_path / "p{rank}.json"), *runs], tmp_path, own_shm=True)
     assert proc.returncode == 0, launch_failure(proc, tmp_path)
     for rank in (0, 1):
-        results = _summary(tmp_path / f"p{rank}.json")
+        results = read_summary(tmp_path / f"p{rank}.json")
         ddp = results["ddp"]
         assert not ddp["fsdp"] and ddp["layers"] == 4 and len(ddp["losses"]) == 10
         for kind in ("sharded", "full"):

@@ -3,7 +3,6 @@ the LR ramp the optimizer sees, exact resume, two ranks in step, the merged HF e
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -19,7 +18,7 @@ from composer_growth.families import unwrap_hf
 from composer_growth.functional import lora_targets
 from composer_growth.recipe import run, validate
 
-from conftest import launch, launch_failure, resume_from
+from conftest import launch, launch_failure, read_summary, resume_from
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEFT = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -33,11 +32,6 @@ def _relora(recipe, peft=True, **alg):
                                            "ratio": 0.9, **alg}}
     recipe.update(save_interval="2ba")
     return recipe
-
-
-def _summary(path):
-    with open(path) as f:
-        return json.load(f)
 
 
 def _b_zero(state) -> bool:
@@ -101,14 +95,14 @@ def test_merges_at_intervals_same_function_and_lr_ramp(tiny_recipe):
     # the LR each batch trained with: constant 3e-3, times a 2-batch ramp from 0 after each merge
     expected = [3e-3] * 3 + [0.0, 1.5e-3] + [3e-3] + [0.0, 1.5e-3]
     assert probe.lrs == pytest.approx(expected, abs=1e-12)
-    info = _summary(recipe["summary_file"])
+    info = read_summary(recipe["summary_file"])
     assert info["last_eval_loss"] < info["first_eval_loss"]
 
 
 def test_resume_between_and_right_after_a_merge(tiny_recipe, tmp_path):
     full = _relora(tiny_recipe)
     run(validate(full))
-    uninterrupted = _summary(full["summary_file"])
+    uninterrupted = read_summary(full["summary_file"])
     # batch 4: between merges (mid-ramp); batch 6: right after the second merge
     for checkpoint in ("ep0-ba4-rank0.pt", "ep0-ba6-rank0.pt"):
         trainer, after = resume_from(full, checkpoint, tmp_path / checkpoint)
@@ -137,7 +131,7 @@ def test_full_rank_warm_start_then_adapters_from_the_recipe_block(tiny_recipe, t
     assert not any(id(p) in held for n, p in hf.named_parameters() if ".base_layer." in n)
     assert hf.model.embed_tokens.weight.requires_grad
     _, after = resume_from(full, "ep0-ba4-rank0.pt", tmp_path)
-    assert after["train_loss"] == pytest.approx(_summary(full["summary_file"])["train_loss"], rel=1e-6)
+    assert after["train_loss"] == pytest.approx(read_summary(full["summary_file"])["train_loss"], rel=1e-6)
 
 
 def test_plain_trainer_logs_merges_and_exports_a_merged_model(tmp_path):
@@ -183,7 +177,7 @@ def test_two_ranks_hold_identical_parameters_after_merges(tiny_recipe, tmp_path)
     proc = launch(os.path.join(ROOT, "tests", "scripts", "grow_ddp.py"), [str(path), str(tmp_path / "p{rank}.json")],
                   tmp_path)
     assert proc.returncode == 0, launch_failure(proc, tmp_path)
-    r0, r1 = _summary(tmp_path / "p0.json"), _summary(tmp_path / "p1.json")
+    r0, r1 = read_summary(tmp_path / "p0.json"), read_summary(tmp_path / "p1.json")
     assert r0["ddp"] and any("lora_A" in n for n in r0["params"])
     assert r0["params"] == r1["params"]  # base weights after the merges, and the fresh adapters
     assert r0["loss"] == r1["loss"]

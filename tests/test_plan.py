@@ -12,6 +12,7 @@ from composer.loggers import InMemoryLogger
 
 from composer_growth.cli import main
 from composer_growth.errors import ConfigError
+from composer_growth.families import unwrap_hf
 from composer_growth.plan import plan_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,7 +90,7 @@ def test_plan_matches_the_run(tiny_data, tmp_path, one_thread, capsys):
         assert record["batch"] == growth[name]["batch"], name
         assert [record["params_before"], record["params_after"]] == growth[name]["params"], name
     assert [e["batch"] for e in planned["events"]] == [2, 4, 5]
-    hf = trainer.state.model.model
+    hf = unwrap_hf(trainer.state.model)
     assert hf.config.num_hidden_layers == growth["stack_layers"]["layers"][1] == 4
     assert hf.config.intermediate_size == growth["widen_mlp"]["mlp_width"][1] == 128
     assert sum(p.numel() for p in hf.parameters()) == planned["final_params"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -12,6 +11,7 @@ import pytest
 import yaml
 
 from composer_growth.errors import ConfigError
+from composer_growth.families import unwrap_hf
 from composer_growth.recipe import load_recipe, run, validate
 
 from conftest import launch, launch_failure, read_summary, resume_from
@@ -19,14 +19,9 @@ from conftest import launch, launch_failure, read_summary, resume_from
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _summary(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
-
-
 def test_recipe_trains_evaluates_and_saves(tiny_recipe, tmp_path):
     trainer = run(validate(tiny_recipe))
-    info = _summary(tiny_recipe["summary_file"])
+    info = read_summary(tiny_recipe["summary_file"])
     assert info["batches"] == 8
     assert info["tokens_trained"] == 8 * 8 * 32
     # an eval before the first step, then at 4ba and 8ba
@@ -116,7 +111,7 @@ def test_model_blocks_are_the_fsdp_units(tiny_recipe):
 
     recipe = validate(tiny_recipe).recipe
     model = build_model(recipe, build_tokenizer(recipe))
-    hf = model.model
+    hf = unwrap_hf(model)
     units = [name for name, m in hf.named_modules() if hf.fsdp_wrap_fn(m)]
     assert units == ["model.layers.0", "model.layers.1"]
     assert [name for name, m in hf.named_modules() if hf.activation_checkpointing_fn(m)] == units
@@ -170,7 +165,7 @@ def test_composer_launcher_two_ranks_agree(tiny_recipe, tmp_path):
     path.write_text(yaml.safe_dump(tiny_recipe))
     proc = launch(os.path.join(ROOT, "scripts", "train.py"), [str(path)], tmp_path)
     assert proc.returncode == 0, launch_failure(proc, tmp_path)
-    r0, r1 = _summary(tmp_path / "summary-0.json"), _summary(tmp_path / "summary-1.json")
+    r0, r1 = read_summary(tmp_path / "summary-0.json"), read_summary(tmp_path / "summary-1.json")
     assert r0["batches"] == r1["batches"] == 4
     assert r0["tokens_trained"] == 4 * 8 * 32  # the global batch, split over two ranks
     assert r0["last_eval_loss"] == r1["last_eval_loss"]

@@ -23,7 +23,6 @@ callbacks of :mod:`composer_growth.phase_callbacks`, which the Algorithm adds to
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import math
 import os
@@ -47,6 +46,7 @@ from composer_growth.functional.batch import MODES, batch_seq_length, batch_toke
 from composer_growth.functional.rope import RopeTarget, apply_rope_scaling, rope_snapshot
 from composer_growth.phase_callbacks import PhaseExport, PhaseLengthEval
 from composer_growth.registry import register_algorithm
+from composer_growth.runfacts import RunFacts
 from composer_growth.timeutil import check_progress_known, elapsed, uncount_tokens
 
 log = logging.getLogger(__name__)
@@ -224,60 +224,43 @@ class ContextLengthSchedule(Algorithm):
 
     # ------------------------------------------------------------------ validation
 
-    def _bind_recipe(self, recipe: Any) -> None:
+    def _bind_recipe(self, facts: RunFacts) -> None:
         """Take what a recipe knows: save_folder, the data's path, tokenizer, prepare options, batch size."""
-        from composer_growth.data.prepare import read_manifest
-
         if self.save_folder is None:
-            self.save_folder = recipe.save_folder
-        data = recipe.data
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        manifest = read_manifest(data.path)
-        base_len = manifest["seq_len"] if manifest else (data.prepare.seq_len if data.prepare else None)
+            self.save_folder = facts.save_folder
         self._recipe = {
-            "data_path": data.path,
-            "manifest": manifest,
-            "base_len": base_len,
-            "tokenizer": recipe.tokenizer or os.path.join(data.path, "tokenizer"),
-            "prepare": dataclasses.asdict(data.prepare) if data.prepare is not None else {},
-            "global_batch": recipe.global_train_batch_size,
-            "world": world,
-            "shuffle": data.shuffle,
-            "num_workers": data.num_workers,
-            "model": recipe.model,
+            "data_path": facts.data_path,
+            "manifest": facts.manifest,
+            "base_len": facts.data_seq_len,
+            "tokenizer": facts.tokenizer,
+            "prepare": dict(facts.data_prepare),
+            "global_batch": facts.global_batch,
+            "world": facts.world_size,
+            "shuffle": facts.data_shuffle,
+            "num_workers": facts.data_num_workers,
         }
 
-    def validate_run(self, max_duration: Time, recipe: Any = None) -> None:
+    def validate_run(self, facts: RunFacts) -> None:
         """Check the schedule against the run, the model's config and the phase datasets."""
         if not self.enabled:
             return
-        if recipe is not None:
-            self._bind_recipe(recipe)
+        self.run_facts = facts
+        max_duration = facts.max_duration
+        if facts.has_recipe:
+            self._bind_recipe(facts)
         self._schedule(max_duration)
         if self._uses_datasets() and (max_duration.unit == TimeUnit.EPOCH or self._unit == TimeUnit.EPOCH):
             raise ConfigError("max_duration" if max_duration.unit == TimeUnit.EPOCH else "phases", str(max_duration),
                               "in ba, tok or sp when phases switch datasets (an epoch of several datasets "
                               "is undefined)")
-        if recipe is None:
+        if not facts.has_recipe:
             return
-        config = self._recipe_model_config(recipe)
+        config = facts.model_config
         if config is not None:
             family = FAMILIES.get(getattr(config, "model_type", None))
             if family is not None:
                 self.check_model_config(config, family)
         self._check_data()
-
-    @staticmethod
-    def _recipe_model_config(recipe: Any) -> Any:
-        from transformers import AutoConfig
-
-        model = recipe.model
-        try:
-            if model.pretrained is not None:
-                return AutoConfig.from_pretrained(model.pretrained)
-            return AutoConfig.for_model(model.family, **model.config)
-        except Exception:  # noqa: BLE001 - the recipe's own model checks report a bad model
-            return None
 
     def check_model_config(self, config: Any, family: Family | None = None,
                            original: dict[str, Any] | None = None) -> list[RopeTarget]:
@@ -475,7 +458,7 @@ class ContextLengthSchedule(Algorithm):
             if self._recipe:  # validate_run already checked the recipe; the schedule needs the run's length
                 self._schedule(state.max_duration)
             else:
-                self.validate_run(state.max_duration)
+                self.validate_run(RunFacts.from_state(state))
         mb = state.device_train_microbatch_size
         if self._base_mb is None and isinstance(mb, int) and not state.auto_microbatching:
             self._base_mb = mb

@@ -18,15 +18,15 @@ from torch import nn
 
 from composer_growth.algorithms.surgery import check_supported, composer_model, grow, install_replay_hook, reshard
 from composer_growth.events import announce
-from composer_growth.errors import ConfigError, check, check_flag, check_int
+from composer_growth.errors import ConfigError, check, check_flag, check_int, check_number, is_int
 from composer_growth.families import FAMILIES, config_get, family_of, get_path, unwrap_hf
 from composer_growth.functional.growth import STACK_INITS, STACK_MODES, stack_layers, widen_mlp
 from composer_growth.functional.batch import select_rows
 from composer_growth.functional.lora import add_lora
 from composer_growth.functional.loss import batch_loss
 from composer_growth.registry import register_algorithm
-from composer_growth.timeutil import (check_progress_known, earliest_batch, epoch_batches, parse_time, reached,
-                                      to_duration_fraction)
+from composer_growth.runfacts import RunFacts, check_at_fit_start
+from composer_growth.timeutil import check_progress_known, earliest_batch, parse_time, reached, to_duration_fraction
 
 TRUNKS = ("train", "frozen", "lora")
 
@@ -52,6 +52,7 @@ class _Growth(Algorithm):
         self._events = self._EVENTS  # narrowed once the growth is done
         self._earliest: int | None = None  # no batch before this one can be due
         self.record: dict[str, Any] = {}
+        self.run_facts: RunFacts | None = None  # what validate_run checked the options against
         self._batch: dict[str, torch.Tensor] | None = None
 
     # -- what subclasses provide -------------------------------------------------------------
@@ -65,13 +66,15 @@ class _Growth(Algorithm):
         """Reject arguments the model cannot take (from its config), before training."""
 
     # -- validation -------------------------------------------------------------------------
-    def validate_run(self, max_duration: Time, recipe: Any = None, batches_per_epoch: int | None = None) -> None:
-        frac = to_duration_fraction(self.at, max_duration, batches_per_epoch)
+    def validate_run(self, facts: RunFacts) -> None:
+        self.run_facts = facts
+        max_duration = facts.max_duration
+        frac = to_duration_fraction(self.at, max_duration, facts.batches_per_epoch)
         if frac is not None and frac >= 1:
             raise ConfigError("at", str(self.at), f"must fall before the end of the run (max_duration {max_duration})")
-        if recipe is None:
+        if not facts.has_recipe:
             return
-        fsdp = (recipe.parallelism or {}).get("fsdp")
+        fsdp = facts.parallelism.get("fsdp")
         if isinstance(fsdp, dict):
             if fsdp.get("version", 1) != 2:
                 raise ConfigError("parallelism.fsdp.version", fsdp.get("version", 1),
@@ -79,15 +82,14 @@ class _Growth(Algorithm):
             for key in ("activation_checkpointing", "activation_cpu_offload"):
                 if fsdp.get(key):
                     raise ConfigError(f"parallelism.fsdp.{key}", fsdp[key], f"false with {self.name} (growth under FSDP2)")
-            if recipe.model.peft is not None:
-                raise ConfigError("model.peft", recipe.model.peft, f"null with {self.name} under FSDP2")
-        if recipe.model.pretrained is None:
-            if recipe.model.family not in FAMILIES:
-                raise ConfigError("model.family", recipe.model.family,
+            if facts.peft is not None:
+                raise ConfigError("model.peft", facts.peft, f"null with {self.name} under FSDP2")
+        if facts.model_family is not None:
+            if facts.model_family not in FAMILIES:
+                raise ConfigError("model.family", facts.model_family,
                                   f"{self.name} supports: {', '.join(sorted(FAMILIES))}")
-            from transformers import AutoConfig
-
-            self._check_model_config(AutoConfig.for_model(recipe.model.family, **recipe.model.config))
+            if facts.model_config is not None:
+                self._check_model_config(facts.model_config)
 
     # -- events -----------------------------------------------------------------------------
     # A frozenset: Composer asks every algorithm about every event, and a tuple compares with Event's
@@ -111,8 +113,7 @@ class _Growth(Algorithm):
             check_supported(state, self.name)
             if getattr(self, "trunk", "train") == "lora" and state.fsdp_enabled:
                 raise ValueError(f"{self.name}: trunk 'lora' needs DDP (or one process), not FSDP")
-            if state.max_duration is not None:
-                self.validate_run(state.max_duration, batches_per_epoch=epoch_batches(state))
+            check_at_fit_start(self, state)
             check_progress_known(state, {"at": self.at}, within=False)
             self._earliest = earliest_batch(state, self.at)
             self._events = self._DONE_EVENTS if self.applied else self._EVENTS
@@ -232,21 +233,21 @@ class StackLayers(_Growth):
         check(init in STACK_INITS, "init", init, f"one of {', '.join(STACK_INITS)}")
         check(trunk in TRUNKS, "trunk", trunk, f"one of {', '.join(TRUNKS)}")
         if mode == "repeat":
-            check(isinstance(times, int) and times >= 2, "times", times, "an integer >= 2")
+            check_int(times, "times", minimum=2)
         if mode == "explicit":
             check(isinstance(source_layers, list) and len(source_layers) > 0
-                  and all(isinstance(i, int) and i >= 0 for i in source_layers),
+                  and all(is_int(i) and i >= 0 for i in source_layers),
                   "source_layers", source_layers, "a non-empty list of layer indices >= 0")
         if mode in ("append", "prepend"):
-            check(isinstance(num_new, int) and num_new >= 1, "num_new", num_new, "an integer >= 1")
+            check_int(num_new, "num_new", minimum=1)
         self.mode, self.times, self.source_layers, self.num_new = mode, times, source_layers, num_new
-        check(isinstance(lora_rank, int) and lora_rank >= 1, "lora_rank", lora_rank, "an integer >= 1")
+        check_int(lora_rank, "lora_rank", minimum=1)
         check_int(seed, "seed")
         self.init, self.trunk, self.seed = init, trunk, seed
         self.lora_rank, self.lora_alpha = lora_rank, lora_alpha
         self.stack_lora_ranks = self._stack_ranks(stack_lora, stack_lora_pattern)
-        check(stack_lora_alpha is None or (isinstance(stack_lora_alpha, (int, float)) and stack_lora_alpha > 0),
-              "stack_lora_alpha", stack_lora_alpha, "null or a number > 0")
+        if stack_lora_alpha is not None:
+            check_number(stack_lora_alpha, "stack_lora_alpha", above=0, allowed="null or a number > 0")
         self.stack_lora_alpha = stack_lora_alpha
         self._old_layers: set[int] = set()
 
@@ -257,8 +258,7 @@ class StackLayers(_Growth):
             return None
         stacks = self.times - 1 if self.mode == "repeat" else 1
         if isinstance(stack_lora, list):
-            check(len(stack_lora) == stacks and all(isinstance(r, int) and not isinstance(r, bool) and r >= 1
-                                                    for r in stack_lora),
+            check(len(stack_lora) == stacks and all(is_int(r) and r >= 1 for r in stack_lora),
                   "stack_lora", stack_lora, f"a list of {stacks} integer ranks >= 1 (one per new stack)")
             return list(stack_lora)
         check_int(stack_lora, "stack_lora", minimum=1)
@@ -274,11 +274,11 @@ class StackLayers(_Growth):
             bad = [i for i in self.source_layers if i >= n]
             check(not bad, "source_layers", self.source_layers, f"indices below the model's layer count ({n})")
 
-    def validate_run(self, max_duration: Time, recipe: Any = None, batches_per_epoch: int | None = None) -> None:
-        super().validate_run(max_duration, recipe, batches_per_epoch)
-        if recipe is not None and self.trunk == "lora" and recipe.model.peft is not None:
+    def validate_run(self, facts: RunFacts) -> None:
+        super().validate_run(facts)
+        if facts.has_recipe and self.trunk == "lora" and facts.peft is not None:
             raise ConfigError("trunk", self.trunk, "'lora' needs a model without model.peft adapters")
-        if recipe is not None and self.trunk == "lora" and (recipe.parallelism or {}).get("fsdp") is not None:
+        if facts.has_recipe and self.trunk == "lora" and facts.parallelism.get("fsdp") is not None:
             raise ConfigError("trunk", self.trunk, "train or frozen under FSDP2 ('lora' needs DDP)")
 
     def _op(self, model: nn.Module):
@@ -338,9 +338,8 @@ class WidenMLP(_Growth):
     def __init__(self, at: Any = "0.5dur", factor: float = 2.0, noise_std: float = 0.0, seed: int = 0,
                  probe_loss: bool = True):
         super().__init__(at, probe_loss)
-        check(isinstance(factor, (int, float)) and not isinstance(factor, bool) and factor > 1, "factor", factor,
-              "a number > 1")
-        check(isinstance(noise_std, (int, float)) and noise_std >= 0, "noise_std", noise_std, "a number >= 0")
+        check_number(factor, "factor", above=1)
+        check_number(noise_std, "noise_std", minimum=0)
         check_int(seed, "seed")
         self.factor, self.noise_std, self.seed = float(factor), float(noise_std), seed
 

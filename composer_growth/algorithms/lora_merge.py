@@ -35,12 +35,13 @@ from composer.utils import dist
 
 from composer_growth.algorithms.surgery import check_supported, composer_model, grow, install_replay_hook
 from composer_growth.events import announce
-from composer_growth.errors import ConfigError, check, check_int
+from composer_growth.errors import ConfigError, check, check_flag, check_int, check_number
 from composer_growth.families import FAMILIES, family_of, unwrap_hf
 from composer_growth.functional.growth import ParamSource
 from composer_growth.functional.lora import (LORA_GROUPS, PRUNE_MODES, add_lora, lora_target_modules, lora_targets,
                                              merge_and_reinit_lora, merged_state_dict, prune_optimizer_state)
 from composer_growth.registry import register_algorithm
+from composer_growth.runfacts import RunFacts, check_at_fit_start
 from composer_growth.timeutil import elapsed, parse_time, to_duration_fraction
 
 __all__ = ["LoraMergeRestart"]
@@ -87,15 +88,15 @@ class LoraMergeRestart(Algorithm):
         check(self.interval.value > 0, "interval", interval, "a positive time")
         _check_targets(targets, "targets")
         check(prune in PRUNE_MODES, "prune", prune, f"one of {', '.join(PRUNE_MODES)}")
-        check(isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 <= ratio < 1, "ratio", ratio,
-              "a number in [0, 1)")
+        check_number(ratio, "ratio", minimum=0, below=1)
         self.restart_warmup: Time = parse_time(restart_warmup, "restart_warmup")
         self.start_at: Time | None = None if start_at is None else parse_time(start_at, "start_at")
         if rank is not None:
             check_int(rank, "rank", minimum=1)
-        check(alpha is None or (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha > 0),
-              "alpha", alpha, "null or a number > 0")
-        check(use_rslora is None or isinstance(use_rslora, bool), "use_rslora", use_rslora, "null, true or false")
+        if alpha is not None:
+            check_number(alpha, "alpha", above=0, allowed="null or a number > 0")
+        if use_rslora is not None:
+            check_flag(use_rslora, "use_rslora", allowed="null, true or false")
         check_int(seed, "seed")
         check(export_folder is None or isinstance(export_folder, str), "export_folder", export_folder,
               "null or a folder path")
@@ -109,6 +110,7 @@ class LoraMergeRestart(Algorithm):
         # set by validate_run from the recipe's model.peft when start_at adds the adapters
         self.defers_peft = False
         self._peft_targets: Any = None
+        self.run_facts: RunFacts | None = None  # what validate_run checked the options against
         # run state (saved)
         self.started = self.start_at is None
         self.start_point = 0.0      # elapsed time (interval unit) at which the adapters started
@@ -135,7 +137,9 @@ class LoraMergeRestart(Algorithm):
                 "use_rslora": bool(self.use_rslora)}
 
     # -- validation -------------------------------------------------------------------------
-    def validate_run(self, max_duration: Time, recipe: Any = None) -> None:
+    def validate_run(self, facts: RunFacts) -> None:
+        self.run_facts = facts
+        max_duration = facts.max_duration
         for key, t in (("interval", self.interval), ("start_at", self.start_at)):
             frac = None if t is None else to_duration_fraction(t, max_duration)
             if frac is not None and frac >= 1:
@@ -147,12 +151,12 @@ class LoraMergeRestart(Algorithm):
                                   f"(max_duration {max_duration})")
         if self.restart_warmup.unit == self.interval.unit and self.restart_warmup.value > self.interval.value:
             raise ConfigError("restart_warmup", str(self.restart_warmup), f"at most the interval ({self.interval})")
-        if recipe is None:
+        if not facts.has_recipe:
             return
-        if recipe.parallelism and "fsdp" in recipe.parallelism:
-            raise ConfigError("parallelism.fsdp", recipe.parallelism["fsdp"],
+        if "fsdp" in facts.parallelism:
+            raise ConfigError("parallelism.fsdp", facts.parallelism["fsdp"],
                               "lora_merge needs DDP (or one process); LoRA surgery under FSDP is not supported")
-        peft = recipe.model.peft
+        peft = facts.peft
         if self.start_at is None and peft is None:
             raise ConfigError("start_at", None, "the model has no LoRA adapters: give model.peft, or start_at to add "
                                                 "them after a full-rank warm start")
@@ -166,22 +170,23 @@ class LoraMergeRestart(Algorithm):
                 self.use_rslora = bool(peft.get("use_rslora", False))
             self._peft_targets = peft.get("target_modules")
             _check_targets(self._peft_targets, "model.peft.target_modules")
-        if recipe.model.pretrained is None and recipe.model.family in FAMILIES:
-            self._check_on_meta_model(recipe)
+        if facts.model_family in FAMILIES and facts.model_config is not None:
+            self._check_on_meta_model(facts)
 
-    def _check_on_meta_model(self, recipe: Any) -> None:
-        """Resolve the targets on the recipe's model built on the meta device (no memory, no RNG)."""
-        from transformers import AutoConfig, AutoModelForCausalLM
+    def _check_on_meta_model(self, facts: RunFacts) -> None:
+        """Resolve the targets on the run's model built on the meta device (no memory, no RNG)."""
+        import copy
 
-        config = AutoConfig.for_model(recipe.model.family, **recipe.model.config)
+        from transformers import AutoModelForCausalLM
+
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            model = AutoModelForCausalLM.from_config(copy.deepcopy(facts.model_config))
         if self.start_at is not None:
             add_lora(model, self.add_targets, **self._lora_args())
         else:
             from peft import LoraConfig, inject_adapter_in_model
 
-            inject_adapter_in_model(LoraConfig(**recipe.model.peft), model)
+            inject_adapter_in_model(LoraConfig(**facts.peft), model)
         lora_targets(model, self.merge_targets)
 
     # -- events -----------------------------------------------------------------------------
@@ -201,8 +206,7 @@ class LoraMergeRestart(Algorithm):
             install_replay_hook(state)
         elif event is Event.FIT_START:
             check_supported(state, "lora_merge")
-            if state.max_duration is not None:
-                self.validate_run(state.max_duration)
+            check_at_fit_start(self, state)
         elif event is Event.BATCH_END:
             if not self.started and _reached(state, self.start_at):
                 self._start(state, logger)

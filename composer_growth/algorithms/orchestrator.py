@@ -39,12 +39,13 @@ from composer.loggers import Logger
 from composer.utils import dist, ensure_tuple
 
 from composer_growth.algorithms.surgery import check_supported, composer_model, grow, install_replay_hook
-from composer_growth.errors import ConfigError, check
+from composer_growth.errors import ConfigError, check, check_flag, is_int, is_number
 from composer_growth.families import FAMILIES, family_of, unwrap_hf
 from composer_growth.functional.growth import STACK_INITS, stack_layers, widen_mlp
 from composer_growth.functional.lora import (LORA_GROUPS, PRUNE_MODES, lora_targets, merge_and_reinit_lora,
                                              prune_optimizer_state, resize_lora_rank, scale_lora_alpha)
 from composer_growth.registry import register_algorithm
+from composer_growth.runfacts import RunFacts, check_at_fit_start
 from composer_growth.timeutil import elapsed, parse_time
 
 log = logging.getLogger(__name__)
@@ -62,16 +63,8 @@ class Skip(Exception):
 # --------------------------------------------------------------------------- values and args
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _multiplier(value: Any, key: str) -> float:
-    check(_number(value) and value > 0, key, value, "a number > 0 (a multiplier)")
+    check(is_number(value) and value > 0, key, value, "a number > 0 (a multiplier)")
     return float(value)
 
 
@@ -80,23 +73,23 @@ def _nothing(value: Any, key: str) -> None:
 
 
 def _times(value: Any, key: str) -> int:
-    check(_int(value) and value >= 2, key, value, "an integer >= 2 (copies of the layer stack)")
+    check(is_int(value) and value >= 2, key, value, "an integer >= 2 (copies of the layer stack)")
     return value
 
 
 def _factor(value: Any, key: str) -> float:
-    check(_number(value) and value > 1, key, value, "a number > 1 (new MLP width / old)")
+    check(is_number(value) and value > 1, key, value, "a number > 1 (new MLP width / old)")
     return float(value)
 
 
 def _count(value: Any, key: str) -> int:
-    check(_int(value) and value >= 1, key, value, "an integer >= 1")
+    check(is_int(value) and value >= 1, key, value, "an integer >= 1")
     return value
 
 
 def _batches_or_time(minimum: int) -> Callable[[Any, str], str]:
     def parse(value: Any, key: str) -> str:
-        if _int(value):
+        if is_int(value):
             check(value >= minimum, key, value, f"an integer >= {minimum} (batches) or a Composer time")
             return f"{value}ba"
         t = parse_time(value, key)
@@ -115,12 +108,12 @@ def _one_of(*choices: str) -> Callable[[Any, str], str]:
 
 
 def _seed(value: Any, key: str) -> int:
-    check(_int(value), key, value, "an integer")
+    check(is_int(value), key, value, "an integer")
     return value
 
 
 def _noise(value: Any, key: str) -> float:
-    check(_number(value) and value >= 0, key, value, "a number >= 0")
+    check(is_number(value) and value >= 0, key, value, "a number >= 0")
     return float(value)
 
 
@@ -128,12 +121,12 @@ LORA_TARGETS = LORA_GROUPS
 
 
 def _divisor(value: Any, key: str) -> int:
-    check(_int(value) and value >= 1, key, value, "an integer >= 1 (the adapters' rank is divided by it)")
+    check(is_int(value) and value >= 1, key, value, "an integer >= 1 (the adapters' rank is divided by it)")
     return value
 
 
 def _prune_ratio(value: Any, key: str) -> float:
-    check(_number(value) and 0 <= value < 1, key, value, "a number in [0, 1)")
+    check(is_number(value) and 0 <= value < 1, key, value, "a number in [0, 1)")
     return float(value)
 
 
@@ -152,7 +145,7 @@ class Op:
     args: dict[str, Any] = field(default_factory=dict)
 
     def label(self) -> str:
-        return self.name if self.value is None else f"{self.name}({self.value:g})" if _number(self.value) \
+        return self.name if self.value is None else f"{self.name}({self.value:g})" if is_number(self.value) \
             else f"{self.name}({self.value})"
 
 
@@ -422,9 +415,9 @@ def parse_op(i: int, raw: Any, max_wait: Time | None) -> Op:
     kind = OPS[name]
     value = kind.value(raw.get("value"), f"{key}.value")
     trigger = raw.get("trigger_loss")
-    check(trigger is None or _number(trigger), f"{key}.trigger_loss", trigger, "a number or null")
+    check(trigger is None or is_number(trigger), f"{key}.trigger_loss", trigger, "a number or null")
     wait_iters, wait = raw.get("max_wait_iters"), raw.get("max_wait")
-    check(wait_iters is None or (_int(wait_iters) and wait_iters >= 1), f"{key}.max_wait_iters", wait_iters,
+    check(wait_iters is None or (is_int(wait_iters) and wait_iters >= 1), f"{key}.max_wait_iters", wait_iters,
           "an integer >= 1 (batches) or null")
     check(wait_iters is None or wait is None, f"{key}.max_wait", wait, "not together with max_wait_iters")
     if wait_iters is not None:
@@ -437,7 +430,7 @@ def parse_op(i: int, raw: Any, max_wait: Time | None) -> Op:
     check(trigger is not None or wait_t is not None, f"{key}.trigger_loss", trigger,
           "a number, or give the op a max_wait_iters / max_wait (it could never fire)")
     reevaluate = raw.get("reevaluate", False)
-    check(isinstance(reevaluate, bool), f"{key}.reevaluate", reevaluate, "true or false")
+    check_flag(reevaluate, f"{key}.reevaluate")
     given = raw.get("args") or {}
     check(isinstance(given, Mapping), f"{key}.args", given, "a mapping of the op's options")
     args = {}
@@ -554,7 +547,7 @@ class Orchestrator(Algorithm):
         check(self.max_wait is None or self.max_wait.value > 0, "max_wait", max_wait, "a time > 0")
         self.ops = [parse_op(i, entry, self.max_wait) for i, entry in enumerate(raw)]
         self.label, self.metric = parse_monitor(monitor)
-        check(isinstance(verbose, bool), "verbose", verbose, "true or false")
+        check_flag(verbose, "verbose")
         self.verbose = verbose
         # run state (saved)
         self.fired: list[dict[str, Any]] = []
@@ -567,6 +560,7 @@ class Orchestrator(Algorithm):
         self._loader_state: dict[str, Any] | None = None
         self._replayed = 0
         self._lr_schedulers: list[tuple[Any, Any, float]] = []  # (LambdaLR, Composer scheduler, ssr)
+        self.run_facts: RunFacts | None = None  # what validate_run checked the options against
 
     @property
     def next_index(self) -> int:
@@ -580,27 +574,27 @@ class Orchestrator(Algorithm):
 
     # ------------------------------------------------------------------ validation
 
-    def validate_run(self, max_duration: Time, recipe: Any = None) -> None:
+    def validate_run(self, facts: RunFacts) -> None:
         """Check the schedule against the run and the recipe before anything is built."""
-        if max_duration.unit == TimeUnit.EPOCH:
+        self.run_facts = facts
+        if facts.max_duration.unit == TimeUnit.EPOCH:
             for op in self.ops:
                 if op.name in ("change_batch_size", "reset_lr_schedule", "change_warmup_iters"):
                     raise ConfigError(f"schedule[{op.index}].name", op.name, "needs max_duration in ba, tok or sp")
-        if recipe is None:
+        if not facts.has_recipe:
             return
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        self._check_batches(recipe.global_train_batch_size // world, recipe.device_train_microbatch_size, world)
+        self._check_batches(facts.rows_per_device, facts.microbatch, facts.world_size)
         arch = self._groups("architecture") + [op for op in self.ops if op.name.startswith("decrease_")]
-        if arch and recipe.parallelism and "fsdp" in recipe.parallelism:
-            raise ConfigError("parallelism.fsdp", recipe.parallelism["fsdp"],
+        if arch and "fsdp" in facts.parallelism:
+            raise ConfigError("parallelism.fsdp", facts.parallelism["fsdp"],
                               f"schedule[{arch[0].index}].name={arch[0].name!r} needs DDP (or one process)")
-        if arch and recipe.model.pretrained is None and recipe.model.family not in FAMILIES:
+        if arch and facts.model_family is not None and facts.model_family not in FAMILIES:
             op = arch[0]
             raise ConfigError(f"schedule[{op.index}].name", op.name,
                               f"needs a model family in the table ({', '.join(sorted(FAMILIES))}), "
-                              f"not {recipe.model.family!r}")
+                              f"not {facts.model_family!r}")
         lora = self._groups("lora")
-        if lora and recipe.model.peft is None:
+        if lora and facts.peft is None:
             raise ConfigError(f"schedule[{lora[0].index}].name", lora[0].name,
                               "needs a model with LoRA adapters (model.peft)")
 
@@ -667,8 +661,7 @@ class Orchestrator(Algorithm):
             self._decide(state, logger, loss)
 
     def _fit_start(self, state: State, logger: Logger) -> None:
-        if state.max_duration is not None:
-            self.validate_run(state.max_duration)
+        check_at_fit_start(self, state)
         if not any(ev.label == self.label for ev in state.evaluators) and any(
                 op.trigger_loss is not None for op in self.ops):
             labels = ", ".join(ev.label for ev in state.evaluators) or "none"

@@ -18,12 +18,14 @@ from composer.core import Algorithm, Event, State, Time, TimeUnit
 from composer.loggers import Logger
 
 from composer_growth.algorithms.order import set_batch_lengths
-from composer_growth.errors import ConfigError, check, check_flag, check_int
+from composer_growth.errors import ConfigError, check, check_flag, check_int, check_number
+from composer_growth.families import unwrap_composer
 from composer_growth.functional.batch import (MODES, batch_seq_length, batch_tokens, select_rows,
                                               set_batch_sequence_length)
 from composer_growth.functional.loss import batch_loss
 from composer_growth.registry import register_algorithm
-from composer_growth.timeutil import (check_progress_known, elapsed, epoch_batches, parse_time, to_duration_fraction,
+from composer_growth.runfacts import RunFacts, check_at_fit_start
+from composer_growth.timeutil import (check_progress_known, elapsed, parse_time, to_duration_fraction,
                                       uncount_tokens)
 
 SCHEDULES = ("linear", "root")
@@ -69,20 +71,18 @@ class SeqLengthWarmup(Algorithm):
                  duration: Any = "0.3dur", schedule: Any = "linear", root_degree: float = 2.0,
                  mode: str = "truncate", preserve_end_of_sequence: bool = False, preallocate: bool = True,
                  pad_token_id: int = 0, microbatch_policy: str = "tokens", max_microbatch_scale: float = 2.0):
-        check(isinstance(min_seq_length, int) and min_seq_length >= 1, "min_seq_length", min_seq_length,
-              "a positive integer")
-        check(isinstance(max_seq_length, int) and max_seq_length >= min_seq_length, "max_seq_length",
-              max_seq_length, f"an integer >= min_seq_length ({min_seq_length})")
-        check(isinstance(step_size, int) and step_size >= 1, "step_size", step_size, "a positive integer")
+        check_int(min_seq_length, "min_seq_length", minimum=1, allowed="a positive integer")
+        check_int(max_seq_length, "max_seq_length", minimum=min_seq_length,
+                  allowed=f"an integer >= min_seq_length ({min_seq_length})")
+        check_int(step_size, "step_size", minimum=1, allowed="a positive integer")
         check(mode in MODES, "mode", mode, f"one of {', '.join(MODES)}")
-        check(isinstance(root_degree, (int, float)) and root_degree > 0, "root_degree", root_degree, "a number > 0")
+        check_number(root_degree, "root_degree", above=0)
         check_flag(preserve_end_of_sequence, "preserve_end_of_sequence")
         check_flag(preallocate, "preallocate")
         check_int(pad_token_id, "pad_token_id", minimum=0)
         check(microbatch_policy in MICROBATCH_POLICIES, "microbatch_policy", microbatch_policy,
               f"one of {', '.join(MICROBATCH_POLICIES)}")
-        check(isinstance(max_microbatch_scale, (int, float)) and not isinstance(max_microbatch_scale, bool)
-              and max_microbatch_scale >= 1, "max_microbatch_scale", max_microbatch_scale, "a number >= 1")
+        check_number(max_microbatch_scale, "max_microbatch_scale", minimum=1)
         self.microbatch_policy, self.max_microbatch_scale = microbatch_policy, float(max_microbatch_scale)
         self.min_seq_length, self.max_seq_length, self.step_size = min_seq_length, max_seq_length, step_size
         self.duration = parse_time(duration, "duration")
@@ -108,6 +108,7 @@ class SeqLengthWarmup(Algorithm):
         self._preallocated = False
         self._events = self._EVENTS  # narrowed to FIT_START once the warmup is over
         self._logged_len: int | None = None
+        self.run_facts: RunFacts | None = None  # what validate_run checked the options against
 
     def _parse_steps(self, schedule) -> list[tuple[Time, int]]:
         steps = []
@@ -116,7 +117,7 @@ class SeqLengthWarmup(Algorithm):
                 raise ConfigError(f"schedule[{i}]", item, "a [time, length] pair")
             t = Time(0, TimeUnit.DURATION) if item[0] in (0, "0") else parse_time(item[0], f"schedule[{i}][0]")
             length = item[1]
-            check(isinstance(length, int) and length >= 1, f"schedule[{i}][1]", length, "a positive integer length")
+            check_int(length, f"schedule[{i}][1]", minimum=1, allowed="a positive integer length")
             steps.append((t, length))
         units = {t.unit for t, _ in steps if t.value != 0}
         check(len(units) <= 1, "schedule", schedule, "every step time in one unit")
@@ -137,20 +138,18 @@ class SeqLengthWarmup(Algorithm):
         return self.steps[-1][0] if self.steps is not None else self.duration
 
     # -- validation before training -----------------------------------------------------------
-    def validate_run(self, max_duration: Time, recipe: Any = None, batches_per_epoch: int | None = None) -> None:
+    def validate_run(self, facts: RunFacts) -> None:
         """Reject a warmup longer than the run, or longer than the data's sequences."""
-        end = self.end
-        frac = to_duration_fraction(end, max_duration, batches_per_epoch)
+        self.run_facts = facts
+        end, max_duration = self.end, facts.max_duration
+        frac = to_duration_fraction(end, max_duration, facts.batches_per_epoch)
         if frac is not None and frac > 1:
             key = "schedule" if self.steps is not None else "duration"
             raise ConfigError(key, str(end), f"must end within max_duration ({max_duration})")
-        if recipe is not None:
-            from composer_growth.data.prepare import read_manifest
-
-            manifest = read_manifest(recipe.data.path)
-            if manifest is not None and manifest["seq_len"] < self.max_seq_length:
-                raise ConfigError("max_seq_length", self.max_seq_length,
-                                  f"at most the data's sequence length ({manifest['seq_len']} in {recipe.data.path})")
+        manifest = facts.manifest
+        if manifest is not None and manifest["seq_len"] < self.max_seq_length:
+            raise ConfigError("max_seq_length", self.max_seq_length,
+                              f"at most the data's sequence length ({manifest['seq_len']} in {facts.data_path})")
 
     # -- schedule ---------------------------------------------------------------------------
     def _over(self, state: State) -> bool:
@@ -191,8 +190,7 @@ class SeqLengthWarmup(Algorithm):
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event is Event.FIT_START:
             self._events = self._EVENTS
-            if state.max_duration is not None:
-                self.validate_run(state.max_duration, batches_per_epoch=epoch_batches(state))
+            check_at_fit_start(self, state)
             times = {"duration": self.duration} if self.steps is None else {
                 f"schedule[{i}][0]": t for i, (t, _) in enumerate(self.steps)}
             check_progress_known(state, times, within=self.steps is None)
@@ -275,7 +273,7 @@ class SeqLengthWarmup(Algorithm):
         rows = state.device_train_microbatch_size if isinstance(state.device_train_microbatch_size, int) else 1
         sample = set_batch_sequence_length(batch, self.max_seq_length, "truncate")
         sample = state.device.batch_to_device(select_rows(sample, rows))
-        model = state.model.module if isinstance(state.model, torch.nn.parallel.DistributedDataParallel) else state.model
+        model = unwrap_composer(state.model)
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         try:
             with torch.random.fork_rng(devices=devices):

@@ -18,7 +18,6 @@ Everything model-specific comes from :mod:`composer_growth.families`.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -26,7 +25,7 @@ import torch
 import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
-from composer_growth.errors import check
+from composer_growth.errors import check, check_int, check_number, is_int
 from composer_growth.families import Family, config_set, family_of, get_path, set_path, unwrap_hf
 
 __all__ = ["ParamSource", "STACK_MODES", "STACK_INITS", "param_names", "stack_layers", "widen_mlp"]
@@ -88,10 +87,6 @@ def _collect_mapping(model: nn.Module, before: dict[int, str],
     return mapping
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 # ----------------------------------------------------------------------------------------------
 # depth
 # ----------------------------------------------------------------------------------------------
@@ -111,15 +106,15 @@ def _stack_plan(mode: str, n_layers: int, times: Any, source_layers: Any,
           "only with mode='append' or mode='prepend'")
     old = [(i, False) for i in range(n_layers)]
     if mode in ("append", "prepend"):
-        check(_is_int(num_new) and num_new >= 1, "num_new", num_new, f"an int >= 1 for mode={mode!r}")
+        check_int(num_new, "num_new", minimum=1, allowed=f"an int >= 1 for mode={mode!r}")
         return old + [(n_layers - 1, True)] * num_new if mode == "append" else [(0, True)] * num_new + old
     if mode == "repeat":
-        check(_is_int(times) and times >= 2, "times", times, "an int >= 2")
+        check_int(times, "times", minimum=2, allowed="an int >= 2")
         sources = list(range(n_layers)) * times
     else:
         ok = (isinstance(source_layers, Sequence) and not isinstance(source_layers, str)
               and len(source_layers) > 0
-              and all(_is_int(i) and 0 <= i < n_layers for i in source_layers))
+              and all(is_int(i) and 0 <= i < n_layers for i in source_layers))
         check(ok, "source_layers", source_layers,
               f"a non-empty list of layer indices in [0, {n_layers - 1}]")
         sources = list(source_layers)
@@ -201,7 +196,7 @@ def stack_layers(model: nn.Module, mode: str = "repeat", times: int = 2,
     hf = unwrap_hf(model)
     family = family_of(hf)
     check(init in STACK_INITS, "init", init, f"one of {', '.join(STACK_INITS)}")
-    check(_is_int(seed), "seed", seed, "an int")
+    check_int(seed, "seed", allowed="an int")
     old_blocks = list(get_path(hf, family.layers))
     plan = _stack_plan(mode, len(old_blocks), times, source_layers, num_new)
 
@@ -294,14 +289,12 @@ def widen_mlp(model: nn.Module, factor: float, noise_std: float = 0.0, seed: int
     """
     hf = unwrap_hf(model)
     family = family_of(hf)
-    ok = isinstance(factor, (int, float)) and not isinstance(factor, bool) and math.isfinite(factor)
+    check_number(factor, "factor", above=1)
     n = family.intermediate_size(hf.config)
-    check(ok and factor > 1, "factor", factor, "a number > 1")
     m = round(n * factor)
     check(m > n, "factor", factor, f"large enough to add a unit to intermediate size {n}")
-    check(isinstance(noise_std, (int, float)) and not isinstance(noise_std, bool) and noise_std >= 0,
-          "noise_std", noise_std, "a number >= 0")
-    check(_is_int(seed), "seed", seed, "an int")
+    check_number(noise_std, "noise_std", minimum=0)
+    check_int(seed, "seed", allowed="an int")
 
     in_dim, out_dim = _unit_dims(family)
     pick, noise = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)

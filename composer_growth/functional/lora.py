@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from composer_growth.errors import ConfigError, check
+from composer_growth.errors import ConfigError, check, check_int, check_number
 from composer_growth.families import Family, family_of, get_path, set_path, unwrap_hf
 from composer_growth.functional.growth import ParamSource, _collect_mapping, param_names
 
@@ -181,8 +181,9 @@ def add_lora(model: nn.Module, modules: Iterable[str] | str, rank: int = 8, alph
     """
     from peft import LoraConfig, inject_adapter_in_model
 
-    check(isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1, "rank", rank, "an integer >= 1")
-    check(alpha is None or (isinstance(alpha, (int, float)) and alpha > 0), "alpha", alpha, "null or a number > 0")
+    check_int(rank, "rank", minimum=1)
+    if alpha is not None:
+        check_number(alpha, "alpha", above=0, allowed="null or a number > 0")
     hf = unwrap_hf(model)
     modules = modules if isinstance(modules, str) else list(modules)
     if not modules:
@@ -330,8 +331,7 @@ def scale_lora_alpha(model: nn.Module, factor: float, targets: Targets = "all") 
     """Multiply the selected adapters' ``lora_alpha`` and their ``scaling`` by ``factor`` (so the
     scaling stays ``alpha / r`` or, with rslora, ``alpha / sqrt(r)``). Returns how many adapters
     changed."""
-    ok = isinstance(factor, (int, float)) and not isinstance(factor, bool) and math.isfinite(factor) and factor > 0
-    check(ok, "factor", factor, "a finite number > 0")
+    check_number(factor, "factor", above=0, allowed="a finite number > 0")
     n = 0
     for layer in lora_targets(model, targets).values():
         for adapter in _adapters(layer):
@@ -377,10 +377,9 @@ def resize_lora_rank(model: nn.Module, rank: int | None = None, divisor: int | N
     """
     check((rank is None) != (divisor is None), "rank", rank, "exactly one of rank and divisor")
     if rank is not None:
-        check(isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1, "rank", rank, "an integer >= 1")
+        check_int(rank, "rank", minimum=1)
     else:
-        check(isinstance(divisor, int) and not isinstance(divisor, bool) and divisor >= 1, "divisor", divisor,
-              "an integer >= 1")
+        check_int(divisor, "divisor", minimum=1)
     hf = unwrap_hf(model)
     before = {id(p): name for p, name in param_names(model).items()}
     for name, layer in lora_targets(model, targets).items():
@@ -446,8 +445,7 @@ def prune_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[nn.
     zeroed.
     """
     check(mode in PRUNE_MODES, "mode", mode, f"one of {', '.join(PRUNE_MODES)}")
-    ok = isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 <= ratio < 1
-    check(ok, "ratio", ratio, "a number in [0, 1)")
+    check_number(ratio, "ratio", minimum=0, below=1)
     zeroed = 0
     for p in params:
         state = optimizer.state.get(p)

@@ -33,7 +33,7 @@ from typing import Any
 import torch.nn as nn
 from transformers import modeling_rope_utils as hf_rope
 
-from composer_growth.errors import ConfigError
+from composer_growth.errors import ConfigError, check_int, check_number
 from composer_growth.families import (FAMILIES, Family, config_get, config_set, family_of, get_path, rope_type, set_path,
                                       unwrap_hf)
 
@@ -154,8 +154,7 @@ def _coerce_param(value: Any, key: str, name: str) -> Any:
 
 
 def _real(value: Any, key: str) -> numbers.Real:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ConfigError(key, value, "a finite number")
+    check_number(value, key, allowed="a finite number")
     return value
 
 
@@ -463,8 +462,7 @@ def _rope_state(config: Any, family: Family) -> dict[str, Any]:
 def _check_max_positions(value: int | None, family: Family, current: int, config: Any = None) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise ConfigError("max_position_embeddings", value, "a positive integer")
+    check_int(value, "max_position_embeddings", minimum=1, allowed="a positive integer")
     kind = position_kind(family, config)
     if kind != "rope" and value != current:
         raise ConfigError(

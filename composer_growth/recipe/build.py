@@ -7,16 +7,18 @@ fails in seconds, before a model is built or data read.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from composer_growth.errors import ConfigError, check
+from composer_growth.errors import ConfigError, check, is_int
 from composer_growth.families import FAMILIES, mark_fsdp_blocks
 from composer_growth.recipe.schema import Recipe, from_mapping
-from composer_growth.registry import ALGORITHMS, CALLBACKS, LOGGERS, load_all
+from composer_growth.registry import ALGORITHMS, CALLBACKS, LOGGERS, register_composer_builtins
+from composer_growth.runfacts import RunFacts
 from composer_growth.timeutil import parse_time
 
 OPTIMIZERS = ("decoupled_adamw", "adamw", "decoupled_sgdw")
@@ -26,6 +28,8 @@ DEVICES = ("cpu", "gpu", "mps")
 PARALLELISM_KEYS = ("fsdp", "tp")
 RECIPE_KEYS = frozenset(f.name for f in dataclasses.fields(Recipe))
 NO_DATA_HINT = "run `composer-growth prepare-data` there or give data.prepare to build it"
+#: the modules whose import registers the suite's algorithms and callbacks
+REGISTERING_MODULES = ("composer_growth.algorithms", "composer_growth.callbacks")
 
 
 def load_recipe(path: str, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
@@ -61,6 +65,7 @@ class Plan:
     callbacks: list[Any] = field(default_factory=list)
     loggers: list[Any] = field(default_factory=list)
     world_size: int = 1
+    facts: RunFacts | None = None  # what the algorithms were checked against
 
     @property
     def device_train_batch_size(self) -> int:
@@ -132,7 +137,7 @@ def _check_fsdp(recipe: Recipe) -> None:
         return
     check(isinstance(fsdp, dict), "parallelism.fsdp", fsdp, "a mapping (version: 2 and FSDP2Config keys)")
     version = fsdp.get("version", 1)
-    check(version in (1, 2) and not isinstance(version, bool), "parallelism.fsdp.version", version, "1 or 2")
+    check(is_int(version) and version in (1, 2), "parallelism.fsdp.version", version, "1 or 2")
     allowed = _fsdp_fields(version)
     for key, value in fsdp.items():
         check(key == "version" or key in allowed, f"parallelism.fsdp.{key}", value,
@@ -187,6 +192,17 @@ def _check_model(recipe: Recipe) -> None:
           model.attn_implementation, "one of eager, sdpa, flash_attention_2")
 
 
+def load_all() -> None:
+    """Import every module that registers an algorithm or a callback, and Composer's own (idempotent).
+
+    The registry imports nothing: the modules register themselves when imported (``@register_algorithm``),
+    so the layer that builds recipes imports them.
+    """
+    for module in REGISTERING_MODULES:
+        importlib.import_module(module)
+    register_composer_builtins()
+
+
 def validate(data: dict[str, Any], world_size: int | None = None) -> Plan:
     """Check every key of a recipe and build its algorithms, callbacks and loggers."""
     load_all()
@@ -234,16 +250,24 @@ def validate(data: dict[str, Any], world_size: int | None = None) -> Plan:
     algorithms = [_construct("algorithms", n, ALGORITHMS, kw) for n, kw in recipe.algorithms.items()]
     callbacks = [_construct("callbacks", n, CALLBACKS, kw) for n, kw in recipe.callbacks.items()]
     loggers = [_construct("loggers", n, LOGGERS, kw) for n, kw in recipe.loggers.items()]
+    facts = RunFacts.from_recipe(recipe, world_size)
     for name, alg in zip(recipe.algorithms, algorithms):
-        hook = getattr(alg, "validate_run", None)
-        if hook is not None:
-            try:
-                hook(max_duration=max_duration, recipe=recipe)
-            except ConfigError as e:
-                top = e.key.split(".")[0].split("[")[0]
-                key = e.key if top in RECIPE_KEYS else f"algorithms.{name}.{e.key}"
-                raise ConfigError(key, e.value, e.allowed) from None
-    return Plan(recipe=recipe, algorithms=algorithms, callbacks=callbacks, loggers=loggers, world_size=world_size)
+        validate_algorithm(name, alg, facts)
+    return Plan(recipe=recipe, algorithms=algorithms, callbacks=callbacks, loggers=loggers, world_size=world_size,
+                facts=facts)
+
+
+def validate_algorithm(name: str, algorithm: Any, facts: RunFacts) -> None:
+    """``algorithm.validate_run(facts)`` (if it has one); an error names the recipe key it is about."""
+    hook = getattr(algorithm, "validate_run", None)
+    if hook is None:
+        return
+    try:
+        hook(facts)
+    except ConfigError as e:
+        top = e.key.split(".")[0].split("[")[0]
+        key = e.key if top in RECIPE_KEYS else f"algorithms.{name}.{e.key}"
+        raise ConfigError(key, e.value, e.allowed) from None
 
 
 def init_dist(plan: Plan) -> None:

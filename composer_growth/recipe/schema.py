@@ -11,7 +11,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from composer_growth.errors import ConfigError
+from composer_growth.errors import ConfigError, is_int, is_number
 
 
 @dataclass
@@ -156,11 +156,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(key, value, "expected true or false")
     if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
+        if is_int(value):
             return value
         raise ConfigError(key, value, "expected an integer")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if is_number(value, finite=False):
             return float(value)
         if isinstance(value, str):
             try:
