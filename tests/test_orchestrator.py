@@ -227,6 +227,46 @@ def test_two_ranks_apply_the_same_ops_and_hold_identical_parameters(tiny_recipe,
     assert s0["tokens_trained"] == 32 * (4 * 16 + 2 * 8)  # rows per step halved after batch 4
 
 
+def test_lora_and_growth_ops_under_fsdp2_match_ddp_and_resume(tiny_recipe, tmp_path):
+    """Under composer -n 2 on a peft-wrapped model (model.peft), DDP and FSDP2 (sharded checkpoints):
+    the first eval's loss fires a merge (re-evaluated), whose loss fires the attention adapters' rank
+    halving at once (through surgery.grow); then by timeout G_stack and a LoRA alpha change. Both fire
+    the same ops at the same batches, train the same losses, and a run resumed from the sharded
+    checkpoint written after them goes on exactly."""
+    tiny_recipe["model"]["peft"] = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj"]}
+    tiny_recipe["algorithms"] = {"orchestrator": {"verbose": False, "schedule": [
+        {"name": "merge_lora_weights", "trigger_loss": 100.0, "reevaluate": True, "args": {"prune_ratio": 0.5}},
+        {"name": "decrease_attn_lora_scaling", "value": 2, "trigger_loss": 100.0},
+        {"name": "stack_layers", "value": 2, "trigger_loss": None, "max_wait_iters": 1},
+        {"name": "change_lora_alpha", "value": 2.0, "trigger_loss": None, "max_wait_iters": 1},
+    ]}}
+    tiny_recipe.update(max_duration="7ba", eval_first=False, eval_interval="3ba", save_interval="5ba")
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe))
+    runs = ["ddp", "sharded", "sharded@ep0-ba5"]
+    proc = launch(os.path.join(ROOT, "tests", "scripts", "fsdp_runs.py"),
+                  [str(path), str(tmp_path / "p{rank}.json"), *runs], tmp_path, own_shm=True)
+    assert proc.returncode == 0, launch_failure(proc, tmp_path)
+    for rank in (0, 1):
+        results = json.loads((tmp_path / f"p{rank}.json").read_text())
+        ddp, fsdp, resumed = (results[r] for r in runs)
+        assert not ddp["fsdp"] and fsdp["fsdp"] and fsdp["units"] == 4 + 1
+        fired = [[(r["index"], r["batch"], r["reason"], r["status"]) for r in run_["replayed"][0]["fired"]]
+                 for run_ in (ddp, fsdp, resumed)]
+        assert fired == [[(0, 3, "loss", "applied"), (1, 3, "loss", "applied"), (2, 4, "timeout", "applied"),
+                          (3, 5, "timeout", "applied")]] * 3
+        loss_after = [run_["replayed"][0]["fired"][0]["loss_after"] for run_ in (ddp, fsdp)]
+        assert loss_after[1] == pytest.approx(loss_after[0], abs=1e-5)
+        assert fsdp["layers"] == resumed["layers"] == 4
+        assert fsdp["shapes"] == ddp["shapes"] == resumed["shapes"]
+        ranks = {n.split(".")[-4]: shape[0] for n, shape in fsdp["shapes"].items() if "layers.3." in n and "lora_A" in n}
+        assert ranks == {"q_proj": 2, "v_proj": 2, "up_proj": 4}
+        assert fsdp["losses"] == pytest.approx(ddp["losses"], abs=1e-5)
+        assert fsdp["params"] == pytest.approx(ddp["params"], rel=1e-4, abs=1e-4)
+        assert resumed["losses"] == pytest.approx(fsdp["losses"][5:], abs=1e-6)
+        assert resumed["params"] == pytest.approx(fsdp["params"], rel=1e-6, abs=1e-6)
+
+
 def test_the_issue_example_is_accepted_verbatim_from_a_json_file(tmp_path, tiny_recipe):
     path = tmp_path / "schedule.json"
     path.write_text(EXAMPLE)

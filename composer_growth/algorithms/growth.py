@@ -76,8 +76,6 @@ class _Growth(Algorithm):
             for key in ("activation_checkpointing", "activation_cpu_offload"):
                 if fsdp.get(key):
                     raise ConfigError(f"parallelism.fsdp.{key}", fsdp[key], f"false with {self.name} (growth under FSDP2)")
-            if recipe.model.peft is not None:
-                raise ConfigError("model.peft", recipe.model.peft, f"null with {self.name} under FSDP2")
         if recipe.model.pretrained is None:
             if recipe.model.family not in FAMILIES:
                 raise ConfigError("model.family", recipe.model.family,
