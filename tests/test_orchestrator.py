@@ -262,7 +262,7 @@ def test_lora_and_growth_ops_under_fsdp2_match_ddp_and_resume(tiny_recipe, tmp_p
         ranks = {n.split(".")[-4]: shape[0] for n, shape in fsdp["shapes"].items() if "layers.3." in n and "lora_A" in n}
         assert ranks == {"q_proj": 2, "v_proj": 2, "up_proj": 4}
         assert fsdp["losses"] == pytest.approx(ddp["losses"], abs=1e-5)
-        assert fsdp["params"] == pytest.approx(ddp["params"], rel=1e-4, abs=1e-4)
+        assert fsdp["params"] == pytest.approx(ddp["params"], rel=1e-3, abs=1e-3)
         assert resumed["losses"] == pytest.approx(fsdp["losses"][5:], abs=1e-6)
         assert resumed["params"] == pytest.approx(fsdp["params"], rel=1e-6, abs=1e-6)
 

@@ -74,8 +74,9 @@ def grow(state: State, op: Callable[[nn.Module], dict[str, ParamSource]],
 
     ``after(model, mapping)`` runs once the op is done and before the optimizer is rebuilt
     (e.g. to freeze parameters). Returns timing and parameter counts. Under FSDP2 every rank runs
-    ``op`` on its own full copy and keeps its shard of the result, so ``op`` must give the same
-    tensors on every rank (the growth ops seed their randomness).
+    ``op`` on its own full copy; the result is then rank 0's, as a DDP wrapper built over it would
+    broadcast (Composer seeds each rank differently, and peft draws new adapters from the global RNG),
+    and each rank keeps its shard of it.
     """
     start = time.perf_counter()
     model = composer_model(state)
@@ -91,6 +92,7 @@ def grow(state: State, op: Callable[[nn.Module], dict[str, ParamSource]],
     if after is not None:
         after(model, mapping)
     if sharded:
+        _broadcast(model)
         _shard(state, model, mesh)
     new_optimizers = [transfer_optimizer_state(opt, names, model, mapping) for opt in old_optimizers]
     for opt in new_optimizers:
@@ -132,12 +134,14 @@ def _from_fsdp(hook: Any) -> bool:
 def _plain_copy(module: nn.Module, params: dict[int, nn.Parameter], memo: dict[int, nn.Module]) -> nn.Module:
     """A copy of the module tree without FSDP2: every module of its class before ``fully_shard``, holding
     ``params[id(p)]`` for each of its (sharded) parameters ``p``, its buffers, its other attributes (the
-    same objects) and its hooks, those FSDP2 added left out. A module met twice is copied once."""
+    same objects) and its hooks, what FSDP2 added (hooks, its state) left out. A module met twice is copied once."""
     if id(module) in memo:
         return memo[id(module)]
+    from torch.distributed._composable.contract import REGISTRY_KEY, STATE_KEY
+
     cls = _base_class(module)
     new = cls.__new__(cls)
-    new.__dict__.update(module.__dict__)
+    new.__dict__.update((k, v) for k, v in module.__dict__.items() if k not in (REGISTRY_KEY, STATE_KEY))
     memo[id(module)] = new
     new.__dict__.update(
         _parameters={k: None if p is None else params[id(p)] for k, p in module._parameters.items()},
@@ -179,6 +183,13 @@ def _unshard(model: nn.Module, optimizers: list[torch.optim.Optimizer]):
                                              for k, v in opt.state[p_old].items()}
         plain_optimizers.append(gathered)
     return mesh, plain_optimizers
+
+
+@torch.no_grad()
+def _broadcast(model: nn.Module) -> None:
+    """Rank 0's parameters and buffers on every rank (collective; the model is plain, unsharded)."""
+    for t in [*model.parameters(), *model.buffers()]:
+        dist.broadcast(t.data, src=0)
 
 
 def _shard(state: State, model: nn.Module, mesh: Any) -> None:
