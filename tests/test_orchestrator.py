@@ -235,7 +235,7 @@ def test_lora_and_growth_ops_under_fsdp2_match_ddp_and_resume(tiny_recipe, tmp_p
     checkpoint written after them goes on exactly."""
     tiny_recipe["model"]["peft"] = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj"]}
     tiny_recipe["algorithms"] = {"orchestrator": {"verbose": False, "schedule": [
-        {"name": "merge_lora_weights", "trigger_loss": 100.0, "reevaluate": True, "args": {"prune_ratio": 0.5}},
+        {"name": "merge_lora_weights", "trigger_loss": 100.0, "reevaluate": True, "args": {"prune": "none"}},
         {"name": "decrease_attn_lora_scaling", "value": 2, "trigger_loss": 100.0},
         {"name": "stack_layers", "value": 2, "trigger_loss": None, "max_wait_iters": 1},
         {"name": "change_lora_alpha", "value": 2.0, "trigger_loss": None, "max_wait_iters": 1},
@@ -255,8 +255,9 @@ def test_lora_and_growth_ops_under_fsdp2_match_ddp_and_resume(tiny_recipe, tmp_p
                  for run_ in (ddp, fsdp, resumed)]
         assert fired == [[(0, 3, "loss", "applied"), (1, 3, "loss", "applied"), (2, 4, "timeout", "applied"),
                           (3, 5, "timeout", "applied")]] * 3
-        loss_after = [run_["replayed"][0]["fired"][0]["loss_after"] for run_ in (ddp, fsdp)]
-        assert loss_after[1] == pytest.approx(loss_after[0], abs=1e-5)
+        merge = [run_["replayed"][0]["fired"][0] for run_ in (ddp, fsdp)]
+        assert merge[1]["loss_after"] == pytest.approx(merge[0]["loss_after"], abs=1e-5)
+        assert merge[1]["loss_after"] == pytest.approx(merge[1]["loss_before"], abs=1e-5)  # the same function
         assert fsdp["layers"] == resumed["layers"] == 4
         assert fsdp["shapes"] == ddp["shapes"] == resumed["shapes"]
         ranks = {n.split(".")[-4]: shape[0] for n, shape in fsdp["shapes"].items() if "layers.3." in n and "lora_A" in n}
