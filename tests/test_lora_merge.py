@@ -19,7 +19,7 @@ from composer_growth.families import unwrap_hf
 from composer_growth.functional import lora_targets
 from composer_growth.recipe import run, validate
 
-from conftest import launch, launch_failure, resume_from
+from conftest import fsdp_runs, launch, launch_failure, resume_from
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEFT = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -202,14 +202,8 @@ def test_lora_under_fsdp2_matches_ddp_and_resumes_after_a_merge(tiny_recipe, tmp
         "stack_layers": {"at": "3ba", "times": 2, "stack_lora": 2, "probe_loss": False},
     }
     tiny_recipe.update(max_duration="8ba", eval_first=False, eval_interval="8ba", save_interval="5ba")
-    path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(tiny_recipe))
     runs = ["ddp", "sharded", "sharded@ep0-ba5"]
-    proc = launch(os.path.join(ROOT, "tests", "scripts", "fsdp_runs.py"),
-                  [str(path), str(tmp_path / "p{rank}.json"), *runs], tmp_path, own_shm=True)
-    assert proc.returncode == 0, launch_failure(proc, tmp_path)
-    for rank in (0, 1):
-        results = _summary(tmp_path / f"p{rank}.json")
+    for results in fsdp_runs(tiny_recipe, runs, tmp_path):
         ddp, fsdp, resumed = (results[r] for r in runs)
         assert not ddp["fsdp"] and fsdp["fsdp"] and fsdp["units"] == 4 + 1
         merges = [[h["batch"] for h in run_["replayed"][0]["history"]] for run_ in (ddp, fsdp, resumed)]

@@ -16,7 +16,7 @@ from composer_growth.errors import ConfigError
 from composer_growth.families import unwrap_hf
 from composer_growth.recipe import run, validate
 
-from conftest import launch, launch_failure, read_summary, resume_from
+from conftest import fsdp_runs, launch, launch_failure, read_summary, resume_from
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -241,14 +241,8 @@ def test_lora_and_growth_ops_under_fsdp2_match_ddp_and_resume(tiny_recipe, tmp_p
         {"name": "change_lora_alpha", "value": 2.0, "trigger_loss": None, "max_wait_iters": 1},
     ]}}
     tiny_recipe.update(max_duration="7ba", eval_first=False, eval_interval="3ba", save_interval="5ba")
-    path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(tiny_recipe))
     runs = ["ddp", "sharded", "sharded@ep0-ba5"]
-    proc = launch(os.path.join(ROOT, "tests", "scripts", "fsdp_runs.py"),
-                  [str(path), str(tmp_path / "p{rank}.json"), *runs], tmp_path, own_shm=True)
-    assert proc.returncode == 0, launch_failure(proc, tmp_path)
-    for rank in (0, 1):
-        results = json.loads((tmp_path / f"p{rank}.json").read_text())
+    for results in fsdp_runs(tiny_recipe, runs, tmp_path):
         ddp, fsdp, resumed = (results[r] for r in runs)
         assert not ddp["fsdp"] and fsdp["fsdp"] and fsdp["units"] == 4 + 1
         fired = [[(r["index"], r["batch"], r["reason"], r["status"]) for r in run_["replayed"][0]["fired"]]
