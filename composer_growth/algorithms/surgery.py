@@ -134,7 +134,8 @@ def _from_fsdp(hook: Any) -> bool:
 def _plain_copy(module: nn.Module, params: dict[int, nn.Parameter], memo: dict[int, nn.Module]) -> nn.Module:
     """A copy of the module tree without FSDP2: every module of its class before ``fully_shard``, holding
     ``params[id(p)]`` for each of its (sharded) parameters ``p``, its buffers, its other attributes (the
-    same objects) and its hooks, what FSDP2 added (hooks, its state) left out. A module met twice is copied once."""
+    same objects) and its hooks; what FSDP2 added (hooks, its state) is left out. A module met twice
+    (shared) is copied once."""
     if id(module) in memo:
         return memo[id(module)]
     from torch.distributed._composable.contract import REGISTRY_KEY, STATE_KEY
