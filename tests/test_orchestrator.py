@@ -254,7 +254,8 @@ def test_lora_and_growth_ops_under_fsdp2_match_ddp_and_resume(tiny_recipe, tmp_p
         assert merge[1]["loss_after"] == pytest.approx(merge[1]["loss_before"], abs=1e-5)  # the same function
         assert fsdp["layers"] == resumed["layers"] == 4
         assert fsdp["shapes"] == ddp["shapes"] == resumed["shapes"]
-        ranks = {n.split(".")[-4]: shape[0] for n, shape in fsdp["shapes"].items() if "layers.3." in n and "lora_A" in n}
+        ranks = {n.split(".")[-4]: shape[0] for n, shape in fsdp["shapes"].items()
+                 if "layers.3." in n and "lora_A" in n}
         assert ranks == {"q_proj": 2, "v_proj": 2, "up_proj": 4}
         assert fsdp["losses"] == pytest.approx(ddp["losses"], abs=1e-5)
         assert fsdp["params"] == pytest.approx(ddp["params"], rel=1e-3, abs=1e-3)

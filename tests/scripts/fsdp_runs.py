@@ -48,7 +48,8 @@ def train(recipe):
         full = p.full_tensor() if hasattr(p, "full_tensor") else p
         sums[name], shapes[name] = float(full.detach().double().sum()), list(full.shape)
     out = {"losses": record.losses, "lengths": record.lengths, "tokens": int(trainer.state.timestamp.token),
-           "layers": unwrap_hf(model).config.num_hidden_layers, "params": sums, "shapes": shapes, "fsdp": trainer.state.fsdp_enabled,
+           "layers": unwrap_hf(model).config.num_hidden_layers, "params": sums, "shapes": shapes,
+           "fsdp": trainer.state.fsdp_enabled,
            "units": sum(isinstance(m, FSDPModule) for m in model.modules()),
            "replayed": [a.state_dict() for a in trainer.state.algorithms if hasattr(a, "replay")]}
     trainer.close()
