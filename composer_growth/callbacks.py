@@ -114,7 +114,9 @@ class RunSummary(Callback):
             json.dump(info, f, indent=2)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"evals": [dict(e) for e in self.evals], "wall_seconds": self._elapsed()}
+        # a tuple: a sharded checkpoint stores it whole (it would flatten a list of dicts into keys per
+        # eval, which the load template of a resumed run, built before its evals are back, lacks)
+        return {"evals": tuple(dict(e) for e in self.evals), "wall_seconds": self._elapsed()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.evals = [dict(e) for e in state.get("evals", [])]

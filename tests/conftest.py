@@ -117,6 +117,21 @@ def launch_nodes(script: str, args: list[str], workdirs: list, timeout: int = 60
     return procs
 
 
+def fsdp_runs(recipe: dict, runs: list[str], workdir) -> list[dict]:
+    """``tests/scripts/fsdp_runs.py`` under ``composer -n 2`` (own /dev/shm): ``recipe`` trained as each
+    of ``runs`` (``ddp``, ``sharded``, ``sharded@CKPT``, ...). Returns each rank's results, by run."""
+    import json
+
+    import yaml
+
+    path = workdir / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts", "fsdp_runs.py")
+    proc = launch(script, [str(path), str(workdir / "p{rank}.json"), *runs], workdir, own_shm=True)
+    assert proc.returncode == 0, launch_failure(proc, workdir)
+    return [json.loads((workdir / f"p{rank}.json").read_text()) for rank in (0, 1)]
+
+
 def launch_failure(proc, workdir) -> str:
     logs = [f.read_text()[-2000:] for f in sorted(workdir.glob("err*.txt"))]
     return proc.stderr[-2000:] + "".join(logs)

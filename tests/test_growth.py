@@ -188,7 +188,6 @@ def test_bad_growth_recipes_fail_before_training(tiny_recipe, alg, kwargs, key):
 
 @pytest.mark.parametrize("fsdp, extra, key", [
     ({"version": 2, "activation_checkpointing": True}, {}, "parallelism.fsdp.activation_checkpointing"),
-    ({"version": 2}, {"model.peft": {"r": 4, "target_modules": ["q_proj"]}}, "model.peft"),
     ({"version": 2}, {"trunk": "lora"}, "algorithms.stack_layers.trunk"),
 ])
 def test_growth_under_fsdp_rejects_what_it_cannot_carry(tiny_recipe, fsdp, extra, key):

@@ -18,7 +18,7 @@ from composer_growth.families import unwrap_hf
 from composer_growth.functional import lora_targets
 from composer_growth.recipe import run, validate
 
-from conftest import launch, launch_failure, read_summary, resume_from
+from conftest import fsdp_runs, launch, launch_failure, read_summary, resume_from
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEFT = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -183,6 +183,41 @@ def test_two_ranks_hold_identical_parameters_after_merges(tiny_recipe, tmp_path)
     assert r0["loss"] == r1["loss"]
 
 
+def test_lora_under_fsdp2_matches_ddp_and_resumes_after_a_merge(tiny_recipe, tmp_path):
+    """Under composer -n 2, DDP and FSDP2 (sharded checkpoints): a full-rank warm start, adapters on
+    q/v at batch 2 (through surgery.grow), G_stack at batch 3 giving the new stack rank-2 adapters on its
+    other linears (stack_lora), merges with magnitude pruning at batches 4, 6 and 8. FSDP2 trains what
+    DDP trains; a run resumed from the sharded checkpoint after the first merge goes on exactly; the
+    merged HF exports agree."""
+    tiny_recipe["model"]["peft"] = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    tiny_recipe["algorithms"] = {
+        "lora_merge": {"start_at": "2ba", "interval": "2ba", "prune": "magnitude", "ratio": 0.5,
+                       "restart_warmup": "1ba", "export_folder": "export"},
+        "stack_layers": {"at": "3ba", "times": 2, "stack_lora": 2, "probe_loss": False},
+    }
+    tiny_recipe.update(max_duration="8ba", eval_first=False, eval_interval="8ba", save_interval="5ba")
+    runs = ["ddp", "sharded", "sharded@ep0-ba5"]
+    for results in fsdp_runs(tiny_recipe, runs, tmp_path):
+        ddp, fsdp, resumed = (results[r] for r in runs)
+        assert not ddp["fsdp"] and fsdp["fsdp"] and fsdp["units"] == 4 + 1
+        merges = [[h["batch"] for h in run_["replayed"][0]["history"]] for run_ in (ddp, fsdp, resumed)]
+        assert merges == [[4, 6, 8]] * 3
+        assert fsdp["layers"] == resumed["layers"] == 4
+        assert any("layers.3.mlp.up_proj.lora_A" in n for n in fsdp["params"])
+        assert fsdp["params"].keys() == ddp["params"].keys() == resumed["params"].keys()
+        assert fsdp["losses"] == pytest.approx(ddp["losses"], abs=1e-5)
+        assert fsdp["params"] == pytest.approx(ddp["params"], rel=1e-3, abs=1e-3)
+        assert resumed["losses"] == pytest.approx(fsdp["losses"][5:], abs=1e-6)
+        assert resumed["params"] == pytest.approx(fsdp["params"], rel=1e-6, abs=1e-6)
+    exports = {r: AutoModelForCausalLM.from_pretrained(tmp_path / r / "export").eval() for r in runs}
+    ids = torch.arange(1, 33)[None]
+    with torch.no_grad():
+        logits = {r: m(ids).logits for r, m in exports.items()}
+    assert exports["sharded"].config.architectures == ["LlamaForCausalLM"]
+    assert torch.allclose(logits["sharded"], logits["ddp"], atol=1e-4)
+    assert torch.allclose(logits["sharded@ep0-ba5"], logits["sharded"], atol=1e-5)
+
+
 @pytest.mark.parametrize("kwargs, peft, key", [
     ({"interval": "20ba"}, True, "algorithms.lora_merge.interval"),
     ({"interval": "1.0dur"}, True, "algorithms.lora_merge.interval"),
@@ -206,6 +241,13 @@ def test_bad_lora_merge_recipes_fail_before_training(tiny_recipe, kwargs, peft, 
     with pytest.raises(ConfigError) as err:
         validate(recipe)
     assert str(err.value).startswith(f"{key}="), str(err.value)
+
+
+def test_lora_merge_under_fsdp2_rejects_activation_checkpointing_before_training(tiny_recipe):
+    recipe = _relora(tiny_recipe)
+    recipe["parallelism"] = {"fsdp": {"version": 2, "activation_checkpointing": True}}
+    with pytest.raises(ConfigError, match=r"^parallelism.fsdp.activation_checkpointing=True: false with lora_merge"):
+        validate(recipe)
 
 
 def test_targets_error_names_family_and_modules(tiny_recipe):

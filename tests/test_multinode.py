@@ -73,3 +73,25 @@ def test_separate_data_folders_then_a_local_save_folder_with_autoresume(tiny_rec
         assert proc.returncode != 0
         assert ("composer-growth: error: save_folder='./ckpt': autoresume on 2 nodes needs a folder all nodes "
                 "share (or a remote URI)") in _logs(proc), _logs(proc)[-3000:]
+
+
+def test_growth_under_fsdp2_on_two_nodes_matches_ddp_and_resumes(tiny_recipe, tmp_path):
+    """Two nodes of one rank each, a shared folder for checkpoints: G_stack at batch 3 under FSDP2
+    trains what DDP trains, and a run resumed from the sharded checkpoint after it goes on exactly."""
+    import json
+
+    tiny_recipe["algorithms"] = {"stack_layers": {"at": "3ba", "times": 2}}
+    tiny_recipe.update(max_duration="6ba", eval_first=False, eval_interval="6ba", save_interval="4ba",
+                       summary_file=None)
+    nodes, path = _nodes(tmp_path, tiny_recipe)
+    runs = ["ddp", "sharded", "sharded@ep0-ba4"]
+    procs = launch_nodes(os.path.join(ROOT, "tests", "scripts", "fsdp_runs.py"),
+                         [path, str(tmp_path / "p{rank}.json"), *runs], nodes)
+    assert [p.returncode for p in procs] == [0, 0], [p.err[-3000:] for p in procs]
+    for rank in (0, 1):
+        results = json.loads((tmp_path / f"p{rank}.json").read_text())
+        ddp, fsdp, resumed = (results[r] for r in runs)
+        assert fsdp["fsdp"] and fsdp["units"] == resumed["units"] == 4 + 1 and resumed["layers"] == 4
+        assert fsdp["losses"] == pytest.approx(ddp["losses"], abs=1e-5)
+        assert resumed["losses"] == pytest.approx(fsdp["losses"][4:], abs=1e-6)
+        assert resumed["params"] == pytest.approx(fsdp["params"], rel=1e-6, abs=1e-6)

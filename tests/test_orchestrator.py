@@ -16,7 +16,7 @@ from composer_growth.errors import ConfigError
 from composer_growth.families import unwrap_hf
 from composer_growth.recipe import run, validate
 
-from conftest import launch, launch_failure, read_summary, resume_from
+from conftest import fsdp_runs, launch, launch_failure, read_summary, resume_from
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -227,6 +227,42 @@ def test_two_ranks_apply_the_same_ops_and_hold_identical_parameters(tiny_recipe,
     assert s0["tokens_trained"] == 32 * (4 * 16 + 2 * 8)  # rows per step halved after batch 4
 
 
+def test_lora_and_growth_ops_under_fsdp2_match_ddp_and_resume(tiny_recipe, tmp_path):
+    """Under composer -n 2 on a peft-wrapped model (model.peft), DDP and FSDP2 (sharded checkpoints):
+    the first eval's loss fires a merge (re-evaluated), whose loss fires the attention adapters' rank
+    halving at once (through surgery.grow); then by timeout G_stack and a LoRA alpha change. Both fire
+    the same ops at the same batches, train the same losses, and a run resumed from the sharded
+    checkpoint written after them goes on exactly."""
+    tiny_recipe["model"]["peft"] = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj"]}
+    tiny_recipe["algorithms"] = {"orchestrator": {"verbose": False, "schedule": [
+        {"name": "merge_lora_weights", "trigger_loss": 100.0, "reevaluate": True, "args": {"prune": "none"}},
+        {"name": "decrease_attn_lora_scaling", "value": 2, "trigger_loss": 100.0},
+        {"name": "stack_layers", "value": 2, "trigger_loss": None, "max_wait_iters": 1},
+        {"name": "change_lora_alpha", "value": 2.0, "trigger_loss": None, "max_wait_iters": 1},
+    ]}}
+    tiny_recipe.update(max_duration="7ba", eval_first=False, eval_interval="3ba", save_interval="5ba")
+    runs = ["ddp", "sharded", "sharded@ep0-ba5"]
+    for results in fsdp_runs(tiny_recipe, runs, tmp_path):
+        ddp, fsdp, resumed = (results[r] for r in runs)
+        assert not ddp["fsdp"] and fsdp["fsdp"] and fsdp["units"] == 4 + 1
+        fired = [[(r["index"], r["batch"], r["reason"], r["status"]) for r in run_["replayed"][0]["fired"]]
+                 for run_ in (ddp, fsdp, resumed)]
+        assert fired == [[(0, 3, "loss", "applied"), (1, 3, "loss", "applied"), (2, 4, "timeout", "applied"),
+                          (3, 5, "timeout", "applied")]] * 3
+        merge = [run_["replayed"][0]["fired"][0] for run_ in (ddp, fsdp)]
+        assert merge[1]["loss_after"] == pytest.approx(merge[0]["loss_after"], abs=1e-5)
+        assert merge[1]["loss_after"] == pytest.approx(merge[1]["loss_before"], abs=1e-5)  # the same function
+        assert fsdp["layers"] == resumed["layers"] == 4
+        assert fsdp["shapes"] == ddp["shapes"] == resumed["shapes"]
+        ranks = {n.split(".")[-4]: shape[0] for n, shape in fsdp["shapes"].items()
+                 if "layers.3." in n and "lora_A" in n}
+        assert ranks == {"q_proj": 2, "v_proj": 2, "up_proj": 4}
+        assert fsdp["losses"] == pytest.approx(ddp["losses"], abs=1e-5)
+        assert fsdp["params"] == pytest.approx(ddp["params"], rel=1e-3, abs=1e-3)
+        assert resumed["losses"] == pytest.approx(fsdp["losses"][5:], abs=1e-6)
+        assert resumed["params"] == pytest.approx(fsdp["params"], rel=1e-6, abs=1e-6)
+
+
 def test_the_issue_example_is_accepted_verbatim_from_a_json_file(tmp_path, tiny_recipe):
     path = tmp_path / "schedule.json"
     path.write_text(EXAMPLE)
@@ -297,6 +333,14 @@ def test_lora_ops_change_scaling_rank_and_merge_and_resume_exactly(tiny_recipe, 
 
 def _op(name="change_lr", value=2.0, **kw):
     return {"name": name, "value": value, "trigger_loss": 5.0, **kw}
+
+
+def test_surgery_ops_under_fsdp2_reject_activation_offload_before_training(tiny_recipe):
+    tiny_recipe["algorithms"] = {"orchestrator": {"schedule": [_op("stack_layers", 2)]}}
+    tiny_recipe["parallelism"] = {"fsdp": {"version": 2, "activation_cpu_offload": True}}
+    with pytest.raises(ConfigError, match=r"^parallelism.fsdp.activation_cpu_offload=True: false with "
+                                          r"schedule\[0\].name='stack_layers'"):
+        validate(tiny_recipe)
 
 
 @pytest.mark.parametrize("schedule, key, match", [

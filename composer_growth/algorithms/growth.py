@@ -16,7 +16,8 @@ from composer.loggers import Logger
 from composer.utils import dist
 from torch import nn
 
-from composer_growth.algorithms.surgery import check_supported, composer_model, grow, install_replay_hook, reshard
+from composer_growth.algorithms.surgery import (check_recipe_sharding, check_supported, composer_model, grow,
+                                               install_replay_hook, reshard)
 from composer_growth.events import announce
 from composer_growth.errors import ConfigError, check, check_flag, check_int, check_number, is_int
 from composer_growth.families import FAMILIES, config_get, family_of, get_path, unwrap_hf
@@ -74,16 +75,7 @@ class _Growth(Algorithm):
             raise ConfigError("at", str(self.at), f"must fall before the end of the run (max_duration {max_duration})")
         if not facts.has_recipe:
             return
-        fsdp = facts.parallelism.get("fsdp")
-        if isinstance(fsdp, dict):
-            if fsdp.get("version", 1) != 2:
-                raise ConfigError("parallelism.fsdp.version", fsdp.get("version", 1),
-                                  f"2 for {self.name} (growth runs under FSDP2 or DDP, not FSDP1)")
-            for key in ("activation_checkpointing", "activation_cpu_offload"):
-                if fsdp.get(key):
-                    raise ConfigError(f"parallelism.fsdp.{key}", fsdp[key], f"false with {self.name} (growth under FSDP2)")
-            if facts.peft is not None:
-                raise ConfigError("model.peft", facts.peft, f"null with {self.name} under FSDP2")
+        check_recipe_sharding(facts.parallelism, self.name)
         if facts.model_family is not None:
             if facts.model_family not in FAMILIES:
                 raise ConfigError("model.family", facts.model_family,

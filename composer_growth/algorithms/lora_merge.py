@@ -33,13 +33,15 @@ from composer.core import Algorithm, Event, State, Time, TimeUnit
 from composer.loggers import Logger
 from composer.utils import dist
 
-from composer_growth.algorithms.surgery import check_supported, composer_model, grow, install_replay_hook
+from composer_growth.algorithms.surgery import (check_recipe_sharding, check_supported, composer_model, grow,
+                                                install_replay_hook, is_fsdp2, save_pretrained)
 from composer_growth.events import announce
 from composer_growth.errors import ConfigError, check, check_flag, check_int, check_number
 from composer_growth.families import FAMILIES, family_of, unwrap_hf
 from composer_growth.functional.growth import ParamSource
 from composer_growth.functional.lora import (LORA_GROUPS, PRUNE_MODES, add_lora, lora_target_modules, lora_targets,
                                              merge_and_reinit_lora, merged_state_dict, prune_optimizer_state)
+from composer_growth.functional.sharding import full_state, reshard
 from composer_growth.registry import register_algorithm
 from composer_growth.runfacts import RunFacts, check_at_fit_start
 from composer_growth.timeutil import elapsed, parse_time, to_duration_fraction
@@ -153,9 +155,7 @@ class LoraMergeRestart(Algorithm):
             raise ConfigError("restart_warmup", str(self.restart_warmup), f"at most the interval ({self.interval})")
         if not facts.has_recipe:
             return
-        if "fsdp" in facts.parallelism:
-            raise ConfigError("parallelism.fsdp", facts.parallelism["fsdp"],
-                              "lora_merge needs DDP (or one process); LoRA surgery under FSDP is not supported")
+        check_recipe_sharding(facts.parallelism, "lora_merge")
         peft = facts.peft
         if self.start_at is None and peft is None:
             raise ConfigError("start_at", None, "the model has no LoRA adapters: give model.peft, or start_at to add "
@@ -262,9 +262,13 @@ class LoraMergeRestart(Algorithm):
     def _merge(self, state: State, logger: Logger) -> None:
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.merges)
-        fresh = merge_and_reinit_lora(composer_model(state), self.merge_targets, generator=gen)
-        zeroed = sum(prune_optimizer_state(opt, fresh, self.prune, self.ratio, generator=gen)
-                     for opt in state.optimizers)
+        model = composer_model(state)
+        reshard(model)  # FSDP2: the merge changes the shards in place
+        fresh = merge_and_reinit_lora(model, self.merge_targets, generator=gen)
+        zeroed = 0
+        for opt in state.optimizers:
+            with full_state(opt, fresh):  # FSDP2: prune the whole moments, as one process would
+                zeroed += prune_optimizer_state(opt, fresh, self.prune, self.ratio, generator=gen)
         self.merges += 1
         self.last_merge = elapsed(state, self.restart_warmup.unit)
         record = {"batch": int(state.timestamp.batch), "tokens": int(state.timestamp.token),
@@ -304,10 +308,13 @@ class LoraMergeRestart(Algorithm):
         self._ramping = factor < 1.0
 
     def _export(self, state: State) -> None:
+        hf = unwrap_hf(state.model)
+        if is_fsdp2(state):  # every rank gathers the merged weights; rank 0 writes them
+            reshard(composer_model(state))
+            merged = merged_state_dict(hf)
         if dist.get_global_rank() == 0:
-            hf = unwrap_hf(state.model)
             os.makedirs(self.export_folder, exist_ok=True)
-            hf.save_pretrained(self.export_folder, state_dict=merged_state_dict(hf))
+            save_pretrained(hf, self.export_folder, merged if is_fsdp2(state) else merged_state_dict(hf))
             tokenizer = getattr(composer_model(state), "tokenizer", None)
             if tokenizer is not None:
                 tokenizer.save_pretrained(self.export_folder)

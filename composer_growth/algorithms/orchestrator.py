@@ -38,12 +38,14 @@ from composer.core.precision import get_precision_context
 from composer.loggers import Logger
 from composer.utils import dist, ensure_tuple
 
-from composer_growth.algorithms.surgery import check_supported, composer_model, grow, install_replay_hook
+from composer_growth.algorithms.surgery import (check_recipe_sharding, check_supported, composer_model, grow,
+                                               install_replay_hook)
 from composer_growth.errors import ConfigError, check, check_flag, is_int, is_number
 from composer_growth.families import FAMILIES, family_of, unwrap_hf
 from composer_growth.functional.growth import STACK_INITS, stack_layers, widen_mlp
 from composer_growth.functional.lora import (LORA_GROUPS, PRUNE_MODES, lora_targets, merge_and_reinit_lora,
                                              prune_optimizer_state, resize_lora_rank, scale_lora_alpha)
+from composer_growth.functional.sharding import full_state, reshard
 from composer_growth.registry import register_algorithm
 from composer_growth.runfacts import RunFacts, check_at_fit_start
 from composer_growth.timeutil import elapsed, parse_time
@@ -328,13 +330,16 @@ def _lora_ranks_or_skip(state: State, targets: str) -> list[int]:
 
 def _merge_lora_weights(alg: "Orchestrator", state: State, op: Op) -> str:
     seed = op.args["seed"] + op.index  # the same on every rank; a different draw per schedule entry
+    reshard(composer_model(state))  # FSDP2: the merge changes the shards in place
     fresh = _lora(state, merge_and_reinit_lora, targets=op.args["targets"],
                   generator=torch.Generator().manual_seed(seed))
     prune, ratio = op.args["prune"], op.args["prune_ratio"]
     zeroed = 0
     if prune != "none":
         for opt in ensure_tuple(state.optimizers):
-            zeroed += prune_optimizer_state(opt, fresh, prune, ratio, generator=torch.Generator().manual_seed(seed + 1))
+            with full_state(opt, fresh):  # FSDP2: prune the whole moments, as one process would
+                zeroed += prune_optimizer_state(opt, fresh, prune, ratio,
+                                                generator=torch.Generator().manual_seed(seed + 1))
     return (f"merged {len(fresh) // 2} adapters into their base weights and re-initialised them; "
             f"{zeroed:,} optimizer moment entries pruned ({prune})")
 
@@ -484,6 +489,7 @@ def eval_metric(state: State, label: str, metric_name: str) -> float | None:
                 model.update_metric(batch, outputs, metric)
     finally:
         state.model.train(was_training)
+        reshard(model)  # FSDP2: a no_grad forward leaves the root unsharded
     return float(metric.compute())
 
 
@@ -585,9 +591,9 @@ class Orchestrator(Algorithm):
             return
         self._check_batches(facts.rows_per_device, facts.microbatch, facts.world_size)
         arch = self._groups("architecture") + [op for op in self.ops if op.name.startswith("decrease_")]
-        if arch and "fsdp" in facts.parallelism:
-            raise ConfigError("parallelism.fsdp", facts.parallelism["fsdp"],
-                              f"schedule[{arch[0].index}].name={arch[0].name!r} needs DDP (or one process)")
+        surgery = arch + self._groups("lora")
+        if surgery:
+            check_recipe_sharding(facts.parallelism, f"schedule[{surgery[0].index}].name={surgery[0].name!r}")
         if arch and facts.model_family is not None and facts.model_family not in FAMILIES:
             op = arch[0]
             raise ConfigError(f"schedule[{op.index}].name", op.name,
@@ -667,7 +673,7 @@ class Orchestrator(Algorithm):
             labels = ", ".join(ev.label for ev in state.evaluators) or "none"
             raise ConfigError("monitor", f"metrics/{self.label}/{self.metric}",
                               f"an evaluator of this Trainer (evaluators: {labels})")
-        if self._groups("architecture"):
+        if self._groups("architecture") or self._groups("lora"):
             check_supported(state, "orchestrator")
         if self._uses("change_batch_size"):
             self._install_rows_loader(state)

@@ -7,10 +7,12 @@ progress), the DDP wrapper and the compiled forward. The grad scaler keeps its s
 per-optimizer state is rebuilt every step).
 
 Under FSDP2 (Composer's ``FSDP2Config``) the op runs on a full, unsharded copy: every rank
-gathers the full parameters and optimizer state, rebuilds the HF model from them, grows it with
-the same op, shards it again on the same device mesh as Composer did (one unit per block, the HF
-model as root) and carries the optimizer state by name as under DDP, then shards that too. Peak
-memory during the growth is one full copy of the model and its optimizer state per rank.
+gathers the full parameters and optimizer state, copies the module tree without FSDP2 (each module
+of its own class again, LoRA adapters and a peft wrapper included) around them, grows it with the
+same op, shards it again on the same device mesh as Composer did (one unit per block, the model
+under the ``ComposerModel`` as root) and carries the optimizer state by name as under DDP, then
+shards that too. Peak memory during the growth is one full copy of the model and its optimizer
+state per rank.
 
 Resuming: Composer loads a checkpoint's model weights before any algorithm's state, so an
 algorithm that changed the architecture must replay its change first. ``install_replay_hook``
@@ -27,6 +29,7 @@ import copy
 import inspect
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -35,9 +38,11 @@ from composer.core import State
 from composer.utils import dist
 from torch import nn
 
+from composer_growth.errors import ConfigError
 from composer_growth.families import unwrap_composer, unwrap_hf
 from composer_growth.functional.growth import ParamSource, param_names
 from composer_growth.functional.optim import transfer_optimizer_state
+from composer_growth.functional.sharding import full, is_sharded, reshard
 
 
 def composer_model(state: State) -> nn.Module:
@@ -60,22 +65,21 @@ def check_supported(state: State, name: str) -> None:
         raise ValueError(f"{name}: growth surgery under FSDP1 is not supported; use FSDP2 "
                          "(parallelism.fsdp.version: 2) or DDP")
     if is_fsdp2(state):
-        model = composer_model(state)
-        hf = unwrap_hf(model)
-        if not any(child is hf for child in model.children()):
-            raise ValueError(f"{name}: growth under FSDP2 needs the HF model as a direct child of the ComposerModel "
-                             "(no peft wrapper)")
         if state.fsdp_config.activation_checkpointing or state.fsdp_config.activation_cpu_offload:
             raise ValueError(f"{name}: growth under FSDP2 does not support activation checkpointing or offload")
 
 
-def reshard(model: nn.Module) -> None:
-    """Reshard every FSDP2 unit: a forward outside backward (``no_grad``) leaves the root unsharded."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
+def check_recipe_sharding(parallelism: dict[str, Any], name: str) -> None:
+    """What :func:`check_supported` refuses at FIT_START, refused from a recipe's ``parallelism`` before training."""
+    fsdp = parallelism.get("fsdp")
+    if not isinstance(fsdp, dict):
+        return
+    if fsdp.get("version", 1) != 2:
+        raise ConfigError("parallelism.fsdp.version", fsdp.get("version", 1),
+                          f"2 for {name} (growth runs under FSDP2 or DDP, not FSDP1)")
+    for key in ("activation_checkpointing", "activation_cpu_offload"):
+        if fsdp.get(key):
+            raise ConfigError(f"parallelism.fsdp.{key}", fsdp[key], f"false with {name} (model surgery under FSDP2)")
 
 
 def grow(state: State, op: Callable[[nn.Module], dict[str, ParamSource]],
@@ -84,8 +88,9 @@ def grow(state: State, op: Callable[[nn.Module], dict[str, ParamSource]],
 
     ``after(model, mapping)`` runs once the op is done and before the optimizer is rebuilt
     (e.g. to freeze parameters). Returns timing and parameter counts. Under FSDP2 every rank runs
-    ``op`` on its own full copy and keeps its shard of the result, so ``op`` must give the same
-    tensors on every rank (the growth ops seed their randomness).
+    ``op`` on its own full copy; the result is then rank 0's, as a DDP wrapper built over it would
+    broadcast (Composer seeds each rank differently, and peft draws new adapters from the global RNG),
+    and each rank keeps its shard of it.
     """
     start = time.perf_counter()
     model = composer_model(state)
@@ -101,6 +106,7 @@ def grow(state: State, op: Callable[[nn.Module], dict[str, ParamSource]],
     if after is not None:
         after(model, mapping)
     if sharded:
+        _broadcast(model)
         _shard(state, model, mesh)
     new_optimizers = [transfer_optimizer_state(opt, names, model, mapping) for opt in old_optimizers]
     for opt in new_optimizers:
@@ -129,47 +135,57 @@ def _base_class(module: nn.Module) -> type:
     return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
+_HOOK_KEYS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks",
+              "_state_dict_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks",
+              "_load_state_dict_post_hooks")
 
-    return t.full_tensor() if isinstance(t, DTensor) else t
+
+def _from_fsdp(hook: Any) -> bool:
+    fn = getattr(hook, "hook", hook)  # load-state-dict pre-hooks come wrapped
+    return (getattr(fn, "__module__", None) or "").startswith("torch.distributed.fsdp")
+
+
+def _plain_copy(module: nn.Module, params: dict[int, nn.Parameter], memo: dict[int, nn.Module]) -> nn.Module:
+    """A copy of the module tree without FSDP2: every module of its class before ``fully_shard``, holding
+    ``params[id(p)]`` for each of its (sharded) parameters ``p``, its buffers, its other attributes (the
+    same objects) and its hooks; what FSDP2 added (hooks, its state) is left out. A module met twice
+    (shared) is copied once."""
+    if id(module) in memo:
+        return memo[id(module)]
+    from torch.distributed._composable.contract import REGISTRY_KEY, STATE_KEY
+
+    cls = _base_class(module)
+    new = cls.__new__(cls)
+    new.__dict__.update((k, v) for k, v in module.__dict__.items() if k not in (REGISTRY_KEY, STATE_KEY))
+    memo[id(module)] = new
+    new.__dict__.update(
+        _parameters={k: None if p is None else params[id(p)] for k, p in module._parameters.items()},
+        _buffers=dict(module._buffers), _non_persistent_buffers_set=set(module._non_persistent_buffers_set),
+        _modules={k: None if m is None else _plain_copy(m, params, memo) for k, m in module._modules.items()})
+    for key, hooks in module.__dict__.items():
+        if key.startswith("_") and "hooks" in key and isinstance(hooks, dict):
+            kept = ((k, h) for k, h in hooks.items() if key not in _HOOK_KEYS or not _from_fsdp(h))
+            new.__dict__[key] = OrderedDict(kept) if isinstance(hooks, OrderedDict) else dict(kept)
+    return new
 
 
 def _unshard(model: nn.Module, optimizers: list[torch.optim.Optimizer]):
-    """Replace the sharded HF model inside ``model`` by a full, plain copy built from the gathered
-    parameters; return the device mesh and optimizers over the copy holding the gathered state.
+    """Replace the sharded model under ``model`` (its direct child holding the HF model, e.g. a peft
+    wrapper) by a plain copy holding the gathered parameters; return the device mesh and optimizers
+    over the copy holding the gathered state.
 
     Collective: every rank gathers every tensor, in the same order.
     """
-    from torch.distributed.tensor import DTensor
-
     from composer_growth.functional.optim import same_kind
 
     reshard(model)
     hf = unwrap_hf(model)
-    child = next(name for name, m in model.named_children() if m is hf)
-    prefix = f"{child}."
-    mesh = next(p.device_mesh for p in hf.parameters() if isinstance(p, DTensor))
+    child = next(name for name, m in model.named_children() if any(sub is hf for sub in m.modules()))
+    sharded = getattr(model, child)
+    mesh = next(p.device_mesh for p in sharded.parameters() if is_sharded(p))
     old_names = {id(p): name for name, p in model.named_parameters()}
-    full = {name[len(prefix):]: _full(p.detach()) for name, p in model.named_parameters()}
-    grads = {name: p.requires_grad for name, p in hf.named_parameters()}
-    with torch.device("meta"):
-        plain = _base_class(hf)(hf.config)
-    plain.load_state_dict(full, strict=False, assign=True)
-    for name, buf in hf.named_buffers():  # buffers are not sharded; non-persistent ones are not in a state dict
-        owner, _, leaf = name.rpartition(".")
-        plain.get_submodule(owner)._buffers[leaf] = buf
-    if getattr(hf.config, "tie_word_embeddings", False):
-        plain.tie_weights()
-    for name, p in plain.named_parameters():
-        if p.is_meta:
-            raise RuntimeError(f"growth under FSDP2: parameter {name} was not restored from the sharded model")
-        p.requires_grad_(grads.get(name, True))
-    for attr in ("generation_config", "fsdp_wrap_fn", "activation_checkpointing_fn"):
-        if attr in vars(hf):
-            setattr(plain, attr, vars(hf)[attr])
-    plain.train(hf.training)
-    setattr(model, child, plain)
+    params = {id(p): nn.Parameter(full(p.detach()), requires_grad=p.requires_grad) for p in sharded.parameters()}
+    setattr(model, child, _plain_copy(sharded, params, {}))
     new_params = dict(model.named_parameters())
     plain_optimizers = []
     for opt in optimizers:
@@ -178,10 +194,17 @@ def _unshard(model: nn.Module, optimizers: list[torch.optim.Optimizer]):
         for g_old, g_new in zip(opt.param_groups, gathered.param_groups):
             for p_old, p_new in zip(g_old["params"], g_new["params"]):
                 if p_old in opt.state:
-                    gathered.state[p_new] = {k: _full(v) if torch.is_tensor(v) else v
+                    gathered.state[p_new] = {k: full(v) if torch.is_tensor(v) else v
                                              for k, v in opt.state[p_old].items()}
         plain_optimizers.append(gathered)
     return mesh, plain_optimizers
+
+
+@torch.no_grad()
+def _broadcast(model: nn.Module) -> None:
+    """Rank 0's parameters and buffers on every rank (collective; the model is plain, unsharded)."""
+    for t in [*model.parameters(), *model.buffers()]:
+        dist.broadcast(t.data, src=0)
 
 
 def _shard(state: State, model: nn.Module, mesh: Any) -> None:

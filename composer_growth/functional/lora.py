@@ -21,6 +21,12 @@ name equals an entry or ends with ``.<entry>`` (``"q_proj"``, ``"model.layers.0.
 
 Random re-initialisation draws from a CPU ``torch.Generator`` when one is given, so every rank
 (and every device) that seeds it alike gets identical adapters without a broadcast.
+
+On an FSDP2-sharded model (parameters are ``DTensor`` shards) :func:`merge_and_reinit_lora` and
+:func:`merged_state_dict` gather each adapter's A and B whole (no rank's shards of A and B give
+any part of ``B @ A``), compute the delta as on the unsharded model, and each rank adds its rows
+of it into its shard of the base weight (:mod:`composer_growth.functional.sharding`): collective,
+every rank calls them alike.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from torch import nn
 from composer_growth.errors import ConfigError, check, check_int, check_number
 from composer_growth.families import Family, family_of, get_path, set_path, unwrap_hf
 from composer_growth.functional.growth import ParamSource, _collect_mapping, param_names
+from composer_growth.functional.sharding import add_full_, copy_full_, full
 
 __all__ = ["LORA_GROUPS", "PRUNE_MODES", "add_lora", "lora_target_modules", "lora_targets", "merge_and_reinit_lora",
            "merge_lora", "merged_model", "merged_state_dict", "prune_optimizer_state", "resize_lora_rank",
@@ -240,12 +247,12 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, layer in hf.named_modules():
         if isinstance(layer, LoraLayer):
             base = layer.get_base_layer()
-            weight = base.weight.detach().clone()
-            bias = None if getattr(base, "bias", None) is None else base.bias.detach().clone()
+            weight = full(base.weight.detach()).clone()
+            bias = None if getattr(base, "bias", None) is None else full(base.bias.detach()).clone()
             for adapter in _adapters(layer):
-                weight += layer.get_delta_weight(adapter).to(weight.dtype)
+                weight += full(layer.get_delta_weight(adapter)).to(weight.dtype)
                 if adapter in layer.lora_A and layer.lora_B[adapter].bias is not None and bias is not None:
-                    bias += layer.lora_B[adapter].bias * layer.scaling[adapter]
+                    bias += full(layer.lora_B[adapter].bias) * layer.scaling[adapter]
             merged[f"{name}.weight"] = weight
             if bias is not None:
                 merged[f"{name}.bias"] = bias
@@ -255,7 +262,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         if any(p.startswith("lora_") for p in parts):
             continue
         plain = key.replace(".base_layer.", ".")
-        out[plain] = merged.get(plain, tensor)
+        out[plain] = merged[plain] if plain in merged else full(tensor)
     return out
 
 
@@ -283,7 +290,7 @@ def _fresh_adapter(layer: Any, adapter: str, generator: torch.Generator | None) 
         a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
         init = torch.empty(a.shape, dtype=torch.float32)
         nn.init.kaiming_uniform_(init, a=math.sqrt(5), generator=generator)
-        a.copy_(init)
+        copy_full_(a, init)
         b.zero_()
         params = [a, b]
         bias = layer.lora_B[adapter].bias
@@ -295,7 +302,7 @@ def _fresh_adapter(layer: Any, adapter: str, generator: torch.Generator | None) 
     a.zero_()
     init = torch.empty(b.shape, dtype=torch.float32)
     nn.init.normal_(init, generator=generator)
-    b.copy_(init)
+    copy_full_(b, init)
     return [a, b]
 
 
@@ -309,15 +316,19 @@ def merge_and_reinit_lora(model: nn.Module, targets: Targets = "all",
     object (an optimizer holding them stays valid). Pass a CPU ``generator`` seeded alike on every
     rank for identical adapters everywhere (else the global RNG draws). Returns the adapter
     parameters that were re-initialised (e.g. for :func:`prune_optimizer_state`).
+
+    On an FSDP2-sharded model it works on the shards (see the module's notes); the generator must
+    then be seeded alike on every rank, and FSDP2's units must be resharded (no unsharded root left
+    by a ``no_grad`` forward: ``sharding.reshard``).
     """
     fresh: list[nn.Parameter] = []
     for layer in lora_targets(model, targets).values():
         base = layer.get_base_layer()
         for adapter in _adapters(layer):
-            base.weight.add_(layer.get_delta_weight(adapter).to(base.weight.dtype))
+            add_full_(base.weight, full(layer.get_delta_weight(adapter)))
             if adapter in layer.lora_A and layer.lora_B[adapter].bias is not None:
                 check(base.bias is not None, "targets", type(base).__name__, "a base layer with a bias (lora_bias)")
-                base.bias.add_(layer.lora_B[adapter].bias * layer.scaling[adapter])
+                add_full_(base.bias, full(layer.lora_B[adapter].bias) * layer.scaling[adapter])
             fresh += _fresh_adapter(layer, adapter, generator)
     return fresh
 

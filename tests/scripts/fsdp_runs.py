@@ -4,9 +4,10 @@
 
 RUN: ``ddp``, ``sharded`` or ``full`` (FSDP2 with that checkpoint type), or ``sharded@CKPT`` /
 ``full@CKPT``: that run restarted from its checkpoint CKPT (autoresume from a folder holding only it).
-Each run saves under ``<OUT's folder>/<RUN>``; per run the JSON holds the per-batch training losses
-and sequence lengths, the trained tokens, the layer count, the FSDP unit count, a checksum of every
-full parameter and the states of the algorithms that replay.
+Each run saves (and exports, for algorithms with an ``export_folder``) under ``<OUT's folder>/<RUN>``;
+per run the JSON holds the per-batch training losses and sequence lengths, the trained tokens, the
+layer count, the FSDP unit count, a checksum and the shape of every full parameter and the states
+of the algorithms that replay.
 """
 
 import copy
@@ -42,12 +43,13 @@ def train(recipe):
     trainer = build_trainer(plan)
     trainer.fit()
     model = composer_model(trainer.state)
-    sums = {}
+    sums, shapes = {}, {}
     for name, p in model.named_parameters():
         full = p.full_tensor() if hasattr(p, "full_tensor") else p
-        sums[name] = float(full.detach().double().sum())
+        sums[name], shapes[name] = float(full.detach().double().sum()), list(full.shape)
     out = {"losses": record.losses, "lengths": record.lengths, "tokens": int(trainer.state.timestamp.token),
-           "layers": unwrap_hf(model).config.num_hidden_layers, "params": sums, "fsdp": trainer.state.fsdp_enabled,
+           "layers": unwrap_hf(model).config.num_hidden_layers, "params": sums, "shapes": shapes,
+           "fsdp": trainer.state.fsdp_enabled,
            "units": sum(isinstance(m, FSDPModule) for m in model.modules()),
            "replayed": [a.state_dict() for a in trainer.state.algorithms if hasattr(a, "replay")]}
     trainer.close()
@@ -56,6 +58,9 @@ def train(recipe):
 
 def with_kind(base, kind, folder):
     recipe = dict(copy.deepcopy(base), save_folder=folder)
+    for options in (recipe.get("algorithms") or {}).values():
+        if isinstance(options, dict) and options.get("export_folder"):
+            options["export_folder"] = os.path.join(folder, "export")
     if kind != "ddp":
         recipe["parallelism"] = {"fsdp": {"version": 2, "state_dict_type": kind}}
     return recipe

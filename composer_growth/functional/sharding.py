@@ -1,0 +1,82 @@
+"""Plain and FSDP2-sharded tensors alike: what an op needs to change a sharded model in place.
+
+Under FSDP2 every parameter of the model, and every optimizer state tensor shaped like one, is a
+``DTensor`` sharded on its first dimension across the ranks. An op that needs whole tensors (a
+LoRA delta ``B @ A``: no rank holds all of A's rows; a top-k over a moment tensor) gathers them
+with :func:`full`, computes what it would compute on the unsharded model (the same numbers on
+every rank), and writes the result back with :func:`copy_full_` / :func:`add_full_`, each rank
+keeping its own part. On plain tensors these helpers are plain ``copy_`` / ``add_``.
+
+:func:`full` is collective under FSDP2: every rank calls it, on the same tensors, in the same order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+__all__ = ["add_full_", "copy_full_", "full", "full_state", "is_sharded", "reshard"]
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor (gathered from every rank for a DTensor; the tensor itself otherwise)."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def _like(value: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """``value`` (the whole tensor, the same on every rank) placed as ``dst`` is: each rank keeps its part."""
+    value = value.to(device=dst.device, dtype=dst.dtype)
+    if not is_sharded(dst):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value, dst.device_mesh, dst.placements, src_data_rank=None)  # no communication
+
+
+def copy_full_(dst: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``dst.copy_(value)`` for ``value`` the whole tensor: a sharded ``dst`` takes its part."""
+    return dst.copy_(_like(value, dst))
+
+
+def add_full_(dst: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``dst.add_(value)`` for ``value`` the whole tensor: a sharded ``dst`` adds its part."""
+    return dst.add_(_like(value, dst))
+
+
+def reshard(model: nn.Module) -> None:
+    """Reshard every FSDP2 unit of ``model``: a forward outside backward (``no_grad``) leaves the root
+    unsharded, and an in-place change to its parameters then would be lost at the next reshard."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+@contextmanager
+def full_state(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor]) -> Iterator[None]:
+    """Within the block, the sharded state tensors of ``params`` in ``optimizer`` are whole tensors
+    (the same on every rank); on leaving it each rank's shard takes its part of what they then hold
+    (the state keeps its tensor objects). Nothing changes for plain tensors. Collective when sharded."""
+    swapped = []
+    for p in params:
+        state = optimizer.state.get(p) or {}
+        for key, value in list(state.items()):
+            if is_sharded(value):
+                state[key] = value.full_tensor()
+                swapped.append((state, key, value))
+    try:
+        yield
+    finally:
+        for state, key, value in swapped:
+            copy_full_(value, state[key])
+            state[key] = value
