@@ -57,9 +57,9 @@ class SeqLengthWarmup(Algorithm):
         mode: ``truncate`` (drop the tail of each row) or ``reshape`` (cut rows into more, shorter rows,
             keeping every token).
         microbatch_policy: reshape mode's rows per microbatch: ``rows`` (keep the Trainer's microbatch
-            rows: more, shorter microbatches, as Composer's reshape), ``tokens`` (raise the rows so tokens
-            per microbatch stay constant) or ``bounded`` (the default, the fastest measured on a CPU: as
-            ``tokens``, at most ``max_microbatch_scale`` times the Trainer's rows).
+            rows: more, shorter microbatches, as Composer's reshape), ``tokens`` (the default, the fastest
+            measured on an idle CPU: raise the rows so tokens per microbatch stay constant) or ``bounded``
+            (as ``tokens``, at most ``max_microbatch_scale`` times the Trainer's rows).
         max_microbatch_scale: the ``bounded`` policy's limit on rows per microbatch, as a multiple of
             the Trainer's microbatch size.
         preserve_end_of_sequence: in truncate mode, keep each row's last real token.
