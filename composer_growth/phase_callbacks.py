@@ -3,7 +3,8 @@
 Both read the schedule's current phase through its public accessors (``phase``, ``trained_phases``,
 ``phase_ending``). :class:`~composer_growth.algorithms.context_schedule.ContextLengthSchedule` puts
 them into the Trainer's callbacks at ``Event.INIT`` (before the checkpoint saver, so a checkpoint
-written at a phase end records the phase as exported); a Composer script lists only the algorithm.
+written at a phase end records the phase as exported); a Composer script lists only the algorithm
+(or also ``schedule.callbacks`` among its callbacks: the algorithm adds only those not listed yet).
 Their state is the schedule's: a resumed run continues with what its checkpoint recorded.
 """
 
