@@ -22,7 +22,9 @@ the same fixed validation rows at the full 128 tokens (plain HF forward with lab
 Tokens are ``input_ids.numel()`` at ``BATCH_START`` (after the algorithms cut the batch); FLOPs are
 ``tokens x composer_growth.functional.training_flops_per_token(config, L)`` for the model's config
 and row length at that batch (6N plus the attention term). *To target* interpolates linearly
-between the evals around the first crossing of the baseline's final eval loss.
+between the evals around the first crossing of the baseline's final eval loss; for a run that trains
+fewer FLOPs than the baseline (growth), the last column reads the baseline's eval loss at the
+run's total FLOPs (linear between the baseline's evals around it): the comparison at equal compute.
 
     python benchmarks/tokens_to_loss.py --steps 100 --eval-interval 10 --eval-batches 2 --out runs/bench/tokens_to_loss.json
 """
@@ -145,6 +147,15 @@ class Counter(Callback):
         return sum(losses) / len(losses)
 
 
+def loss_at(evals: list[dict[str, float]], key: str, value: float) -> float | None:
+    """The eval loss at ``key == value`` (FLOPs, tokens), linear between the evals around it; None outside them."""
+    for prev, e in zip(evals, evals[1:]):
+        if prev[key] <= value <= e[key]:
+            share = 0.0 if e[key] == prev[key] else (value - prev[key]) / (e[key] - prev[key])
+            return prev["loss"] + share * (e["loss"] - prev["loss"])
+    return None
+
+
 def run_one(name: str, args, tokenizer, eval_rows) -> dict[str, Any]:
     from composer import Trainer
     from composer.utils import reproducibility
@@ -230,7 +241,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         fl = time_to_loss(r["evals"], target, "flops") if target is not None else None
         btok = time_to_loss(base["evals"], target, "tokens") if base else None
         bfl = time_to_loss(base["evals"], target, "flops") if base else None
-        r.update(tokens_to_target=tok, flops_to_target=fl)
+        base_same = loss_at(base["evals"], "flops", r["flops"]) if base else None
+        r.update(tokens_to_target=tok, flops_to_target=fl, baseline_loss_at_same_flops=base_same)
         rows.append({
             "run": name, "params": f"{r['params_start'] / 1e6:.2f} -> {r['params_end'] / 1e6:.2f}",
             "loss": f"{r['evals'][-1]['loss']:.4f}",
@@ -239,11 +251,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "fl": "not reached" if fl is None else f"{fl:.3e}",
             "flx": "n/a" if fl is None or not bfl else f"{fl / bfl:.2f}",
             "ttok": f"{r['tokens']:,}", "tfl": f"{r['flops']:.3e}",
+            "same": "n/a" if base_same is None else f"{base_same:.4f}",
         })
     columns = [("run", "run"), ("params", "params (M) start -> end"), ("loss", "final eval loss"),
                ("tok", "tokens to baseline's final loss"), ("tokx", "vs baseline"),
                ("fl", "training FLOPs to it"), ("flx", "vs baseline"), ("ttok", "tokens trained"),
-               ("tfl", "FLOPs trained")]
+               ("tfl", "FLOPs trained"), ("same", "baseline's eval loss at this run's FLOPs")]
     table = markdown_table(rows, columns)
     curve = ["| batch | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
     for i, e in enumerate(next(iter(results.values()))["evals"]):

@@ -99,6 +99,16 @@ def reached(state: State, t: Time) -> bool:
     return elapsed(state, t.unit) >= float(t.value)
 
 
+def run_over(state: State) -> bool:
+    """Whether the run has reached ``max_duration`` (an integer comparison for a run in batches)."""
+    max_duration = state.max_duration
+    if max_duration is None:
+        return False
+    if max_duration.unit == TimeUnit.BATCH:
+        return state.timestamp.batch.value >= max_duration.value
+    return state.timestamp >= max_duration
+
+
 def earliest_batch(state: State, t: Time) -> int | None:
     """A batch count before which :func:`reached` is certainly False for ``t``; None when unknown.
 

@@ -47,7 +47,7 @@ from composer_growth.functional.rope import RopeTarget, apply_rope_scaling, rope
 from composer_growth.phase_callbacks import PhaseExport, PhaseLengthEval
 from composer_growth.registry import register_algorithm
 from composer_growth.runfacts import RunFacts
-from composer_growth.timeutil import check_progress_known, elapsed, uncount_tokens
+from composer_growth.timeutil import check_progress_known, elapsed, run_over, uncount_tokens
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +171,9 @@ class ContextLengthSchedule(Algorithm):
         over) and has not been exported yet."""
         if self.phase.name in self._exported:
             return False
-        done = state.max_duration is not None and state.timestamp >= state.max_duration
-        return done or self._phase_at(state) != self._phase
+        if self._phase < len(self.phases) - 1:  # a later phase exists: it ends when the next one starts
+            return self._phase_at(state) != self._phase
+        return run_over(state)
 
     def mark_exported(self, name: str) -> None:
         self._exported.append(name)

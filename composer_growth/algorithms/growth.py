@@ -109,8 +109,9 @@ class _Growth(Algorithm):
             check_progress_known(state, {"at": self.at}, within=False)
             self._earliest = earliest_batch(state, self.at)
             self._events = self._DONE_EVENTS if self.applied else self._EVENTS
-        elif event is Event.AFTER_DATALOADER:
-            self._batch = state.batch if self.probe_loss and not self.applied else None
+        elif event is Event.AFTER_DATALOADER:  # the loss probe's batch, kept from the batch that can fire on
+            due = self._earliest is None or state.timestamp.batch.value + 1 >= self._earliest
+            self._batch = state.batch if self.probe_loss and not self.applied and due else None
         elif event is Event.BATCH_END and not self.applied:
             if self._earliest is not None and state.timestamp.batch.value < self._earliest:
                 return  # not due yet: one integer comparison per batch

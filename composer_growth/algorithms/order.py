@@ -16,10 +16,11 @@ from composer.loggers import Logger
 
 def set_batch_lengths(caller: Algorithm, state: State, logger: Logger) -> None:
     """Run every length algorithm's ``set_batch_length(state, logger)`` once for this batch, by ``length_rank``."""
-    batch = (int(state.timestamp.epoch), int(state.timestamp.batch))  # the same for every caller of a batch
-    if getattr(state, "_length_pass_batch", None) == batch:
+    # Composer builds a new Timestamp for every batch: the same object for every caller of one batch
+    # (and a reference kept here, so its id cannot come back)
+    if getattr(state, "_length_pass_timestamp", None) is state.timestamp:
         return
-    state._length_pass_batch = batch
+    state._length_pass_timestamp = state.timestamp
     algorithms = list(state.algorithms)
     if not any(a is caller for a in algorithms):
         algorithms.append(caller)  # called outside a Trainer's list: it still acts
