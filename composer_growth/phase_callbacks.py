@@ -27,6 +27,7 @@ from composer_growth.functional.batch import batch_seq_length, set_batch_sequenc
 from composer_growth.functional.lora import base_state_dict, merged_state_dict, peft_model, save_adapter
 from composer_growth.functional.loss import loss_sum
 from composer_growth.functional.rope import max_addressable_positions
+from composer_growth.functional.sharding import reshard
 
 if TYPE_CHECKING:
     from composer_growth.algorithms.context_schedule import ContextLengthSchedule
@@ -176,7 +177,7 @@ class PhaseExport(Callback):
         if schedule.save_checkpoints:
             save_checkpoint(state, os.path.join(folder, "checkpoint.pt"))
         if schedule.export_hf:
-            full = gather_hf_state_dict(state.model) if state.fsdp_enabled else None  # all ranks, rank 0 keeps it
+            full = self._gather(state) if state.fsdp_enabled else None  # all ranks gather; rank 0 writes
             if dist.get_global_rank() == 0:
                 self._export_hf(state, phase, folder, ppl, full)
         dist.barrier()
@@ -185,6 +186,19 @@ class PhaseExport(Callback):
             print(f"context_length_schedule: phase '{phase.name}' done at {state.timestamp.batch}; "
                   f"saved {folder}" + (f"; perplexity {', '.join(f'{n}: {v:.2f}' for n, v in ppl.items())}"
                                        if ppl else ""), flush=True)
+
+    @staticmethod
+    def _gather(state: State) -> dict | None:
+        """The sharded model's full weights for the export (collective): adapters injected mid-run
+        (``lora_merge`` ``start_at``, ``stack_lora``) folded in, as without FSDP."""
+        from peft.tuners.lora import LoraLayer
+
+        hf = unwrap_hf(state.model)
+        if peft_model(state.model) is None and any(isinstance(m, LoraLayer) for m in hf.modules()):
+            reshard(unwrap_composer(state.model))  # an eval's no_grad forward leaves the root unsharded
+            merged = merged_state_dict(hf)
+            return merged if dist.get_global_rank() == 0 else None
+        return gather_hf_state_dict(state.model)
 
     def _export_hf(self, state: State, phase: Phase, folder: str, ppl: dict[int, float],
                    full: dict | None = None) -> None:

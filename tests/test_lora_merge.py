@@ -194,13 +194,17 @@ def test_lora_under_fsdp2_matches_ddp_and_resumes_after_a_merge(tiny_recipe, tmp
         "lora_merge": {"start_at": "2ba", "interval": "2ba", "prune": "magnitude", "ratio": 0.5,
                        "restart_warmup": "1ba", "export_folder": "export"},
         "stack_layers": {"at": "3ba", "times": 2, "stack_lora": 2, "probe_loss": False},
+        # one phase at the data's length: its end-of-run HF export must fold the injected adapters in
+        "context_length_schedule": {"phases": [{"name": "all", "seq_length": 32}], "save_checkpoints": False,
+                                    "eval_batches": 0},
     }
     tiny_recipe.update(max_duration="8ba", eval_first=False, eval_interval="8ba", save_interval="5ba")
     runs = ["ddp", "sharded", "sharded@ep0-ba5"]
     for results in fsdp_runs(tiny_recipe, runs, tmp_path):
         ddp, fsdp, resumed = (results[r] for r in runs)
         assert not ddp["fsdp"] and fsdp["fsdp"] and fsdp["units"] == 4 + 1
-        merges = [[h["batch"] for h in run_["replayed"][0]["history"]] for run_ in (ddp, fsdp, resumed)]
+        merges = [[h["batch"] for h in next(a for a in run_["replayed"] if "history" in a)["history"]]
+                  for run_ in (ddp, fsdp, resumed)]
         assert merges == [[4, 6, 8]] * 3
         assert fsdp["layers"] == resumed["layers"] == 4
         assert any("layers.3.mlp.up_proj.lora_A" in n for n in fsdp["params"])
@@ -216,6 +220,10 @@ def test_lora_under_fsdp2_matches_ddp_and_resumes_after_a_merge(tiny_recipe, tmp
     assert exports["sharded"].config.architectures == ["LlamaForCausalLM"]
     assert torch.allclose(logits["sharded"], logits["ddp"], atol=1e-4)
     assert torch.allclose(logits["sharded@ep0-ba5"], logits["sharded"], atol=1e-5)
+    for r in runs:  # the schedule's phase export: a plain model, the same weights as lora_merge's export
+        phase = AutoModelForCausalLM.from_pretrained(tmp_path / r / "all").eval()
+        with torch.no_grad():
+            assert torch.allclose(phase(ids).logits, logits[r], atol=1e-5), r
 
 
 @pytest.mark.parametrize("kwargs, peft, key", [
