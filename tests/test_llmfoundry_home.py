@@ -13,6 +13,7 @@ import os
 import pytest
 import torch
 import yaml
+from composer.core import Callback
 
 pytest.importorskip("llmfoundry")
 
@@ -190,17 +191,27 @@ def _series(trainer, key):
     return [value for _, value in logger.data[key]]
 
 
-def _per_batch(trainer, key):
-    """A metric logged when it changes, as its value at every batch of the run."""
-    from composer.loggers import InMemoryLogger
+class BatchLengths(Callback):
+    """The length each training batch trains at, read at ``BATCH_START`` (after the algorithms cut it);
+    built by llm-foundry from its callback registry."""
 
-    logger = next(d for d in trainer.logger.destinations if isinstance(d, InMemoryLogger))
-    at = {int(ts.batch): value for ts, value in logger.data[key]}  # the last value logged in each batch
-    out, value = [], None
-    for batch in range(int(trainer.state.timestamp.batch)):
-        value = at.get(batch, value)
-        out.append(value)
-    return out
+    def __init__(self):
+        self.lengths: list[int] = []
+
+    def batch_start(self, state, logger) -> None:
+        self.lengths.append(int(state.batch["input_ids"].shape[1]))
+
+
+def _record_batch_lengths(config) -> None:
+    from llmfoundry.registry import callbacks
+
+    if "test_batch_lengths" not in callbacks.get_all():
+        callbacks.register("test_batch_lengths", func=BatchLengths)
+    config["callbacks"] = {**(config.get("callbacks") or {}), "test_batch_lengths": {}}
+
+
+def _batch_lengths(trainer) -> list[int]:
+    return next(c for c in trainer.state.callbacks if isinstance(c, BatchLengths)).lengths
 
 
 def test_mpt_yaml_grows_preserves_logits_and_resumes_exactly(foundry_data, tmp_path):
@@ -249,10 +260,11 @@ def test_warmup_and_schedule_in_either_order_give_the_same_lengths(foundry_data,
             config["algorithms"]["context_length_schedule"].update(save_checkpoints=False, export_hf=False,
                                                                    eval_batches=0)
             config.update(save_folder=None, eval_interval="6ba")
+            _record_batch_lengths(config)
         return edit
 
     runs = [_train(name, foundry_data, tmp_path / first, tmp_path, edit=order(first))
             for first in ("seq_length_warmup", "context_length_schedule")]
-    lengths = [_per_batch(t, "seq_len") for t in runs]
+    lengths = [_batch_lengths(t) for t in runs]
     assert lengths[0] == lengths[1] == [8, 8, 16, 32, 32, 32]
     assert int(runs[0].state.timestamp.token) == int(runs[1].state.timestamp.token)
