@@ -11,7 +11,6 @@ changes), the events, and the training FLOPs against the same run without the su
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -21,6 +20,7 @@ from composer.core import TimeUnit
 
 from composer_growth.errors import ConfigError, check_int
 from composer_growth.families import config_get, family_of
+from composer_growth.functional.flops import meta_model
 from composer_growth.runfacts import RunFacts
 from composer_growth.timeutil import parse_time
 
@@ -61,21 +61,6 @@ class Clock:
 
 
 # --------------------------------------------------------------------------- facts
-
-
-def meta_model(config: Any):
-    """A causal LM built from ``config`` on the meta device (no memory, no weights)."""
-    import torch
-
-    config = copy.deepcopy(config)
-    with torch.device("meta"):
-        if type(config).__module__.startswith("llmfoundry"):
-            from llmfoundry.models.mpt import MPTForCausalLM
-
-            return MPTForCausalLM(config)
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_config(config)
 
 
 def facts_from_recipe(plan: Any) -> RunFacts:

@@ -175,12 +175,9 @@ class LoraMergeRestart(Algorithm):
 
     def _check_on_meta_model(self, facts: RunFacts) -> None:
         """Resolve the targets on the run's model built on the meta device (no memory, no RNG)."""
-        import copy
+        from composer_growth.functional.flops import meta_model
 
-        from transformers import AutoModelForCausalLM
-
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(copy.deepcopy(facts.model_config))
+        model = meta_model(facts.model_config)
         if self.start_at is not None:
             add_lora(model, self.add_targets, **self._lora_args())
         else:

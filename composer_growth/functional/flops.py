@@ -19,6 +19,22 @@ from composer_growth.families import family_of
 _CACHE: dict[str, int] = {}
 
 
+def meta_model(config: Any):
+    """A causal LM built from ``config`` on the meta device (no memory, no weights): HF's auto class, or
+    llm-foundry's MPT for its config."""
+    import torch
+
+    config = copy.deepcopy(config)
+    with torch.device("meta"):
+        if type(config).__module__.startswith("llmfoundry"):
+            from llmfoundry.models.mpt import MPTForCausalLM
+
+            return MPTForCausalLM(config)
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_config(config)
+
+
 def matmul_params(config: Any) -> int:
     """``N``: the parameters a token's forward pass multiplies with (see the module docstring).
 
@@ -27,10 +43,8 @@ def matmul_params(config: Any) -> int:
     key = config.to_json_string(use_diff=False)
     if key not in _CACHE:
         import torch
-        from transformers import AutoModelForCausalLM
 
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(copy.deepcopy(config))
+        model = meta_model(config)
         looked_up = {id(model.get_input_embeddings().weight)}
         for name, module in model.named_modules():  # learned position tables (gpt2's wpe) are lookups too
             if isinstance(module, torch.nn.Embedding) and module.weight.shape[0] == getattr(
