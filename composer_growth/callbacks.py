@@ -11,8 +11,12 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
-from composer_growth.events import run_events
+from composer_growth.algorithms.base import SuiteAlgorithm
 from composer_growth.registry import register_callback
+
+
+def _suite(state: State) -> list[SuiteAlgorithm]:
+    return [a for a in state.algorithms or () if isinstance(a, SuiteAlgorithm)]
 
 
 @register_callback("run_summary")
@@ -61,7 +65,7 @@ class RunSummary(Callback):
             "last_eval_loss": last,
             "evals": list(self.evals),
             "train_loss": {k: float(v) for k, v in (state.total_loss_dict or {}).items()},
-            "events": run_events(state.algorithms),
+            "events": sorted((e for a in _suite(state) for e in a.run_events()), key=lambda e: e["batch"]),
             "final_params": int(sum(p.numel() for p in state.model.parameters())),
             "algorithms": self._sections(state),
         }
@@ -70,10 +74,9 @@ class RunSummary(Callback):
     def _sections(state: State) -> dict[str, Any]:
         """What algorithms with a ``run_summary()`` report: a title, console lines and JSON-able records."""
         out = {}
-        for alg in state.algorithms:
-            report = getattr(alg, "run_summary", None)
-            if callable(report):
-                section = report()
+        for alg in _suite(state):
+            section = alg.run_summary()
+            if section is not None:
                 out[section["title"]] = section
         return out
 

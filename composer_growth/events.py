@@ -21,12 +21,3 @@ def announce(logger: Logger, name: str, batch: int, text: str) -> dict[str, Any]
         print(line, flush=True)
     return {"batch": int(batch), "name": name, "text": text}
 
-
-def run_events(algorithms: Any) -> list[dict[str, Any]]:
-    """Every event the run's algorithms recorded, in batch order."""
-    events = []
-    for alg in algorithms or ():
-        hook = getattr(alg, "run_events", None)
-        if hook is not None:
-            events.extend(hook())
-    return sorted(events, key=lambda e: e["batch"])

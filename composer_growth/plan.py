@@ -3,10 +3,12 @@
 The run's facts (max duration, batch size, the data's sequence length from its manifest, the model
 config) drive a batch-by-batch walk of the run's clock. At each batch every algorithm answers with
 its own functions (the same ones it calls in training, on that clock instead of the Trainer's
-state): the sequence length (``plan_length``), the phase and its RoPE (``phase_index``,
-``plan_rope``), growth (``plan_due``, ``plan_grow`` on a model built on the meta device) and LoRA
-merges (``plan_events``). The result is a timeline of segments (a new one wherever something
-changes), the events, and the training FLOPs against the same run without the suite's algorithms.
+state), through :class:`composer_growth.algorithms.base.SuiteAlgorithm`: the sequence length
+(``plan_length``), the LR factor (``plan_lr``), and growth, LoRA starts and merges and orchestrator
+timeouts (``plan_events``, on a model built on the meta device); the context schedule adds its
+phase and RoPE (``phase_index``, ``plan_rope``). The result is a timeline of segments (a new one wherever something
+changes), the events, and the training FLOPs against the same tokens without the suite's
+algorithms, on the starting model and on the final one (growth's real alternative).
 """
 
 from __future__ import annotations
@@ -107,7 +109,7 @@ def is_foundry(data: dict[str, Any]) -> bool:
 def foundry_run(data: dict[str, Any]) -> tuple[RunFacts, list[tuple[str, Any]]]:
     """The facts and our algorithms of an llm-foundry train YAML (``algorithms:``, ``max_duration``,
     ``global_train_batch_size``, ``max_seq_len``, ``model``)."""
-    from composer_growth.recipe.build import _construct, load_all
+    from composer_growth.recipe.build import construct, load_all
     from composer_growth.registry import ALGORITHMS
 
     load_all()
@@ -118,7 +120,7 @@ def foundry_run(data: dict[str, Any]) -> tuple[RunFacts, list[tuple[str, Any]]]:
     config = _foundry_config(dict(data.get("model") or {}), max_seq_len)
     if getattr(config, "vocab_size", None) is None:
         raise ConfigError("model.vocab_size", None, "needed to count parameters")
-    algs = [(name, _construct("algorithms", name, ALGORITHMS, dict(kw or {})))
+    algs = [(name, construct("algorithms", name, ALGORITHMS, dict(kw or {})))
             for name, kw in (data.get("algorithms") or {}).items() if name in ALGORITHMS]
     facts = RunFacts(max_duration=parse_time(str(data.get("max_duration")), "max_duration"), global_batch=gbs,
                      data_seq_len=max_seq_len, model_config=config, origin="foundry",
@@ -143,38 +145,42 @@ def _flops_per_token(model: Any, seq_len: int) -> int:
     return int(training_flops_per_token(model.config, seq_len))
 
 
-def _mode(alg: Any) -> str:
-    return getattr(alg, "mode", "reshape")
+def _suite(algorithms: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """The algorithms of the suite among ``algorithms`` (others have no schedule to walk)."""
+    from composer_growth.algorithms.base import SuiteAlgorithm
+
+    return [(n, a) for n, a in algorithms if isinstance(a, SuiteAlgorithm)]
 
 
 def plan_run(facts: RunFacts, algorithms: list[tuple[str, Any]]) -> dict[str, Any]:
     """Walk the run batch by batch; return segments, events and FLOPs totals (a JSON-able mapping)."""
     from composer_growth.algorithms.context_schedule import ContextLengthSchedule
-    from composer_growth.algorithms.growth import _Growth
     from composer_growth.recipe.build import validate_algorithm
 
     md = facts.max_duration
-    for name, alg in algorithms:
-        if getattr(alg, "run_facts", None) is not facts:  # a recipe's algorithms were checked by validate
+    for name, alg in _suite(algorithms):
+        if alg.run_facts is not facts:  # a recipe's algorithms were checked by validate
             validate_algorithm(name, alg, facts)
-    schedule = next((a for _, a in algorithms if isinstance(a, ContextLengthSchedule) and a.enabled), None)
-    lengths = sorted((a for _, a in algorithms if hasattr(a, "plan_length")
-                      and getattr(a, "enabled", True)), key=lambda a: getattr(a, "length_rank", 0))
-    growths = [(n, a) for n, a in algorithms if isinstance(a, _Growth)]
-    # algorithms with events of their own at batch ends (LoRA starts and merges, orchestrator timeouts)
-    loras = [(n, a, {}) for n, a in algorithms if hasattr(a, "plan_events") and not isinstance(a, _Growth)]
+    suite = [(n, a) for n, a in _suite(algorithms) if a.enabled]
+    schedule = next((a for _, a in suite if isinstance(a, ContextLengthSchedule)), None)
+    lengths = sorted((a for _, a in suite if a.length_rank is not None), key=lambda a: a.length_rank)
+    records: dict[int, dict[str, Any]] = {id(a): {} for _, a in suite}  # each algorithm's scratch space
 
     model = meta_model(facts.model_config)
-    base_model_flops = {}  # seq_len -> flops per token of the model as built
     clock = Clock(facts)
     gbs, full = facts.global_batch, facts.data_seq_len
     segments: list[dict[str, Any]] = []
     events: list[dict[str, Any]] = []
-    fired: set[str] = set()
     shape = _shape(model)
-    flops_cache: dict[tuple[int, int], int] = {}
-    total = baseline = 0.0
-    baseline_tokens = 0
+    flops_cache: dict[tuple[int, int, int], int] = {}
+
+    def flops(length: int) -> int:
+        key = (id(model), shape["params"], length)
+        if key not in flops_cache:
+            flops_cache[key] = _flops_per_token(model, length)
+        return flops_cache[key]
+
+    total = 0.0
     phase_index = None
     while not clock.done():
         if clock.batch >= MAX_WALK:
@@ -187,7 +193,6 @@ def plan_run(facts: RunFacts, algorithms: list[tuple[str, Any]]) -> dict[str, An
             index = max(schedule.phase_index(clock), phase_index or 0)
             phase = schedule.phases[index]
             info = {"phase": phase.name, **schedule.plan_rope(index, facts.model_config)}
-            mult *= phase.lr_multiplier
             if index != phase_index:
                 if phase_index is not None:
                     events.append({"event": "phase", "batch": b, "tokens": clock.tokens, "phase": phase.name,
@@ -199,19 +204,13 @@ def plan_run(facts: RunFacts, algorithms: list[tuple[str, Any]]) -> dict[str, An
             length = token_len = schedule.phases[phase_index].seq_length
         for alg in lengths:
             new = alg.plan_length(clock, length)
-            if new < length and _mode(alg) == "truncate":  # reshape keeps every token, truncate the head
+            if new < length and alg.truncates:  # reshape keeps every token, truncate the head
                 token_len = token_len * new // length
             length = new
-        for _, alg, record in loras:
-            if hasattr(alg, "plan_lr"):
-                mult *= alg.plan_lr(clock, record)
+        for _, alg in suite:
+            mult *= alg.plan_lr(clock, records[id(alg)])
         tokens = gbs * token_len
-        key = (id(model), shape["params"], length)
-        if key not in flops_cache:
-            flops_cache[key] = _flops_per_token(model, length)
-        fpt = flops_cache[key]
-        if full not in base_model_flops:
-            base_model_flops[full] = _flops_per_token(meta_model(facts.model_config), full)
+        fpt = flops(length)
         row = {"batch": b, "tokens": clock.tokens, "seq_len": length, **info, "lr_multiplier": round(mult, 6),
                **{k: shape[k] for k in ("layers", "mlp_width", "params")}, "flops_per_token": fpt}
         same = segments and all(segments[-1][k] == row[k] for k in row if k not in ("batch", "tokens", "batches"))
@@ -220,32 +219,26 @@ def plan_run(facts: RunFacts, algorithms: list[tuple[str, Any]]) -> dict[str, An
         else:
             segments.append({**row, "batches": 1})
         total += tokens * fpt
-        baseline += gbs * full * base_model_flops[full]
-        baseline_tokens += gbs * full
         clock.batch += 1
         clock.tokens += tokens
         clock.samples += gbs
-        # BATCH_END: growth and LoRA, in list order
-        for name, alg in algorithms:
-            if name in [n for n, _ in growths] and name not in fired and alg.plan_due(clock):
-                before = dict(shape)
-                alg.plan_grow(model)
-                shape = _shape(model)
-                fired.add(name)
-                events.append({"event": name, "batch": clock.batch, "tokens": clock.tokens,
-                               "layers": [before["layers"], shape["layers"]],
-                               "mlp_width": [before["mlp_width"], shape["mlp_width"]],
-                               "params": [before["params"], shape["params"]],
-                               "flops_per_token": [fpt, _flops_per_token(model, length)]})
-            for n, lora, record in loras:
-                if n == name:
-                    for e in lora.plan_events(clock, clock.batch, model, record):
-                        shape = _shape(model)
-                        events.append({**e, "tokens": clock.tokens, "params": shape["params"],
-                                       "trainable": shape["trainable"]})
-    for _, alg, record in loras:
-        if hasattr(alg, "plan_pending"):
-            events.extend({**e, "tokens": None} for e in alg.plan_pending(record, clock.batch))
+        # BATCH_END: growth, LoRA and orchestrator timeouts, in list order
+        for _, alg in suite:
+            before, fpt_before = dict(shape), flops(length)
+            fired = alg.plan_events(clock, clock.batch, model, records[id(alg)])
+            if not fired:
+                continue
+            shape = _shape(model)
+            change = {k: [before[k], shape[k]] for k in ("layers", "mlp_width", "params")}
+            events.extend({**e, "tokens": clock.tokens, **change, "flops_per_token": [fpt_before, flops(length)],
+                           "trainable": shape["trainable"]} for e in fired)
+    for _, alg in suite:
+        events.extend({**e, "tokens": None} for e in alg.plan_pending(records[id(alg)], clock.batch))
+    # the comparisons: the same run without the suite's algorithms, on the model as built (the
+    # starting architecture) and on the final one, trained from scratch at the data's full length
+    baseline_tokens = gbs * full * clock.batch
+    baseline = baseline_tokens * _flops_per_token(meta_model(facts.model_config), full)
+    final = baseline_tokens * _flops_per_token(model, full)
     return {
         "source": facts.source,
         "max_duration": str(md),
@@ -261,6 +254,8 @@ def plan_run(facts: RunFacts, algorithms: list[tuple[str, Any]]) -> dict[str, An
         "baseline_flops": baseline,
         "baseline_tokens": baseline_tokens,
         "flops_ratio": total / baseline if baseline else None,
+        "final_arch_flops": final,
+        "final_arch_flops_ratio": total / final if final else None,
     }
 
 
@@ -309,7 +304,7 @@ def format_plan(result: dict[str, Any]) -> str:
                          f"{e['mlp_width'][1]}, params {e['params'][0]:,} -> {e['params'][1]:,}, FLOPs/tok "
                          f"{e['flops_per_token'][0]:.3g} -> {e['flops_per_token'][1]:.3g}")
         elif e["event"] == "lora_start":
-            lines.append(head + f"lora adapters on (rank {e['rank']}): trainable {e['trainable']:,} of {e['params']:,}")
+            lines.append(head + f"lora adapters on (rank {e['rank']}): trainable {e['trainable']:,} of {e['params'][1]:,}")
         elif e["event"] == "orchestrator":
             lines.append(head + f"orchestrator {e['op']}: {e['text']}")
         elif e["event"] == "lora_merge":
@@ -318,11 +313,16 @@ def format_plan(result: dict[str, Any]) -> str:
             lines.append(head + json.dumps(e))
     if not result["events"]:
         lines.append("  none")
-    ratio = result["flops_ratio"]
-    lines += ["", f"final parameter count: {result['final_params']:,}",
-              f"training FLOPs: {result['training_flops']:.4g} (the same run without the suite's algorithms: "
-              f"{result['baseline_flops']:.4g} over {result['baseline_tokens']:,} tokens; ratio "
-              f"{ratio:.3f})" if ratio is not None else "training FLOPs: 0"]
+    ratio, final = result["flops_ratio"], result["final_arch_flops_ratio"]
+    lines += ["", f"final parameter count: {result['final_params']:,}"]
+    if ratio is None:
+        lines.append("training FLOPs: 0")
+    else:
+        lines += [f"training FLOPs: {result['training_flops']:.4g}, against the same run without the suite's "
+                  f"algorithms ({result['baseline_tokens']:,} tokens at the data's length):",
+                  f"  on the starting model   {result['baseline_flops']:.4g}  (ratio {ratio:.3f})",
+                  f"  on the final model      {result['final_arch_flops']:.4g}  (ratio {final:.3f}; the real "
+                  "alternative to growth: the final architecture from scratch)"]
     return "\n".join(lines)
 
 
@@ -355,7 +355,8 @@ def draw_plan(result: dict[str, Any], path: str) -> str | None:
                          rotation=90, va="top", ha="right")
     axes[-1].set_xlabel("batch")
     fig.suptitle(f"composer-growth plan: {result['source'] or 'run'} (FLOPs x{result['flops_ratio']:.2f} of the "
-                 "plain run)" if result["flops_ratio"] else "composer-growth plan", fontsize=10)
+                 f"starting model, x{result['final_arch_flops_ratio']:.2f} of the final model trained from scratch)"
+                 if result["flops_ratio"] else "composer-growth plan", fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=90)

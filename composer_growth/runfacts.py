@@ -141,7 +141,7 @@ def check_at_fit_start(algorithm: Any, state: State) -> None:
     length: the same ``max_duration`` and the same batches per epoch."""
     if state.max_duration is None:
         return
-    seen = getattr(algorithm, "run_facts", None)
+    seen = algorithm.run_facts
     if (seen is not None and seen.max_duration == state.max_duration
             and seen.batches_per_epoch == epoch_batches(state)):
         return

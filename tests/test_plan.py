@@ -106,6 +106,11 @@ def test_plan_matches_the_run(tiny_data, tmp_path, one_thread, capsys):
     assert hf.config.intermediate_size == growth["widen_mlp"]["mlp_width"][1] == 128
     assert sum(p.numel() for p in hf.parameters()) == planned["final_params"]
     assert int(trainer.state.timestamp.token) == planned["tokens"]
+    # growth's real alternative: the final architecture from scratch, on the plain run's tokens
+    from composer_growth.functional.flops import training_flops_per_token
+    final = planned["baseline_tokens"] * int(training_flops_per_token(hf.config, planned["data_seq_len"]))
+    assert planned["final_arch_flops"] == final > planned["baseline_flops"]
+    assert planned["final_arch_flops_ratio"] == pytest.approx(planned["training_flops"] / final)
 
     # every event printed once when it happened, and listed in the summary with the final parameter count
     out = capsys.readouterr().out
@@ -116,6 +121,25 @@ def test_plan_matches_the_run(tiny_data, tmp_path, one_thread, capsys):
         (2, "stack_layers"), (4, "context_length_schedule"), (5, "widen_mlp")]
     assert "loss" in summary["events"][0]["text"]
     assert summary["final_params"] == planned["final_params"]
+
+
+def test_plan_walks_only_the_suite_interface(tiny_data, tmp_path):
+    """Every registered algorithm implements the suite's interface; plan skips Composer's own ones."""
+    from composer_growth.algorithms.base import SuiteAlgorithm
+    from composer_growth.recipe.build import load_all
+    from composer_growth.registry import ALGORITHMS
+
+    load_all()
+    ours = {n: c for n, c in ALGORITHMS.items() if c.__module__.startswith("composer_growth")}
+    assert len(ours) == 6 and all(issubclass(c, SuiteAlgorithm) for c in ours.values())
+    path = _short_quickstart(tiny_data, tmp_path)
+    with open(path) as f:
+        recipe = yaml.safe_load(f)
+    recipe["algorithms"]["gradient_clipping"] = {"clipping_type": "norm", "clipping_threshold": 1.0}
+    clipped = tmp_path / "clipped.yaml"
+    clipped.write_text(yaml.safe_dump(recipe))
+    plain, with_clipping = plan_file(path), plan_file(str(clipped))
+    assert with_clipping["events"] == plain["events"] and len(plain["events"]) == 3
 
 
 def test_plan_rejects_a_bad_recipe(tiny_data, tmp_path):

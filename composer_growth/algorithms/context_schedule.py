@@ -32,10 +32,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from composer.core import Algorithm, Event, State, Time, TimeUnit
+from composer.core import Event, State, Time, TimeUnit
 from composer.loggers import Logger
 from composer.utils import dist, ensure_tuple
 
+from composer_growth.algorithms.base import SuiteAlgorithm
 from composer_growth.algorithms.order import set_batch_lengths
 from composer_growth.algorithms.phases import Phase, Timeline, parse_phases
 from composer_growth.algorithms.surgery import install_replay_hook
@@ -53,7 +54,7 @@ log = logging.getLogger(__name__)
 
 
 @register_algorithm("context_length_schedule")
-class ContextLengthSchedule(Algorithm):
+class ContextLengthSchedule(SuiteAlgorithm):
     """Extend a model's context in phases of growing sequence length, each with its own RoPE config.
 
     Its :attr:`callbacks` (:class:`~composer_growth.phase_callbacks.PhaseLengthEval`, evaluation at the
@@ -500,6 +501,10 @@ class ContextLengthSchedule(Algorithm):
 
     #: sets the phase's length before any warmup acts inside the phase (see algorithms.order)
     length_rank = 0
+
+    @property
+    def truncates(self) -> bool:
+        return self.mode == "truncate"
 
     def set_batch_length(self, state: State, logger: Logger) -> None:
         batch = state.batch

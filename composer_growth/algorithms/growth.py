@@ -11,11 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from composer.core import Algorithm, Event, State, Time
+from composer.core import Event, State, Time
 from composer.loggers import Logger
 from composer.utils import dist
 from torch import nn
 
+from composer_growth.algorithms.base import Now, SuiteAlgorithm
 from composer_growth.algorithms.surgery import (check_recipe_sharding, check_supported, composer_model, grow,
                                                install_replay_hook, reshard)
 from composer_growth.events import announce
@@ -40,7 +41,7 @@ def _shape(model: nn.Module) -> tuple[int, int]:
 STACK_LORA_PATTERNS = ("constant", "increasing")
 
 
-class _Growth(Algorithm):
+class _Growth(SuiteAlgorithm):
     """Shared timing, probing, logging, resume and validation of a one-shot growth."""
 
     name = "growth"
@@ -163,13 +164,13 @@ class _Growth(Algorithm):
         return float(loss.item()) / dist.get_world_size()
 
     # -- plan -------------------------------------------------------------------------------
-    def plan_due(self, now) -> bool:
-        """``composer-growth plan``: whether the growth fires at a batch end where the run has done ``now(unit)``."""
-        return now(self.at.unit) >= float(self.at.value)
-
-    def plan_grow(self, model: nn.Module) -> None:
-        """``composer-growth plan``: grow ``model`` (an HF model, e.g. on the meta device) as the run will."""
+    def plan_events(self, now: Now, batch: int, model: nn.Module, record: dict[str, Any]) -> list[dict[str, Any]]:
+        """``composer-growth plan``: grow ``model`` as the run will, at the first batch end where it is due."""
+        if record.get("fired") or now(self.at.unit) < float(self.at.value):
+            return []
+        record["fired"] = True
         self._after(model, self._op(model))
+        return [{"event": self.name, "batch": batch}]
 
     # -- resume -----------------------------------------------------------------------------
     def replay(self, state: State, saved: dict[str, Any]) -> None:

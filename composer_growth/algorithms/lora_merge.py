@@ -29,10 +29,11 @@ import time
 from typing import Any
 
 import torch
-from composer.core import Algorithm, Event, State, Time, TimeUnit
+from composer.core import Event, State, Time, TimeUnit
 from composer.loggers import Logger
 from composer.utils import dist
 
+from composer_growth.algorithms.base import SuiteAlgorithm
 from composer_growth.algorithms.surgery import (check_recipe_sharding, check_supported, composer_model, grow,
                                                 install_replay_hook, is_fsdp2, save_pretrained)
 from composer_growth.events import announce
@@ -56,7 +57,7 @@ def _check_targets(value: Any, key: str) -> None:
 
 
 @register_algorithm("lora_merge")
-class LoraMergeRestart(Algorithm):
+class LoraMergeRestart(SuiteAlgorithm):
     """ReLoRA: merge the LoRA adapters into the base weights and restart them every ``interval``.
 
     Args:

@@ -33,11 +33,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from composer.core import Algorithm, Event, State, Time, TimeUnit
+from composer.core import Event, State, Time, TimeUnit
 from composer.core.precision import get_precision_context
 from composer.loggers import Logger
 from composer.utils import dist, ensure_tuple
 
+from composer_growth.algorithms.base import SuiteAlgorithm
 from composer_growth.algorithms.surgery import (check_recipe_sharding, check_supported, composer_model, grow,
                                                install_replay_hook)
 from composer_growth.errors import ConfigError, check, check_flag, is_int, is_number
@@ -531,7 +532,7 @@ def _composer_schedule(scheduler: Any) -> tuple[Any, float] | None:
 
 
 @register_algorithm("orchestrator")
-class Orchestrator(Algorithm):
+class Orchestrator(SuiteAlgorithm):
     """Fire an ordered schedule of hyperparameter, architecture and LoRA operations on eval-loss thresholds.
 
     Args:

@@ -13,6 +13,8 @@ from __future__ import annotations
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
+from composer_growth.algorithms.base import SuiteAlgorithm
+
 
 def set_batch_lengths(caller: Algorithm, state: State, logger: Logger) -> None:
     """Run every length algorithm's ``set_batch_length(state, logger)`` once for this batch, by ``length_rank``."""
@@ -24,7 +26,7 @@ def set_batch_lengths(caller: Algorithm, state: State, logger: Logger) -> None:
     algorithms = list(state.algorithms)
     if not any(a is caller for a in algorithms):
         algorithms.append(caller)  # called outside a Trainer's list: it still acts
-    active = [a for a in algorithms
-              if getattr(a, "length_rank", None) is not None and a.match(Event.AFTER_DATALOADER, state)]
+    active = [a for a in algorithms if isinstance(a, SuiteAlgorithm) and a.length_rank is not None
+              and a.match(Event.AFTER_DATALOADER, state)]
     for algorithm in sorted(active, key=lambda a: a.length_rank):  # stable: equal ranks keep list order
         algorithm.set_batch_length(state, logger)

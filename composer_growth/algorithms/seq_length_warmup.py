@@ -14,9 +14,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from composer.core import Algorithm, Event, State, Time, TimeUnit
+from composer.core import Event, State, Time, TimeUnit
 from composer.loggers import Logger
 
+from composer_growth.algorithms.base import SuiteAlgorithm
 from composer_growth.algorithms.order import set_batch_lengths
 from composer_growth.errors import ConfigError, check, check_flag, check_int, check_number
 from composer_growth.families import unwrap_composer
@@ -42,7 +43,7 @@ def _warmup_length(p: float, min_len: int, max_len: int, step: int, schedule: st
 
 
 @register_algorithm("seq_length_warmup")
-class SeqLengthWarmup(Algorithm):
+class SeqLengthWarmup(SuiteAlgorithm):
     """Grow the training sequence length from ``min_seq_length`` to ``max_seq_length``.
 
     Args:
@@ -203,6 +204,10 @@ class SeqLengthWarmup(Algorithm):
 
     #: runs after a context schedule's phase length is set, whatever the list order (see algorithms.order)
     length_rank = 1
+
+    @property
+    def truncates(self) -> bool:
+        return self.mode == "truncate"
 
     def set_batch_length(self, state: State, logger: Logger) -> None:
         batch = state.batch

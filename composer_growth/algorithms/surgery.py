@@ -38,6 +38,7 @@ from composer.core import State
 from composer.utils import dist
 from torch import nn
 
+from composer_growth.algorithms.base import SuiteAlgorithm
 from composer_growth.errors import ConfigError
 from composer_growth.families import unwrap_composer, unwrap_hf
 from composer_growth.functional.growth import ParamSource, param_names
@@ -314,7 +315,7 @@ def _replay(state: State, saved: Any) -> None:
         i = seen.get(name, 0)
         seen[name] = i + 1
         entries = by_class.get(name, [])
-        if hasattr(alg, "replay") and i < len(entries):
+        if isinstance(alg, SuiteAlgorithm) and i < len(entries):
             alg.replay(state, entries[i])
 
 

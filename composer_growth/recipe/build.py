@@ -14,6 +14,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+from composer_growth.algorithms.base import SuiteAlgorithm
 from composer_growth.errors import ConfigError, check, is_int
 from composer_growth.families import FAMILIES, mark_fsdp_blocks
 from composer_growth.recipe.schema import Recipe, from_mapping
@@ -72,7 +73,7 @@ class Plan:
         return self.recipe.global_train_batch_size // self.world_size
 
 
-def _construct(kind: str, name: str, table: dict[str, Any], kwargs: dict[str, Any]) -> Any:
+def construct(kind: str, name: str, table: dict[str, Any], kwargs: dict[str, Any]) -> Any:
     if name not in table:
         raise ConfigError(f"{kind}.{name}", kwargs, f"unknown {kind[:-1]}; registered: {', '.join(sorted(table))}")
     ctor = table[name]
@@ -247,9 +248,9 @@ def validate(data: dict[str, Any], world_size: int | None = None) -> Plan:
     _check_model(recipe)
     _check_data(recipe, world_size)
 
-    algorithms = [_construct("algorithms", n, ALGORITHMS, kw) for n, kw in recipe.algorithms.items()]
-    callbacks = [_construct("callbacks", n, CALLBACKS, kw) for n, kw in recipe.callbacks.items()]
-    loggers = [_construct("loggers", n, LOGGERS, kw) for n, kw in recipe.loggers.items()]
+    algorithms = [construct("algorithms", n, ALGORITHMS, kw) for n, kw in recipe.algorithms.items()]
+    callbacks = [construct("callbacks", n, CALLBACKS, kw) for n, kw in recipe.callbacks.items()]
+    loggers = [construct("loggers", n, LOGGERS, kw) for n, kw in recipe.loggers.items()]
     facts = RunFacts.from_recipe(recipe, world_size)
     for name, alg in zip(recipe.algorithms, algorithms):
         validate_algorithm(name, alg, facts)
@@ -258,12 +259,11 @@ def validate(data: dict[str, Any], world_size: int | None = None) -> Plan:
 
 
 def validate_algorithm(name: str, algorithm: Any, facts: RunFacts) -> None:
-    """``algorithm.validate_run(facts)`` (if it has one); an error names the recipe key it is about."""
-    hook = getattr(algorithm, "validate_run", None)
-    if hook is None:
+    """``algorithm.validate_run(facts)`` for an algorithm of the suite; an error names the recipe key it is about."""
+    if not isinstance(algorithm, SuiteAlgorithm):
         return
     try:
-        hook(facts)
+        algorithm.validate_run(facts)
     except ConfigError as e:
         top = e.key.split(".")[0].split("[")[0]
         key = e.key if top in RECIPE_KEYS else f"algorithms.{name}.{e.key}"
@@ -422,7 +422,7 @@ def build_trainer(plan: Plan):
     check_save_folder(plan)
     reproducibility.seed_all(r.seed)
     tokenizer = build_tokenizer(r)
-    model = build_model(r, tokenizer, peft=not any(getattr(a, "defers_peft", False) for a in plan.algorithms))
+    model = build_model(r, tokenizer, peft=not any(isinstance(a, SuiteAlgorithm) and a.defers_peft for a in plan.algorithms))
     optimizer = build_optimizer(r, model)
     train_loader = build_lm_dataloader(r.data.path, r.data.train_split, plan.device_train_batch_size,
                                        shuffle=r.data.shuffle, seed=r.seed, num_workers=r.data.num_workers,
