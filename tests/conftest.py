@@ -69,6 +69,24 @@ def own_shm_available() -> bool:
     return subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode == 0
 
 
+_CURRENT: dict[str, object] = {}
+
+
+@pytest.fixture(autouse=True)
+def _current_test(request):
+    """Keeps the running test's node, so the launch helpers can insist it is marked ``launcher``."""
+    _CURRENT["node"] = request.node
+    yield
+    _CURRENT.pop("node", None)
+
+
+def _require_launcher_mark() -> None:
+    node = _CURRENT.get("node")
+    if node is not None and node.get_closest_marker("launcher") is None:
+        raise AssertionError(f"{node.nodeid} starts processes: mark it @pytest.mark.launcher "
+                             "(the fast loop, pytest -m 'not launcher', skips those)")
+
+
 def _own_shm(cmd: list[str]) -> list[str]:
     """``cmd`` in a mount namespace with an empty /dev/shm of its own."""
     import shlex
@@ -85,6 +103,7 @@ def launch(script: str, args: list[str], workdir, own_shm: bool = False):
     import socket
     import subprocess
 
+    _require_launcher_mark()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -103,6 +122,7 @@ def launch_nodes(script: str, args: list[str], workdirs: list, timeout: int = 60
     import socket
     import subprocess
 
+    _require_launcher_mark()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -427,6 +427,7 @@ def test_shipped_context_recipes_validate(tiny_data):
 
 # -- two ranks ----------------------------------------------------------------------------------------------
 
+@pytest.mark.launcher
 def test_composer_launcher_two_ranks(tmp_path, data16, tiny_data):
     recipe = ctx_recipe(tmp_path, data16, tiny_data)
     recipe.update(summary_file=str(tmp_path / "summary-{rank}.json"), eval_first=False, max_duration="8ba",

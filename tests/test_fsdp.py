@@ -14,6 +14,7 @@ from conftest import launch, launch_failure, read_summary
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.launcher
 def test_warmup_and_context_schedule_under_fsdp2_match_ddp(tiny_recipe, tmp_path):
     """A warmup (8 -> 16 tokens) inside a 16-token phase, then a 32-token phase with linear RoPE x2
     on a model declaring 16 positions: FSDP2 trains what DDP trains, token counts included, its phase

@@ -151,6 +151,7 @@ def test_lora_trunk_trains_only_adapters_of_the_old_layers(tiny_recipe, tmp_path
         assert torch.allclose(reloaded(ids).logits, before, atol=1e-5)
 
 
+@pytest.mark.launcher
 def test_two_ranks_hold_identical_parameters_after_growth(tiny_recipe, tmp_path):
     recipe = _grow_twice(tiny_recipe)
     recipe.update(max_duration="10ba", eval_first=False, eval_interval="10ba", save_folder=None)
@@ -200,6 +201,7 @@ def test_growth_under_fsdp_rejects_what_it_cannot_carry(tiny_recipe, fsdp, extra
     assert str(err.value).startswith(f"{key}="), str(err.value)
 
 
+@pytest.mark.launcher
 def test_growth_under_fsdp2_matches_ddp_and_resumes_sharded_and_full(tiny_recipe, tmp_path):
     """Under composer -n 2: the same growth run under DDP and under FSDP2 (sharded and full
     checkpoints) gives the same per-batch training losses; each FSDP2 run resumed from a checkpoint

@@ -15,6 +15,7 @@ import torch
 import yaml
 
 llmfoundry = pytest.importorskip("llmfoundry")
+pytestmark = pytest.mark.foundry
 
 SEQ = 32
 ROWS = 4  # rows per batch

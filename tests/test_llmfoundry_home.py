@@ -24,7 +24,7 @@ from composer_growth.functional.rope import apply_rope_scaling  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 YAMLS = os.path.join(ROOT, "yamls", "foundry")
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.foundry]
 VOCAB = 128
 
 

@@ -169,6 +169,7 @@ def test_plain_trainer_logs_merges_and_exports_a_merged_model(tmp_path):
         assert torch.allclose(reloaded(x).logits, hf(x).logits, atol=1e-5)
 
 
+@pytest.mark.launcher
 def test_two_ranks_hold_identical_parameters_after_merges(tiny_recipe, tmp_path):
     recipe = _relora(tiny_recipe, peft=False, start_at="2ba", interval="2ba", prune="random", ratio=0.5)
     recipe.update(max_duration="6ba", eval_first=False, eval_interval="6ba", save_folder=None)
@@ -183,6 +184,7 @@ def test_two_ranks_hold_identical_parameters_after_merges(tiny_recipe, tmp_path)
     assert r0["loss"] == r1["loss"]
 
 
+@pytest.mark.launcher
 def test_lora_under_fsdp2_matches_ddp_and_resumes_after_a_merge(tiny_recipe, tmp_path):
     """Under composer -n 2, DDP and FSDP2 (sharded checkpoints): a full-rank warm start, adapters on
     q/v at batch 2 (through surgery.grow), G_stack at batch 3 giving the new stack rank-2 adapters on its

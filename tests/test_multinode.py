@@ -36,6 +36,7 @@ def _small(recipe):
     return recipe
 
 
+@pytest.mark.launcher
 def test_shared_data_folder_is_built_once(tiny_recipe, tmp_path):
     recipe = _small(tiny_recipe)
     recipe["data"] = {"path": str(tmp_path / "shared-data"), "prepare": PREPARE}
@@ -47,6 +48,7 @@ def test_shared_data_folder_is_built_once(tiny_recipe, tmp_path):
     assert logs.count("reusing dataset") == 1       # the other found it built
 
 
+@pytest.mark.launcher
 def test_node_without_data_and_without_prepare_stops_every_rank(tiny_recipe, tiny_data, tmp_path):
     recipe = _small(tiny_recipe)
     recipe["data"] = {"path": "./data"}  # node-local: relative to each node's folder
@@ -58,6 +60,7 @@ def test_node_without_data_and_without_prepare_stops_every_rank(tiny_recipe, tin
         assert "composer-growth: error: data.path='./data': no dataset there on node 1 (no manifest.json)" in _logs(proc)
 
 
+@pytest.mark.launcher
 def test_separate_data_folders_then_a_local_save_folder_with_autoresume(tiny_recipe, tiny_data, tmp_path):
     """Node 1 lacks the data and builds its own copy (node 0 keeps its own); then, before training,
     autoresume into a save folder each node holds alone stops every rank."""
@@ -75,6 +78,7 @@ def test_separate_data_folders_then_a_local_save_folder_with_autoresume(tiny_rec
                 "share (or a remote URI)") in _logs(proc), _logs(proc)[-3000:]
 
 
+@pytest.mark.launcher
 def test_growth_under_fsdp2_on_two_nodes_matches_ddp_and_resumes(tiny_recipe, tmp_path):
     """Two nodes of one rank each, a shared folder for checkpoints: G_stack at batch 3 under FSDP2
     trains what DDP trains, and a run resumed from the sharded checkpoint after it goes on exactly."""

@@ -200,6 +200,7 @@ def test_batch_size_and_schedule_ops_resume_exactly_mid_batch(tiny_recipe, one_t
         assert [e["loss"] for e in after["evals"]] == pytest.approx([e["loss"] for e in full["evals"]], rel=1e-5)
 
 
+@pytest.mark.launcher
 def test_two_ranks_apply_the_same_ops_and_hold_identical_parameters(tiny_recipe, tmp_path):
     recipe = dict(tiny_recipe, max_duration="6ba", eval_first=False, eval_interval="3ba", save_folder=None,
                   global_train_batch_size=16, summary_file=str(tmp_path / "s{rank}.json"))
@@ -227,6 +228,7 @@ def test_two_ranks_apply_the_same_ops_and_hold_identical_parameters(tiny_recipe,
     assert s0["tokens_trained"] == 32 * (4 * 16 + 2 * 8)  # rows per step halved after batch 4
 
 
+@pytest.mark.launcher
 def test_lora_and_growth_ops_under_fsdp2_match_ddp_and_resume(tiny_recipe, tmp_path):
     """Under composer -n 2 on a peft-wrapped model (model.peft), DDP and FSDP2 (sharded checkpoints):
     the first eval's loss fires a merge (re-evaluated), whose loss fires the attention adapters' rank

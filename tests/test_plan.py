@@ -21,7 +21,8 @@ RECIPES = sorted(glob.glob(os.path.join(ROOT, "yamls", "*.yaml")))
 FOUNDRY = sorted(glob.glob(os.path.join(ROOT, "yamls", "foundry", "*.yaml")))
 
 
-@pytest.mark.parametrize("path", RECIPES + FOUNDRY, ids=os.path.basename)
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.foundry) if "mpt" in os.path.basename(p) else p
+                                  for p in RECIPES + FOUNDRY], ids=os.path.basename)
 def test_every_recipe_plans(path, tmp_path):
     if "mpt" in os.path.basename(path):
         pytest.importorskip("llmfoundry")

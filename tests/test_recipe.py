@@ -134,6 +134,7 @@ def test_batch_size_must_divide_world_size(tiny_recipe):
         validate(tiny_recipe, world_size=4)
 
 
+@pytest.mark.launcher
 def test_cli_rejects_bad_recipe_in_one_line(tiny_recipe, tmp_path):
     tiny_recipe["optimizer"]["name"] = "lion"
     path = tmp_path / "bad.yaml"
@@ -157,6 +158,7 @@ def test_shipped_recipes_validate(tiny_data, tmp_path):
         validate(data)
 
 
+@pytest.mark.launcher
 def test_composer_launcher_two_ranks_agree(tiny_recipe, tmp_path):
     tiny_recipe["summary_file"] = str(tmp_path / "summary-{rank}.json")
     tiny_recipe["eval_first"] = False

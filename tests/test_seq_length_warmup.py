@@ -298,6 +298,7 @@ def test_resume_mid_warmup_matches_uninterrupted(tiny_recipe, tmp_path, mode, po
     assert [e["loss"] for e in after["evals"]] == pytest.approx([e["loss"] for e in uninterrupted["evals"]], rel=1e-5)
 
 
+@pytest.mark.launcher
 def test_two_ranks_count_trained_tokens(tiny_recipe, tmp_path):
     recipe = _warmup_recipe(tiny_recipe, duration="4ba")
     recipe.update(summary_file=str(tmp_path / "s-{rank}.json"), eval_first=False, max_duration="4ba",
