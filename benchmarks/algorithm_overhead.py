@@ -18,7 +18,8 @@ for an eval loss; the only eval is at the last batch). The *idle* steps measured
 batches 3 to ``steps - 3`` (0-based; step 0, the short warmup/phase batches and the growth batch left out);
 *active* is batches 1-2 (the warmup and the short phase cut every batch there).
 
-    python benchmarks/algorithm_overhead.py --models small,bench --repeats 2
+    python benchmarks/algorithm_overhead.py --models small --repeats 3 --out runs/bench/overhead-small-final.json
+    python benchmarks/algorithm_overhead.py --models bench --repeats 1 --out runs/bench/overhead-bench-final.json
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ Compared: tokens and training time (evals left out) at which each run's eval los
 the static run's final eval loss, and the final eval loss.
 
     python benchmarks/orchestrator.py --device cpu --tiny --growth-steps 150   # a few minutes on a CPU
-    python benchmarks/orchestrator.py --device gpu                 # 768 wide, 12 layers vs 6 -> 12
+    python benchmarks/orchestrator.py --device gpu --growth-steps 1250   # 768 wide, 12 layers vs 6 -> 12
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Sequence-length warmup, side by side: no warmup, Composer's ``SeqLengthWarmup``, ours (truncate, reshape).
+r"""Sequence-length warmup, side by side: no warmup, Composer's ``SeqLengthWarmup``, ours (truncate, reshape).
 
 One process trains every variant from the same initial weights, on the same data in the same
 order, with the same optimizer (DecoupledAdamW) and schedule (cosine with warmup), each with a real
@@ -9,6 +9,9 @@ after it, peak memory, and the tokens trained (really, and as Composer's ``time/
 
     python benchmarks/seq_length_warmup.py --device cpu --tiny          # 1-2 minutes on a CPU, once the data is built
     python benchmarks/seq_length_warmup.py --device gpu                 # GPT-2-124M shape, 1000 x 32 x 1024
+    MALLOC_MMAP_THRESHOLD_=131072 python benchmarks/seq_length_warmup.py --device cpu --small --steps 10 \
+        --warmup-duration 0.6 --eval-interval 10 --eval-batches 1 --repeats 2 \
+        --runs baseline,composer-reshape,ours-reshape-rows,ours-reshape-tokens,ours-reshape-bounded  # microbatch policies
 
 The full mode's model is GPT-2-124M-shaped (12 layers, 768 wide, 12 heads, 1024 positions, no dropout)
 with an 8192-token BPE (so about 92M parameters); the tiny mode's is a 2-layer, 64-wide llama.

@@ -1,4 +1,4 @@
-"""Tokens and training FLOPs each algorithm needs to reach the baseline's final eval loss.
+r"""Tokens and training FLOPs each algorithm needs to reach the baseline's final eval loss.
 
 A device-independent comparison: token counts and FLOPs do not depend on timing, so a shared,
 busy CPU only costs wall time. One process trains every variant with a real Composer ``Trainer``,
@@ -27,6 +27,8 @@ fewer FLOPs than the baseline (growth), the last column reads the baseline's eva
 run's total FLOPs (linear between the baseline's evals around it): the comparison at equal compute.
 
     python benchmarks/tokens_to_loss.py --steps 100 --eval-interval 10 --eval-batches 2 --out runs/bench/tokens_to_loss.json
+    python benchmarks/tokens_to_loss.py --hidden 256 --layers 4 --mlp 1024 --heads 4 --steps 200 \
+        --eval-interval 10 --eval-batches 4 --out runs/bench/tokens_to_loss-256.json   # the 4.7M llama
 """
 
 from __future__ import annotations
