@@ -169,6 +169,37 @@ def test_widen_mlp_keeps_logits_and_sets_config(family):
     assert widened and all(round(1.5 * size) in model.get_parameter(n).shape for n in widened)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_widen_mlp_keeps_lora_adapters_on_the_mlp_and_their_moments(family):
+    """A peft model with adapters on every MLP projection: the wrappers stay, the adapters are widened
+    along the units with the base (the function is kept), they still train, and Adam's moments follow."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = ["gate_proj", "up_proj", "down_proj", "q_proj"] if family == "llama" else ["c_fc", "mlp.c_proj", "c_attn"]
+    model = get_peft_model(make_model(family), LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                          fan_in_fan_out=family == "gpt2")).eval()
+    opt = DecoupledAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):  # trained adapters (B != 0) and moments to carry
+        opt.zero_grad()
+        model(input_ids=ids(), labels=ids()).loss.backward()
+        opt.step()
+    names = param_names(model)
+    before = logits(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    mapping = widen_mlp(model, 1.5, seed=3)
+    assert max_diff(logits(model), before) <= 1e-5
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable  # same names, still training
+    widened = {n: src for n, src in mapping.items() if "lora_" in n and src.index is not None}
+    assert widened and all(("lora_B" in n) == (src.dim == 0) for n, src in widened.items())
+    old_state = {names[p]: opt.state[p]["exp_avg"].clone() for p in opt.state}
+    new_opt = transfer_optimizer_state(opt, names, model, mapping)
+    for name, src in widened.items():
+        p = model.get_parameter(name)
+        assert torch.equal(new_opt.state[p]["exp_avg"], src.apply(old_state[src.source]))
+    model(input_ids=ids(), labels=ids()).loss.backward()  # gradients reach the widened adapters
+    assert all(model.get_parameter(n).grad is not None for n in widened)
+
+
 def test_widen_mlp_mapping_rebuilds_the_new_parameters():
     model = make_model("gpt2")
     old = {name: p.detach().clone() for name, p in model.named_parameters()}

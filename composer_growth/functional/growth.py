@@ -256,6 +256,49 @@ def _grow_projection(family: Family, old: nn.Module, names: dict[int, str], inde
     return module
 
 
+def _grow_adapters(layer: nn.Module, names: dict[int, str], index: torch.Tensor, scale: torch.Tensor | None,
+                   made: dict[int, ParamSource]) -> None:
+    """Widen the LoRA adapters of a peft ``LoraLayer`` along the MLP's units, as its base was widened.
+
+    An input projection's units are its outputs: each adapter's ``lora_B`` rows are re-indexed. The
+    output projection's units are its inputs: ``lora_A``'s columns are re-indexed and scaled like the
+    base weight. Either way ``B @ A`` is re-indexed exactly as the base weight, so the layer computes
+    the same function, and the adapters keep training.
+    """
+    check(not any(getattr(layer, "use_dora", {}).values()), "model.peft.use_dora", True,
+          "False for widen_mlp (DoRA's magnitudes are not widened)")
+    for adapter in layer.lora_A:
+        key, dim = ("lora_B", 0) if scale is None else ("lora_A", 1)
+        old = getattr(layer, key)[adapter]
+        src = ParamSource(names[id(old.weight)], index, dim, 1.0 if scale is None else scale)
+        weight = nn.Parameter(src.apply(old.weight.detach()), requires_grad=old.weight.requires_grad)
+        made[id(weight)] = src
+        with torch.device("meta"):
+            module = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        module.weight = weight
+        module.train(old.training)
+        getattr(layer, key)[adapter] = module
+    base = layer.get_base_layer()
+    layer.in_features, layer.out_features = (base.weight.shape if getattr(layer, "fan_in_fan_out", False)
+                                             else base.weight.shape[::-1])
+
+
+def _widen(family: Family, parent: nn.Module, name: str, names: dict[int, str], index: torch.Tensor,
+           weight_dim: int, scale: torch.Tensor | None, made: dict[int, ParamSource]) -> nn.Module:
+    """Widen the projection ``parent.<name>`` in place; a peft LoRA layer keeps its wrapper and adapters."""
+    from peft.tuners.lora import LoraLayer
+
+    old = get_path(parent, name)
+    if isinstance(old, LoraLayer):
+        old.base_layer = _grow_projection(family, old.get_base_layer(), names, index, weight_dim, scale,
+                                          scale is None, made)
+        _grow_adapters(old, names, index, scale, made)
+        return old.base_layer
+    proj = _grow_projection(family, old, names, index, weight_dim, scale, scale is None, made)
+    set_path(parent, name, proj)
+    return proj
+
+
 def _add_noise(weight: torch.Tensor, dim: int, start: int, std: float, gen: torch.Generator) -> None:
     """Seeded gaussian noise on the slices ``start:`` of ``weight`` along ``dim`` (the new copies)."""
     rows = weight.narrow(dim, start, weight.shape[dim] - start)
@@ -285,7 +328,10 @@ def widen_mlp(model: nn.Module, factor: float, noise_std: float = 0.0, seed: int
 
     where ``unit_dim`` is 0 for ``nn.Linear`` input / 1 for output weights, the reverse for
     GPT-2's ``Conv1D``. The projections are new modules (same dtype / device / requires_grad);
-    every other parameter maps to itself. The config's intermediate size key is updated.
+    every other parameter maps to itself. A projection wrapped by a peft LoRA layer keeps its
+    wrapper: its base is widened as above and its adapters along the same units (``lora_B``'s rows of
+    an input projection, ``lora_A``'s columns of the output projection, scaled), so the adapters
+    keep training and the function is still kept. The config's intermediate size key is updated.
     """
     hf = unwrap_hf(model)
     family = family_of(hf)
@@ -305,11 +351,9 @@ def widen_mlp(model: nn.Module, factor: float, noise_std: float = 0.0, seed: int
         index = torch.cat([torch.arange(n), torch.randint(0, n, (m - n,), generator=pick)])
         scale = 1.0 / torch.bincount(index, minlength=n).to(torch.float32)[index]
         for name in (n for n in family.mlp_in if hasattr(mlp, n)):  # e.g. MPT's mptmlp has no gate_proj
-            proj = _grow_projection(family, get_path(mlp, name), before, index, in_dim, None, True, made)
+            proj = _widen(family, mlp, name, before, index, in_dim, None, made)
             if noise_std > 0:
                 _add_noise(proj.weight, in_dim, n, noise_std, noise)
-            set_path(mlp, name, proj)
-        proj = _grow_projection(family, get_path(mlp, family.mlp_out), before, index, out_dim, scale, False, made)
-        set_path(mlp, family.mlp_out, proj)
+        _widen(family, mlp, family.mlp_out, before, index, out_dim, scale, made)
     config_set(hf.config, family.intermediate_key, m)
     return _collect_mapping(model, before, made)
