@@ -22,12 +22,12 @@ from composer.utils import dist
 
 from composer_growth.algorithms.surgery import gather_hf_state_dict, save_pretrained
 from composer_growth.data.phased import loader_len, sample_length
-from composer_growth.families import unwrap_composer, unwrap_hf
 from composer_growth.functional.batch import batch_seq_length, set_batch_sequence_length
-from composer_growth.functional.lora import base_state_dict, merged_state_dict, peft_model, save_adapter
+from composer_growth.functional.lora import base_state_dict, merged_state_dict, save_adapter
 from composer_growth.functional.loss import loss_sum
 from composer_growth.functional.rope import max_addressable_positions
 from composer_growth.functional.sharding import reshard
+from composer_growth.unwrap import peft_model, unwrap_composer, unwrap_hf
 
 if TYPE_CHECKING:
     from composer_growth.algorithms.context_schedule import ContextLengthSchedule

@@ -11,10 +11,9 @@ import yaml
 from composer.core import Callback, Event
 
 from composer_growth import Orchestrator
-from composer_growth.algorithms.surgery import composer_model
 from composer_growth.errors import ConfigError
-from composer_growth.families import unwrap_hf
 from composer_growth.recipe import run, validate
+from composer_growth.unwrap import composer_model, unwrap_hf
 
 from conftest import fsdp_runs, launch, launch_failure, read_summary, resume_from
 

@@ -41,13 +41,14 @@ from composer_growth.algorithms.phases import Phase, Timeline, parse_phases
 from composer_growth.algorithms.surgery import install_replay_hook
 from composer_growth.data.phased import BASE, Sources
 from composer_growth.errors import ConfigError, check, check_flag, check_int
-from composer_growth.families import FAMILIES, Family, family_of, unwrap_composer, unwrap_hf
+from composer_growth.families import FAMILIES, Family, family_of
 from composer_growth.functional.batch import MODES, batch_seq_length, batch_tokens, set_batch_sequence_length
 from composer_growth.functional.rope import RopeTarget, apply_rope_scaling, rope_snapshot
 from composer_growth.phase_callbacks import PhaseExport, PhaseLengthEval
 from composer_growth.registry import register_algorithm
 from composer_growth.runfacts import RunFacts
 from composer_growth.timeutil import check_progress_known, elapsed, run_over, uncount_tokens
+from composer_growth.unwrap import unwrap_composer, unwrap_hf
 
 log = logging.getLogger(__name__)
 

@@ -16,11 +16,10 @@ from composer.loggers import Logger
 from composer.utils import dist
 from torch import nn
 
-from composer_growth.algorithms.surgery import (check_recipe_sharding, check_supported, composer_model, grow,
-                                               install_replay_hook, reshard)
+from composer_growth.algorithms.surgery import (check_recipe_sharding, check_supported, grow, install_replay_hook, reshard)
 from composer_growth.events import announce
 from composer_growth.errors import ConfigError, check, check_flag, check_int, check_number, is_int
-from composer_growth.families import FAMILIES, config_get, family_of, get_path, unwrap_hf
+from composer_growth.families import FAMILIES, config_get, family_of, get_path
 from composer_growth.functional.growth import STACK_INITS, STACK_MODES, stack_layers, widen_mlp
 from composer_growth.functional.batch import select_rows
 from composer_growth.functional.lora import add_lora
@@ -28,6 +27,7 @@ from composer_growth.functional.loss import batch_loss
 from composer_growth.registry import register_algorithm
 from composer_growth.runfacts import RunFacts, check_at_fit_start
 from composer_growth.timeutil import check_progress_known, earliest_batch, parse_time, reached, to_duration_fraction
+from composer_growth.unwrap import composer_model, unwrap_hf
 
 TRUNKS = ("train", "frozen", "lora")
 

@@ -33,18 +33,18 @@ from composer.core import Algorithm, Event, State, Time, TimeUnit
 from composer.loggers import Logger
 from composer.utils import dist
 
-from composer_growth.algorithms.surgery import (check_recipe_sharding, check_supported, composer_model, grow,
-                                                install_replay_hook, is_fsdp2, save_pretrained)
+from composer_growth.algorithms.surgery import (check_recipe_sharding, check_supported, grow, install_replay_hook, is_fsdp2, save_pretrained)
 from composer_growth.events import announce
 from composer_growth.errors import ConfigError, check, check_flag, check_int, check_number
-from composer_growth.families import FAMILIES, family_of, unwrap_hf
+from composer_growth.families import FAMILIES, family_of
 from composer_growth.functional.growth import ParamSource
 from composer_growth.functional.lora import (LORA_GROUPS, PRUNE_MODES, add_lora, lora_target_modules, lora_targets,
                                              merge_and_reinit_lora, merged_state_dict, prune_optimizer_state)
 from composer_growth.functional.sharding import full_state, reshard
 from composer_growth.registry import register_algorithm
 from composer_growth.runfacts import RunFacts, check_at_fit_start
-from composer_growth.timeutil import elapsed, parse_time, to_duration_fraction
+from composer_growth.timeutil import elapsed, parse_time, reached, to_duration_fraction
+from composer_growth.unwrap import composer_model, unwrap_hf
 
 __all__ = ["LoraMergeRestart"]
 
@@ -205,7 +205,7 @@ class LoraMergeRestart(Algorithm):
             check_supported(state, "lora_merge")
             check_at_fit_start(self, state)
         elif event is Event.BATCH_END:
-            if not self.started and _reached(state, self.start_at):
+            if not self.started and self.start_at is not None and reached(state, self.start_at):
                 self._start(state, logger)
             if self.started and self._merge_due(state):
                 self._merge(state, logger)
@@ -336,10 +336,6 @@ class LoraMergeRestart(Algorithm):
         self.last_merge = state.get("last_merge")
         self.history = [dict(h) for h in state.get("history", [])]
         self.start_event = state.get("start_event")
-
-
-def _reached(state: State, t: Time | None) -> bool:
-    return _reached_by(lambda unit: elapsed(state, unit), t)
 
 
 def _reached_by(now, t: Time | None) -> bool:

@@ -38,10 +38,9 @@ from composer.core.precision import get_precision_context
 from composer.loggers import Logger
 from composer.utils import dist, ensure_tuple
 
-from composer_growth.algorithms.surgery import (check_recipe_sharding, check_supported, composer_model, grow,
-                                               install_replay_hook)
+from composer_growth.algorithms.surgery import check_recipe_sharding, check_supported, grow, install_replay_hook
 from composer_growth.errors import ConfigError, check, check_flag, is_int, is_number
-from composer_growth.families import FAMILIES, family_of, unwrap_hf
+from composer_growth.families import FAMILIES, family_of
 from composer_growth.functional.growth import STACK_INITS, stack_layers, widen_mlp
 from composer_growth.functional.lora import (LORA_GROUPS, PRUNE_MODES, lora_targets, merge_and_reinit_lora,
                                              prune_optimizer_state, resize_lora_rank, scale_lora_alpha)
@@ -49,6 +48,7 @@ from composer_growth.functional.sharding import full_state, reshard
 from composer_growth.registry import register_algorithm
 from composer_growth.runfacts import RunFacts, check_at_fit_start
 from composer_growth.timeutil import elapsed, parse_time
+from composer_growth.unwrap import composer_model, unwrap_hf
 
 log = logging.getLogger(__name__)
 

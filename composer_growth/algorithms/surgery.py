@@ -39,15 +39,10 @@ from composer.utils import dist
 from torch import nn
 
 from composer_growth.errors import ConfigError
-from composer_growth.families import unwrap_composer, unwrap_hf
 from composer_growth.functional.growth import ParamSource, param_names
 from composer_growth.functional.optim import transfer_optimizer_state
 from composer_growth.functional.sharding import full, is_sharded, reshard
-
-
-def composer_model(state: State) -> nn.Module:
-    """The ``ComposerModel`` under a DDP wrapper (the object Composer saves and evaluates)."""
-    return unwrap_composer(state.model)
+from composer_growth.unwrap import composer_model, unwrap_hf
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
