@@ -119,10 +119,10 @@ class PhaseLengthEval(Callback):
 
     def _mean_loss(self, state: State, loader: Any, length: int) -> float | None:
         def prepare(batch: Any) -> Any:
-            return state.device.batch_to_device(set_batch_sequence_length(batch, length, self.schedule.mode))
+            return set_batch_sequence_length(batch, length, self.schedule.mode)
 
         total = loss_sum(unwrap_composer(state.model), loader, self.schedule.eval_batches, prepare,
-                         state.precision, state.precision_config)
+                         state.precision, state.precision_config, device=state.device)
         t = state.device.tensor_to_device(total)
         dist.all_reduce(t, reduce_operation="SUM")
         loss, count = (float(x) for x in t.cpu())

@@ -38,7 +38,7 @@ from composer.utils import dist, ensure_tuple
 
 from composer_growth.algorithms.order import set_batch_lengths
 from composer_growth.algorithms.phases import Phase, Timeline, parse_phases
-from composer_growth.algorithms.surgery import install_replay_hook
+from composer_growth.algorithms.composer_hooks import install_replay_hook
 from composer_growth.data.phased import BASE, Sources
 from composer_growth.errors import ConfigError, check, check_flag, check_int
 from composer_growth.families import FAMILIES, Family, family_of

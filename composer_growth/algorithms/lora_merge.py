@@ -33,7 +33,9 @@ from composer.core import Algorithm, Event, State, Time, TimeUnit
 from composer.loggers import Logger
 from composer.utils import dist
 
-from composer_growth.algorithms.surgery import (check_recipe_sharding, check_supported, grow, install_replay_hook, is_fsdp2, save_pretrained)
+from composer_growth.algorithms.composer_hooks import install_replay_hook
+from composer_growth.algorithms.surgery import (check_recipe_sharding, check_supported, grow, is_fsdp2,
+                                                save_pretrained)
 from composer_growth.events import announce
 from composer_growth.errors import ConfigError, check, check_flag, check_int, check_number
 from composer_growth.families import FAMILIES, family_of
