@@ -48,7 +48,7 @@ def _scheduler_of(state: State, optimizer: Any) -> Any:
 
 def _apply(state: State) -> None:
     """Every param group on its scheduled lr times every algorithm's factor."""
-    factors = list(_MULTIPLIERS.get(state, {}).values())
+    factors = [f for _, f in sorted(_MULTIPLIERS.get(state, {}).items())]  # one order, however they were set
     for opt in ensure_tuple(state.optimizers):
         sched = _scheduler_of(state, opt)
         for i, group in enumerate(opt.param_groups):
