@@ -2,7 +2,7 @@
 
 ``algorithm``: the Composer Algorithm (when ops fire, what the checkpoint holds); ``ops``: the
 operations (:data:`OPS`, :class:`OpKind`, :class:`RunContext`); ``schedule``: reading and checking a
-schedule; ``values``: the checkers of values and options.
+schedule; ``values``: the checkers of values and options; ``report``: what it prints and summarises.
 """
 
 from composer_growth.algorithms.orchestrator.algorithm import Orchestrator, eval_metric

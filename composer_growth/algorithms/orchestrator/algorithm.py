@@ -34,6 +34,7 @@ from composer_growth.algorithms.composer_hooks import install_replay_hook
 from composer_growth.algorithms.lr import UNITS, RestartableSchedule, restartable_schedules
 from composer_growth.algorithms.orchestrator.ops import (LR_SCHEDULE, LR_WARMUP, ROWS_LOADER, STEP_TIME, RunContext,
                                                          Skip, apply_eval_settings)
+from composer_growth.algorithms.orchestrator.report import fired_block, plan_event, run_summary
 from composer_growth.algorithms.orchestrator.schedule import DEFAULT_MONITOR, Op, load_schedule, parse_monitor, parse_op
 from composer_growth.algorithms.surgery import check_recipe_sharding, check_supported
 from composer_growth.errors import ConfigError, check, check_flag
@@ -288,7 +289,7 @@ class Orchestrator(Algorithm):
             op, wait = self.ops[i], self.ops[i].max_wait
             if wait is None or now(wait.unit) - anchor.get(wait.unit, 0.0) < float(wait.value):
                 break
-            events.append(self._plan_event(op, batch))
+            events.append(plan_event(op, batch))
             record["anchor"] = anchor = {u: now(u) for u in (TimeUnit.BATCH, TimeUnit.TOKEN, TimeUnit.SAMPLE,
                                                               TimeUnit.DURATION)}
             i = record["next"] = i + 1
@@ -296,14 +297,7 @@ class Orchestrator(Algorithm):
 
     def plan_pending(self, record: dict[str, Any], batch: int) -> list[dict[str, Any]]:
         """``composer-growth plan``: the ops no timeout fires within the run (only a loss can)."""
-        return [self._plan_event(op, batch, latest=False) for op in self.ops[record.get("next", 0):]]
-
-    @staticmethod
-    def _plan_event(op: Op, batch: int, latest: bool = True) -> dict[str, Any]:
-        when = f"when eval loss < {op.trigger_loss:g}" if op.trigger_loss is not None else "on its timeout"
-        by = f"at the latest by batch {batch}" if latest else "not by a timeout within the run"
-        return {"event": "orchestrator", "batch": batch if latest else None, "op": op.label(),
-                "trigger_loss": op.trigger_loss, "latest_batch": batch if latest else None, "text": f"{when}, {by}"}
+        return [plan_event(op, batch, latest=False) for op in self.ops[record.get("next", 0):]]
 
     def _timeout_due(self, state: State) -> bool:
         """The next op's max_wait has passed (the Trainer's time is the same on every rank)."""
@@ -374,41 +368,14 @@ class Orchestrator(Algorithm):
         if status == "skipped":
             log.warning("orchestrator: schedule[%d] %s skipped at batch %d: %s", op.index, op.name, batch, did)
         if self.verbose and dist.get_global_rank() == 0:
-            print("\n".join(self._block(record)), flush=True)
+            print("\n".join(fired_block(self.ops, self.metric, record)), flush=True)
         return after
-
-    def _block(self, r: dict[str, Any]) -> list[str]:
-        op = self.ops[r["index"]]
-        if r["reason"] == "loss":
-            why = f"{self.metric} {r['loss_before']:.4f} < trigger_loss {r['trigger_loss']:g}"
-        else:
-            why = f"timeout: {r['waited']} since the last op (max_wait {op.max_wait})"
-        lines = [f"== orchestrator: schedule[{r['index']}] of {len(self.ops)}: {op.label()} "
-                 f"{'fired' if r['status'] == 'applied' else 'SKIPPED'} at batch {r['batch']} ==",
-                 f"  why          {why}"]
-        if r["loss_before"] is not None:
-            lines.append(f"  loss before  {r['loss_before']:.4f} (eval at batch {r['loss_before_batch']})")
-        if r["loss_after"] is not None:
-            lines.append(f"  loss after   {r['loss_after']:.4f} (re-evaluated)")
-        done = r["status"] == "applied"
-        lines.append(f"  {'did         ' if done else 'skipped     '} {r['did'].removeprefix('skipped: ')}")
-        return lines
 
     # ------------------------------------------------------------------ summary
 
     def run_summary(self) -> dict[str, Any]:
         """One line per fired op for the run summary, and the records for its JSON."""
-        lines = []
-        for r in self.fired:
-            why = (f"loss {r['loss_before']:.4f} < {r['trigger_loss']:g}" if r["reason"] == "loss"
-                   else f"timeout after {r['waited']}")
-            after = f", after {r['loss_after']:.4f}" if r["loss_after"] is not None else ""
-            lines.append(f"  [{r['index']}] {self.ops[r['index']].label():<28} batch {r['batch']:<6} "
-                         f"{why}{after}{'' if r['status'] == 'applied' else '  SKIPPED: ' + r['did']}")
-        pending = len(self.ops) - len(self.fired)
-        if pending:
-            lines.append(f"  ({pending} op{'s' if pending > 1 else ''} not fired)")
-        return {"title": "orchestrator", "lines": lines, "ops": [dict(r) for r in self.fired]}
+        return run_summary(self.ops, self.fired)
 
     # ------------------------------------------------------------------ resume
 
