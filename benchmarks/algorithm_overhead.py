@@ -176,7 +176,7 @@ def run_variant(variant: str, model_name: str, tokenizer, threads: int) -> dict[
     torch.manual_seed(0)
     model = build_model(recipe, tokenizer)
     if variant == "lora_merge":
-        from composer_growth.families import unwrap_hf
+        from composer_growth.unwrap import unwrap_hf
         from composer_growth.functional.lora import add_lora
 
         add_lora(unwrap_hf(model), "all", rank=8)

@@ -155,7 +155,7 @@ def build_trainer(name: str, args: argparse.Namespace, recipe, tokenizer, init_s
 @torch.no_grad()
 def eval_lengths(composer_model, eval_loader, lengths: list[int], args: argparse.Namespace) -> dict[str, float]:
     """Mean LM loss of the model as it is (its current rope config) on the same tokens cut into rows of each length."""
-    from composer_growth.families import unwrap_hf
+    from composer_growth.unwrap import unwrap_hf
 
     hf = unwrap_hf(composer_model)
     was_training = hf.training

@@ -77,7 +77,7 @@ def build_trainer(name: str, args: argparse.Namespace, tokenizer, eval_loader, r
     from composer.utils import reproducibility
 
     from composer_growth import LoraMergeRestart
-    from composer_growth.families import unwrap_hf
+    from composer_growth.unwrap import unwrap_hf
     from composer_growth.functional import add_lora
     from composer_growth.recipe.build import build_model
 

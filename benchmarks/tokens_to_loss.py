@@ -112,7 +112,7 @@ class Counter(Callback):
         self._t = 0.0
 
     def _hf(self, state: State):
-        from composer_growth.families import unwrap_hf
+        from composer_growth.unwrap import unwrap_hf
 
         return unwrap_hf(state.model)
 

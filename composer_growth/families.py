@@ -14,6 +14,7 @@ from typing import Any
 import torch.nn as nn
 
 from composer_growth.errors import ConfigError
+from composer_growth.unwrap import unwrap_hf
 
 
 @dataclass(frozen=True)
@@ -123,38 +124,6 @@ FAMILIES: dict[str, Family] = {
         per_layer_keys=("block_overrides",), embed="transformer.wte",
     ),
 }
-
-
-def unwrap_composer(model: nn.Module) -> nn.Module:
-    """The model under DDP and ``torch.compile`` wrappers (for a Trainer: its ``ComposerModel``)."""
-    for _ in range(4):
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            break
-    return model
-
-
-def unwrap_hf(model: nn.Module) -> nn.Module:
-    """The transformers ``PreTrainedModel`` inside Composer / DDP / peft / compile wrappers."""
-    from transformers import PreTrainedModel
-
-    for _ in range(8):
-        if isinstance(model, PreTrainedModel):
-            return model
-        if hasattr(model, "get_base_model"):  # peft
-            model = model.get_base_model()
-        elif hasattr(model, "_orig_mod"):  # torch.compile
-            model = model._orig_mod
-        elif isinstance(getattr(model, "module", None), nn.Module):  # DDP
-            model = model.module
-        elif isinstance(getattr(model, "model", None), nn.Module):  # Composer HuggingFaceModel
-            model = model.model
-        else:
-            break
-    return model
 
 
 def family_of(model_or_type: Any, key: str = "model.family") -> Family:

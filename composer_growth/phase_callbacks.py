@@ -1,10 +1,11 @@
 """The context-length schedule's callbacks: evaluation at the phase's length, and the phase-end export.
 
-Both read the schedule's current phase through its public accessors (``phase``, ``trained_phases``,
-``phase_ending``). :class:`~composer_growth.algorithms.context_schedule.ContextLengthSchedule` puts
-them into the Trainer's callbacks at ``Event.INIT`` (before the checkpoint saver, so a checkpoint
-written at a phase end records the phase as exported); a Composer script lists only the algorithm
-(or also ``schedule.callbacks`` among its callbacks: the algorithm adds only those not listed yet).
+Both read the schedule's current phase through its public surface, :class:`PhaseSchedule` (``phase``,
+``trained_phases``, ``phase_ending``, the eval and export options); they do not import the schedule.
+:class:`~composer_growth.algorithms.context_schedule.ContextLengthSchedule` puts them into the
+Trainer's callbacks at ``Event.INIT`` (before the checkpoint saver, so a checkpoint written at a
+phase end records the phase as exported); a Composer script lists only the algorithm (or also
+``schedule.callbacks`` among its callbacks: the algorithm adds only those not listed yet).
 Their state is the schedule's: a resumed run continues with what its checkpoint recorded.
 """
 
@@ -14,24 +15,52 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
+from composer_growth.algorithms.phases import Phase
 from composer_growth.algorithms.surgery import gather_hf_state_dict, save_pretrained
 from composer_growth.data.phased import loader_len, sample_length
-from composer_growth.families import unwrap_composer, unwrap_hf
 from composer_growth.functional.batch import batch_seq_length, set_batch_sequence_length
-from composer_growth.functional.lora import base_state_dict, merged_state_dict, peft_model, save_adapter
+from composer_growth.functional.lora import base_state_dict, merged_state_dict, save_adapter
 from composer_growth.functional.loss import loss_sum
 from composer_growth.functional.rope import max_addressable_positions
 from composer_growth.functional.sharding import reshard
+from composer_growth.unwrap import peft_model, unwrap_composer, unwrap_hf
 
-if TYPE_CHECKING:
-    from composer_growth.algorithms.context_schedule import ContextLengthSchedule
-    from composer_growth.algorithms.phases import Phase
+
+
+class PhaseSchedule(Protocol):
+    """What the callbacks read of a context schedule (``ContextLengthSchedule`` has it): its current phase,
+    the phases trained so far, whether the phase ends with this batch, and its eval and export options."""
+
+    mode: str
+    eval_labels: tuple[str, ...]
+    eval_split: str
+    eval_batches: int
+    save_folder: str | None
+    save_checkpoints: bool
+    export_hf: bool
+    export_base_weights: bool
+    verbose: bool
+
+    @property
+    def phase(self) -> Phase: ...
+
+    @property
+    def trained_phases(self) -> list[Phase]: ...
+
+    @property
+    def data_length(self) -> int | None: ...
+
+    def phase_ending(self, state: State) -> bool: ...
+
+    def mark_exported(self, name: str) -> None: ...
+
+    def warn_once(self, text: str) -> None: ...
 
 
 def perplexity(loss: float) -> float:
@@ -46,7 +75,7 @@ class PhaseLengthEval(Callback):
     logged as ``context/ppl/<length>``. :meth:`length_perplexities` is what a phase end logs.
     """
 
-    def __init__(self, schedule: ContextLengthSchedule):
+    def __init__(self, schedule: PhaseSchedule):
         self.schedule = schedule
         self._active = False
         self._loaders: dict[str, Any] = {}
@@ -119,10 +148,10 @@ class PhaseLengthEval(Callback):
 
     def _mean_loss(self, state: State, loader: Any, length: int) -> float | None:
         def prepare(batch: Any) -> Any:
-            return state.device.batch_to_device(set_batch_sequence_length(batch, length, self.schedule.mode))
+            return set_batch_sequence_length(batch, length, self.schedule.mode)
 
         total = loss_sum(unwrap_composer(state.model), loader, self.schedule.eval_batches, prepare,
-                         state.precision, state.precision_config)
+                         state.precision, state.precision_config, device=state.device)
         t = state.device.tensor_to_device(total)
         dist.all_reduce(t, reduce_operation="SUM")
         loss, count = (float(x) for x in t.cpu())
@@ -152,7 +181,7 @@ class PhaseExport(Callback):
     (weights, the phase's config, the tokenizer; LoRA adapters in ``adapter/`` with the base weights and a
     merged model) that ``from_pretrained`` loads with its rope config, and ``phase.json``."""
 
-    def __init__(self, schedule: ContextLengthSchedule, evaluation: PhaseLengthEval):
+    def __init__(self, schedule: PhaseSchedule, evaluation: PhaseLengthEval):
         self.schedule, self.evaluation = schedule, evaluation
 
     def batch_checkpoint(self, state: State, logger: Logger) -> None:

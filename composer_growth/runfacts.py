@@ -93,7 +93,7 @@ class RunFacts:
         """The facts a Trainer's State holds at ``FIT_START`` (a plain Composer script: no recipe)."""
         from composer.utils import dist
 
-        from composer_growth.families import unwrap_hf
+        from composer_growth.unwrap import unwrap_hf
 
         world = dist.get_world_size()
         rows = getattr(state.train_dataloader, "batch_size", None)

@@ -19,8 +19,8 @@ from transformers import (BatchEncoding, BertConfig, BertForMaskedLM, BertTokeni
 
 from composer_growth import ContextLengthSchedule, SeqLengthWarmup, StackLayers, WidenMLP
 from composer_growth.errors import ConfigError
-from composer_growth.families import unwrap_hf
 from composer_growth.functional import set_batch_sequence_length
+from composer_growth.unwrap import unwrap_hf
 
 VOCAB = 64
 LENGTH = 32

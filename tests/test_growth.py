@@ -10,10 +10,9 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from composer_growth import StackLayers, WidenMLP
-from composer_growth.algorithms.surgery import composer_model
 from composer_growth.errors import ConfigError
-from composer_growth.families import unwrap_hf
 from composer_growth.recipe import run, validate
+from composer_growth.unwrap import composer_model, unwrap_hf
 
 from conftest import launch, launch_failure, read_summary, resume_from
 

@@ -88,7 +88,7 @@ def _train(config, path):
 
 def test_train_from_yaml_with_every_algorithm_and_resume(foundry_setup, tmp_path, one_thread):
     from composer_growth import ContextLengthSchedule, SeqLengthWarmup, StackLayers, WidenMLP
-    from composer_growth.families import unwrap_hf
+    from composer_growth.unwrap import unwrap_hf
 
     root, tokenizer_dir = foundry_setup
     full = _train(_config(root, tokenizer_dir, tmp_path / "ckpt"), tmp_path / "full.yaml")

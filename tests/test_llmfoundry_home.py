@@ -18,9 +18,10 @@ from composer.core import Callback
 pytest.importorskip("llmfoundry")
 
 from composer_growth import ConfigError, ContextLengthSchedule, SeqLengthWarmup, StackLayers, WidenMLP  # noqa: E402
-from composer_growth.families import family_of, unwrap_hf  # noqa: E402
+from composer_growth.families import family_of  # noqa: E402
 from composer_growth.functional import stack_layers, widen_mlp  # noqa: E402
 from composer_growth.functional.rope import apply_rope_scaling  # noqa: E402
+from composer_growth.unwrap import unwrap_hf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 YAMLS = os.path.join(ROOT, "yamls", "foundry")

@@ -12,11 +12,10 @@ from composer.core import Algorithm, Callback, Event
 from transformers import AutoModelForCausalLM
 
 from composer_growth import LoraMergeRestart, StackLayers
-from composer_growth.algorithms.surgery import composer_model
 from composer_growth.errors import ConfigError
-from composer_growth.families import unwrap_hf
 from composer_growth.functional import lora_targets
 from composer_growth.recipe import run, validate
+from composer_growth.unwrap import composer_model, unwrap_hf
 
 from conftest import fsdp_runs, launch, launch_failure, read_summary, resume_from
 

@@ -11,10 +11,9 @@ import yaml
 from composer.core import Callback, Event
 
 from composer_growth import Orchestrator
-from composer_growth.algorithms.surgery import composer_model
 from composer_growth.errors import ConfigError
-from composer_growth.families import unwrap_hf
 from composer_growth.recipe import run, validate
+from composer_growth.unwrap import composer_model, unwrap_hf
 
 from conftest import fsdp_runs, launch, launch_failure, read_summary, resume_from
 
@@ -404,3 +403,44 @@ def test_architecture_op_on_a_family_outside_the_table_is_named():
     alg = Orchestrator(schedule=[_op("change_lr"), _op("widen_mlp", 2)])
     with pytest.raises(ConfigError, match=r"^schedule\[1\].name='widen_mlp': model family='opt': supported"):
         Trainer(model=model, algorithms=[alg], max_duration="2ba")
+
+
+def _script_trainer(scheduler, orchestrator):
+    """A Composer script's Trainer (no recipe): a tiny llama, 8 batches, the given scheduler."""
+    import torch
+    from composer import Trainer
+    from composer.models import HuggingFaceModel
+    from torch.utils.data import DataLoader
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                      num_attention_heads=2, num_key_value_heads=2, vocab_size=64))
+    ids = torch.randint(1, 64, (32, 8), generator=torch.Generator().manual_seed(0))
+    rows = [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r.clone()} for r in ids]
+    model = HuggingFaceModel(hf, use_logits=True, shift_labels=True)
+    return Trainer(model=model, train_dataloader=DataLoader(rows, batch_size=4), max_duration="8ba",
+                   optimizers=torch.optim.AdamW(model.parameters(), lr=1e-2), schedulers=scheduler,
+                   algorithms=[orchestrator], progress_bar=False)
+
+
+def test_lr_restart_in_a_composer_script_needs_a_restartable_schedule():
+    from composer.optim import CosineAnnealingWithWarmupScheduler
+
+    from composer_growth.algorithms.lr import RestartableSchedule
+
+    def schedule():
+        return Orchestrator(verbose=False, schedule=[_op("reset_lr_schedule", None, trigger_loss=None,
+                                                         max_wait_iters=4)])
+
+    with pytest.raises(ConfigError, match=r"^schedule\[0\].name='reset_lr_schedule': needs the recipe's scheduler"):
+        _script_trainer(CosineAnnealingWithWarmupScheduler(t_warmup="2ba"), schedule()).fit()
+    orchestrator = schedule()
+    trainer = _script_trainer(RestartableSchedule(CosineAnnealingWithWarmupScheduler(t_warmup="2ba")), orchestrator)
+    lrs = []
+    trainer.state.callbacks.append(type("LR", (Callback,), {"batch_start": lambda self, state, logger: lrs.append(
+        state.optimizers[0].param_groups[0]["lr"])})())
+    trainer.fit()
+    assert orchestrator.fired[0]["status"] == "applied" and orchestrator.fired[0]["batch"] == 4
+    # from batch 4 the schedule runs again over the 4 batches left: the lrs of batches 0-3 once more
+    assert lrs[:4] == pytest.approx([0.0, 0.0, 5e-3, 1e-2]) and lrs[4:] == pytest.approx(lrs[:4])

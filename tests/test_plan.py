@@ -13,8 +13,8 @@ from composer.loggers import InMemoryLogger
 
 from composer_growth.cli import main
 from composer_growth.errors import ConfigError
-from composer_growth.families import unwrap_hf
 from composer_growth.plan import plan_file
+from composer_growth.unwrap import unwrap_hf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "yamls", "*.yaml")))

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from composer_growth.errors import ConfigError
-from composer_growth.families import unwrap_hf
 from composer_growth.recipe import load_recipe, run, validate
+from composer_growth.unwrap import unwrap_hf
 
 from conftest import launch, launch_failure, read_summary, resume_from
 

@@ -17,18 +17,19 @@ from composer.utils import dist
 from torch import nn
 
 from composer_growth.algorithms.base import Now, SuiteAlgorithm
-from composer_growth.algorithms.surgery import (check_recipe_sharding, check_supported, composer_model, grow,
-                                               install_replay_hook, reshard)
+from composer_growth.algorithms.composer_hooks import install_replay_hook
+from composer_growth.algorithms.surgery import check_recipe_sharding, check_supported, grow
 from composer_growth.events import announce
 from composer_growth.errors import ConfigError, check, check_flag, check_int, check_number, is_int
-from composer_growth.families import FAMILIES, config_get, family_of, get_path, unwrap_hf
+from composer_growth.families import FAMILIES, config_get, family_of, get_path
 from composer_growth.functional.growth import STACK_INITS, STACK_MODES, stack_layers, widen_mlp
 from composer_growth.functional.batch import select_rows
 from composer_growth.functional.lora import add_lora
-from composer_growth.functional.loss import batch_loss
+from composer_growth.functional.loss import batch_mean_loss
 from composer_growth.registry import register_algorithm
 from composer_growth.runfacts import RunFacts, check_at_fit_start
 from composer_growth.timeutil import check_progress_known, earliest_batch, parse_time, reached, to_duration_fraction
+from composer_growth.unwrap import composer_model, unwrap_hf
 
 TRUNKS = ("train", "frozen", "lora")
 
@@ -153,13 +154,8 @@ class _Growth(SuiteAlgorithm):
         model = composer_model(state)
         rows = state.device_train_microbatch_size if isinstance(state.device_train_microbatch_size, int) else 1
         batch = select_rows(self._batch, rows)
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            loss = batch_loss(model, batch, state.precision, state.precision_config)
-        model.train(was_training)
-        reshard(model)  # under FSDP2 a no_grad forward leaves the root unsharded
-        loss = loss.detach().float().reshape(1)
+        mean = batch_mean_loss(model, batch, state.device, state.precision, state.precision_config)
+        loss = state.device.tensor_to_device(torch.tensor([mean], dtype=torch.float32))
         dist.all_reduce(loss, reduce_operation="SUM")
         return float(loss.item()) / dist.get_world_size()
 

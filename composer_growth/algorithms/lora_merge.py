@@ -16,10 +16,12 @@ of a batch, after the optimizer step):
 The re-initialisation draws from a CPU generator seeded with ``(seed, merge index)``: every rank
 draws the same adapters, and a resumed run draws what the uninterrupted one did.
 
-The ramp multiplies the LR the schedulers set, at the end of every batch: Composer steps its
-``LambdaLR`` schedulers before it advances the timestamp, so a wrapped lambda would see the
-previous batch's time. The multiplied LR is what the optimizer's param groups hold, so it is
-saved and restored with the optimizer in checkpoints.
+The ramp is this algorithm's factor on the LR the schedulers set
+(:func:`composer_growth.algorithms.lr.set_lr_multiplier`, composed with the other algorithms'
+factors), set at the end of every batch: Composer steps its ``LambdaLR`` schedulers before it
+advances the timestamp, so a wrapped lambda would see the previous batch's time. The multiplied LR
+is what the optimizer's param groups hold, so it is saved and restored with the optimizer in
+checkpoints.
 """
 
 from __future__ import annotations
@@ -34,18 +36,21 @@ from composer.loggers import Logger
 from composer.utils import dist
 
 from composer_growth.algorithms.base import SuiteAlgorithm
-from composer_growth.algorithms.surgery import (check_recipe_sharding, check_supported, composer_model, grow,
-                                                install_replay_hook, is_fsdp2, save_pretrained)
+from composer_growth.algorithms.composer_hooks import install_replay_hook
+from composer_growth.algorithms.lr import set_lr_multiplier
+from composer_growth.algorithms.surgery import (check_recipe_sharding, check_supported, grow, is_fsdp2,
+                                                save_pretrained)
 from composer_growth.events import announce
 from composer_growth.errors import ConfigError, check, check_flag, check_int, check_number
-from composer_growth.families import FAMILIES, family_of, unwrap_hf
+from composer_growth.families import FAMILIES, family_of
 from composer_growth.functional.growth import ParamSource
 from composer_growth.functional.lora import (LORA_GROUPS, PRUNE_MODES, add_lora, lora_target_modules, lora_targets,
                                              merge_and_reinit_lora, merged_state_dict, prune_optimizer_state)
 from composer_growth.functional.sharding import full_state, reshard
 from composer_growth.registry import register_algorithm
 from composer_growth.runfacts import RunFacts, check_at_fit_start
-from composer_growth.timeutil import elapsed, parse_time, to_duration_fraction
+from composer_growth.timeutil import elapsed, parse_time, reached, to_duration_fraction
+from composer_growth.unwrap import composer_model, unwrap_hf
 
 __all__ = ["LoraMergeRestart"]
 
@@ -205,8 +210,10 @@ class LoraMergeRestart(SuiteAlgorithm):
         elif event is Event.FIT_START:
             check_supported(state, "lora_merge")
             check_at_fit_start(self, state)
+            if self.last_merge is not None:  # resumed mid-run: the ramp's factor, as the last batch end set it
+                set_lr_multiplier(state, "lora_merge", self.ramp(state))
         elif event is Event.BATCH_END:
-            if not self.started and _reached(state, self.start_at):
+            if not self.started and self.start_at is not None and reached(state, self.start_at):
                 self._start(state, logger)
             if self.started and self._merge_due(state):
                 self._merge(state, logger)
@@ -294,13 +301,7 @@ class LoraMergeRestart(SuiteAlgorithm):
         factor = self.ramp(state)
         if self.last_merge is None:
             return
-        by_opt = {id(getattr(s, "optimizer", None)): s for s in state.schedulers}
-        for opt in state.optimizers:
-            sched = by_opt.get(id(opt))
-            for i, group in enumerate(opt.param_groups):
-                # the schedule's LR (what the scheduler set last), else the LR before the first merge
-                base = sched.get_last_lr()[i] if sched is not None else group.setdefault("lora_lr", group["lr"])
-                group["lr"] = base * factor
+        set_lr_multiplier(state, "lora_merge", factor)  # on the schedule's LR (else the LR before the first merge)
         if factor < 1.0 or self._ramping:
             logger.log_metrics({"lora/lr_ramp": factor})
         self._ramping = factor < 1.0
@@ -337,10 +338,6 @@ class LoraMergeRestart(SuiteAlgorithm):
         self.last_merge = state.get("last_merge")
         self.history = [dict(h) for h in state.get("history", [])]
         self.start_event = state.get("start_event")
-
-
-def _reached(state: State, t: Time | None) -> bool:
-    return _reached_by(lambda unit: elapsed(state, unit), t)
 
 
 def _reached_by(now, t: Time | None) -> bool:

@@ -14,15 +14,13 @@ from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
 from composer_growth.algorithms.base import SuiteAlgorithm
+from composer_growth.algorithms.composer_hooks import first_call_this_batch
 
 
 def set_batch_lengths(caller: Algorithm, state: State, logger: Logger) -> None:
     """Run every length algorithm's ``set_batch_length(state, logger)`` once for this batch, by ``length_rank``."""
-    # Composer builds a new Timestamp for every batch: the same object for every caller of one batch
-    # (and a reference kept here, so its id cannot come back)
-    if getattr(state, "_length_pass_timestamp", None) is state.timestamp:
+    if not first_call_this_batch(state):
         return
-    state._length_pass_timestamp = state.timestamp
     algorithms = list(state.algorithms)
     if not any(a is caller for a in algorithms):
         algorithms.append(caller)  # called outside a Trainer's list: it still acts

@@ -20,7 +20,6 @@ from composer.loggers import Logger
 from composer_growth.algorithms.base import SuiteAlgorithm
 from composer_growth.algorithms.order import set_batch_lengths
 from composer_growth.errors import ConfigError, check, check_flag, check_int, check_number
-from composer_growth.families import unwrap_composer
 from composer_growth.functional.batch import (MODES, batch_seq_length, batch_tokens, select_rows,
                                               set_batch_sequence_length)
 from composer_growth.functional.loss import batch_loss
@@ -28,6 +27,7 @@ from composer_growth.registry import register_algorithm
 from composer_growth.runfacts import RunFacts, check_at_fit_start
 from composer_growth.timeutil import (check_progress_known, elapsed, parse_time, to_duration_fraction,
                                       uncount_tokens)
+from composer_growth.unwrap import unwrap_composer
 
 SCHEDULES = ("linear", "root")
 MICROBATCH_POLICIES = ("tokens", "rows", "bounded")

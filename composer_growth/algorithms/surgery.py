@@ -15,19 +15,14 @@ shards that too. Peak memory during the growth is one full copy of the model and
 state per rank.
 
 Resuming: Composer loads a checkpoint's model weights before any algorithm's state, so an
-algorithm that changed the architecture must replay its change first. ``install_replay_hook``
-wraps ``state.load_model_state`` once; before the weights load it calls, in algorithm order,
-``replay(state, saved_state)`` on every algorithm that has it. A sharded (FSDP) checkpoint is
-read into a template built from the current model before ``load_model_state`` runs, so there the
-algorithm states are read from the checkpoint first and replayed before Composer builds that
-template (``_replay_before_sharded_load``).
+algorithm that changed the architecture must replay its change first:
+:func:`composer_growth.algorithms.composer_hooks.install_replay_hook` calls, before the weights
+load, ``replay(state, saved_state)`` on every algorithm that has it.
 """
 
 from __future__ import annotations
 
 import copy
-import inspect
-import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -38,17 +33,11 @@ from composer.core import State
 from composer.utils import dist
 from torch import nn
 
-from composer_growth.algorithms.base import SuiteAlgorithm
 from composer_growth.errors import ConfigError
-from composer_growth.families import unwrap_composer, unwrap_hf
 from composer_growth.functional.growth import ParamSource, param_names
 from composer_growth.functional.optim import transfer_optimizer_state
 from composer_growth.functional.sharding import full, is_sharded, reshard
-
-
-def composer_model(state: State) -> nn.Module:
-    """The ``ComposerModel`` under a DDP wrapper (the object Composer saves and evaluates)."""
-    return unwrap_composer(state.model)
+from composer_growth.unwrap import composer_model, unwrap_hf
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
@@ -299,74 +288,6 @@ def _track_steps(optimizer: torch.optim.Optimizer, called: bool) -> None:
             group.update(saved)
     if called:
         optimizer._opt_called = True
-
-
-def _replay(state: State, saved: Any) -> None:
-    """Call ``replay(state, saved_state)`` on every algorithm that has it, in algorithm order, with
-    the state saved for it (matched by class name and position among algorithms of that class)."""
-    if not isinstance(saved, (list, tuple)):
-        return
-    by_class: dict[str, list[Any]] = {}
-    for cls_name, alg_state in saved:
-        by_class.setdefault(cls_name, []).append(alg_state)
-    seen: dict[str, int] = {}
-    for alg in state.algorithms:
-        name = type(alg).__qualname__
-        i = seen.get(name, 0)
-        seen[name] = i + 1
-        entries = by_class.get(name, [])
-        if isinstance(alg, SuiteAlgorithm) and i < len(entries):
-            alg.replay(state, entries[i])
-
-
-def install_replay_hook(state: State) -> None:
-    """Make checkpoint loading replay recorded architecture changes before the weights load."""
-    if getattr(state, "_growth_replay_installed", False):
-        return
-    original = state.load_model_state
-
-    def load_model_state(state_dict: dict[str, Any], *args: Any, **kwargs: Any):
-        _replay(state, state_dict.get("algorithms"))
-        return original(state_dict, *args, **kwargs)
-
-    state.load_model_state = load_model_state
-    state._growth_replay_installed = True
-    _replay_before_sharded_load()
-
-
-def _saved_algorithm_states(path: str) -> Any:
-    """The ``algorithms`` entry of a sharded (torch.distributed.checkpoint) Composer checkpoint, read
-    alone (collective: every rank reads it)."""
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
-
-    if os.path.islink(path):
-        path = os.path.join(os.path.dirname(path), os.readlink(path))
-    return _load_state_dict_from_keys(keys={"state.algorithms"}, checkpoint_id=path).get("state", {}).get("algorithms")
-
-
-def _replay_before_sharded_load() -> None:
-    """Wrap Composer's sharded checkpoint loader (once per process) so that, for a state with the
-    replay hook, the checkpoint's algorithm states are read and replayed before Composer builds the
-    load template from the current model (which would otherwise drop a grown model's new tensors).
-    A state without the hook loads exactly as before."""
-    from composer.utils import checkpoint
-
-    original = checkpoint.load_sharded_checkpoint
-    if getattr(original, "_growth_replay", False):
-        return
-
-    def load_sharded_checkpoint(*args: Any, **kwargs: Any):
-        bound = inspect.signature(original).bind(*args, **kwargs)
-        state, path = bound.arguments["state"], bound.arguments["source_path"]
-        if getattr(state, "_growth_replay_installed", False):
-            if bound.arguments.get("object_store") is not None:
-                raise ValueError("resuming growth from a sharded checkpoint in an object store is not supported; "
-                                 "load it from a local or shared folder, or use parallelism.fsdp.state_dict_type: full")
-            _replay(state, _saved_algorithm_states(path))
-        return original(*args, **kwargs)
-
-    load_sharded_checkpoint._growth_replay = True
-    checkpoint.load_sharded_checkpoint = load_sharded_checkpoint
 
 
 def gather_hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:

@@ -26,7 +26,8 @@ import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
 from composer_growth.errors import check, check_int, check_number, is_int
-from composer_growth.families import Family, config_set, family_of, get_path, set_path, unwrap_hf
+from composer_growth.families import Family, config_set, family_of, get_path, set_path
+from composer_growth.unwrap import unwrap_hf
 
 __all__ = ["ParamSource", "STACK_MODES", "STACK_INITS", "param_names", "stack_layers", "widen_mlp"]
 

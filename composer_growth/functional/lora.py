@@ -41,9 +41,10 @@ import torch
 from torch import nn
 
 from composer_growth.errors import ConfigError, check, check_int, check_number
-from composer_growth.families import Family, family_of, get_path, set_path, unwrap_hf
+from composer_growth.families import Family, family_of, get_path, set_path
 from composer_growth.functional.growth import ParamSource, _collect_mapping, param_names
 from composer_growth.functional.sharding import add_full_, copy_full_, full
+from composer_growth.unwrap import unwrap_hf
 
 __all__ = ["LORA_GROUPS", "PRUNE_MODES", "add_lora", "lora_target_modules", "lora_targets", "merge_and_reinit_lora",
            "merge_lora", "merged_model", "merged_state_dict", "prune_optimizer_state", "resize_lora_rank",
@@ -487,22 +488,6 @@ def prune_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[nn.
 
 
 # --------------------------------------------------------------------------- export
-
-
-def peft_model(model: nn.Module) -> Any:
-    """The peft ``PeftModel`` inside Composer / DDP wrappers (None without LoRA, or without peft)."""
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return None
-    for _ in range(6):
-        if isinstance(model, PeftModel):
-            return model
-        nxt = getattr(model, "module", None) or getattr(model, "_orig_mod", None) or getattr(model, "model", None)
-        if not isinstance(nxt, nn.Module):
-            return None
-        model = nxt
-    return None
 
 
 def save_adapter(peft: Any, folder: str) -> None:

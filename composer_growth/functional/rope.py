@@ -34,8 +34,8 @@ import torch.nn as nn
 from transformers import modeling_rope_utils as hf_rope
 
 from composer_growth.errors import ConfigError, check_int, check_number
-from composer_growth.families import (FAMILIES, Family, config_get, config_set, family_of, get_path, rope_type, set_path,
-                                      unwrap_hf)
+from composer_growth.families import (FAMILIES, Family, config_get, config_set, family_of, get_path, rope_type, set_path)
+from composer_growth.unwrap import unwrap_hf
 
 #: Rope types this transformers build can initialise (read from its registry, never hard-coded).
 SUPPORTED_ROPE_TYPES: tuple[str, ...] = tuple(sorted(set(hf_rope.ROPE_INIT_FUNCTIONS) | {"default"}))

@@ -17,6 +17,7 @@ from typing import Any
 from composer_growth.algorithms.base import SuiteAlgorithm
 from composer_growth.errors import ConfigError, check, is_int
 from composer_growth.families import FAMILIES, mark_fsdp_blocks
+from composer_growth.recipe.schedulers import build_scheduler
 from composer_growth.recipe.schema import Recipe, from_mapping
 from composer_growth.registry import ALGORITHMS, CALLBACKS, LOGGERS, register_composer_builtins
 from composer_growth.runfacts import RunFacts
@@ -391,20 +392,6 @@ def build_optimizer(recipe: Recipe, model):
     if o.name == "adamw":
         return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     return DecoupledSGDW(params, lr=o.lr, momentum=o.betas[0], weight_decay=o.weight_decay)
-
-
-def build_scheduler(recipe: Recipe):
-    from composer.optim import (ConstantScheduler, ConstantWithWarmupScheduler, CosineAnnealingWithWarmupScheduler,
-                                LinearWithWarmupScheduler)
-
-    s = recipe.scheduler
-    if s.name == "constant":
-        return ConstantScheduler()
-    if s.name == "constant_with_warmup":
-        return ConstantWithWarmupScheduler(t_warmup=s.t_warmup)
-    if s.name == "linear_with_warmup":
-        return LinearWithWarmupScheduler(t_warmup=s.t_warmup, alpha_f=s.alpha_f)
-    return CosineAnnealingWithWarmupScheduler(t_warmup=s.t_warmup, alpha_f=s.alpha_f)
 
 
 def build_trainer(plan: Plan):

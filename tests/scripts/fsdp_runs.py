@@ -20,9 +20,8 @@ from composer.core import Callback
 from composer.utils import dist
 from torch.distributed.fsdp import FSDPModule
 
-from composer_growth.algorithms.surgery import composer_model
-from composer_growth.families import unwrap_hf
 from composer_growth.recipe import build_trainer, load_recipe, validate
+from composer_growth.unwrap import composer_model, unwrap_hf
 
 
 class Record(Callback):

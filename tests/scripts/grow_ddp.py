@@ -5,8 +5,8 @@ import sys
 
 import torch
 
-from composer_growth.algorithms.surgery import composer_model
 from composer_growth.recipe import build_trainer, load_recipe, validate
+from composer_growth.unwrap import composer_model
 from composer.utils import dist
 
 recipe, out = sys.argv[1], sys.argv[2]

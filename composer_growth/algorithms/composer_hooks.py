@@ -1,0 +1,122 @@
+"""Every hook into Composer's private machinery, in one place, each with why no public hook serves.
+
+Composer's public surface is its ``Event``s, ``Algorithm``, ``Callback`` and ``State``. Two things
+this suite does are not reachable through it:
+
+* replaying an architecture change before a checkpoint's weights load (:func:`install_replay_hook`);
+* running the length step of every length algorithm once per batch, whichever calls first
+  (:func:`first_call_this_batch`): this one needs no private hook, only per-State bookkeeping,
+  kept here beside the other per-State record.
+
+Per-State records live in :class:`weakref.WeakKeyDictionary` / :class:`weakref.WeakSet` objects of
+this module, not as attributes on Composer's ``State``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import weakref
+from typing import Any
+
+from composer.core import State
+
+from composer_growth.algorithms.base import SuiteAlgorithm
+
+#: the States whose checkpoint loading replays recorded architecture changes
+_REPLAYING: weakref.WeakSet[State] = weakref.WeakSet()
+#: per State, the timestamp of the batch whose length step has run (a reference: its id cannot come back)
+_LENGTH_PASS: weakref.WeakKeyDictionary[State, Any] = weakref.WeakKeyDictionary()
+
+
+def first_call_this_batch(state: State) -> bool:
+    """True for the first call in a batch, False for every later one (Composer builds a new
+    ``Timestamp`` for every batch: one object for every caller of one batch)."""
+    if _LENGTH_PASS.get(state) is state.timestamp:
+        return False
+    _LENGTH_PASS[state] = state.timestamp
+    return True
+
+
+def _replay(state: State, saved: Any) -> None:
+    """Call ``replay(state, saved_state)`` on every algorithm that has it, in algorithm order, with
+    the state saved for it (matched by class name and position among algorithms of that class)."""
+    if not isinstance(saved, (list, tuple)):
+        return
+    by_class: dict[str, list[Any]] = {}
+    for cls_name, alg_state in saved:
+        by_class.setdefault(cls_name, []).append(alg_state)
+    seen: dict[str, int] = {}
+    for alg in state.algorithms:
+        name = type(alg).__qualname__
+        i = seen.get(name, 0)
+        seen[name] = i + 1
+        entries = by_class.get(name, [])
+        if isinstance(alg, SuiteAlgorithm) and i < len(entries):
+            alg.replay(state, entries[i])
+
+
+def install_replay_hook(state: State) -> None:
+    """Make checkpoint loading replay recorded architecture changes before the weights load.
+
+    Hook 1: ``state.load_model_state`` is wrapped on this State object. Why no public hook serves:
+    ``Event.BEFORE_LOAD`` fires before the Trainer resolves the checkpoint to load (autoresume looks
+    for it after the event), so no algorithm can read the saved states there; and Composer loads a
+    checkpoint's model weights before it restores any algorithm state, with no event in between
+    (``State.load_state_dict`` calls ``load_model_state`` first). The saved algorithm states reach
+    ``load_model_state`` as its argument, right before the weights load.
+    """
+    if state in _REPLAYING:
+        return
+    original = state.load_model_state
+
+    def load_model_state(state_dict: dict[str, Any], *args: Any, **kwargs: Any):
+        _replay(state, state_dict.get("algorithms"))
+        return original(state_dict, *args, **kwargs)
+
+    state.load_model_state = load_model_state
+    _REPLAYING.add(state)
+    _replay_before_sharded_load()
+
+
+def _saved_algorithm_states(path: str) -> Any:
+    """The ``algorithms`` entry of a sharded (torch.distributed.checkpoint) Composer checkpoint, read
+    alone (collective: every rank reads it).
+
+    torch's ``_load_state_dict_from_keys`` is private too: it reads some keys of a distributed
+    checkpoint without a template of the whole state, which the public ``dcp.load`` needs.
+    """
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    if os.path.islink(path):
+        path = os.path.join(os.path.dirname(path), os.readlink(path))
+    return _load_state_dict_from_keys(keys={"state.algorithms"}, checkpoint_id=path).get("state", {}).get("algorithms")
+
+
+def _replay_before_sharded_load() -> None:
+    """Hook 2: Composer's ``checkpoint.load_sharded_checkpoint`` is wrapped (once per process).
+
+    Why no public hook serves: a sharded (FSDP) checkpoint is read into a template Composer builds
+    from the current model (``state.state_dict()``) before ``load_model_state`` runs, so hook 1
+    comes too late there: the template would drop a grown model's new tensors. The wrapper reads
+    the checkpoint's algorithm states first and replays them before Composer builds the template.
+    A state without the replay hook loads exactly as before.
+    """
+    from composer.utils import checkpoint
+
+    original = checkpoint.load_sharded_checkpoint
+    if getattr(original, "_growth_replay", False):
+        return
+
+    def load_sharded_checkpoint(*args: Any, **kwargs: Any):
+        bound = inspect.signature(original).bind(*args, **kwargs)
+        state, path = bound.arguments["state"], bound.arguments["source_path"]
+        if state in _REPLAYING:
+            if bound.arguments.get("object_store") is not None:
+                raise ValueError("resuming growth from a sharded checkpoint in an object store is not supported; "
+                                 "load it from a local or shared folder, or use parallelism.fsdp.state_dict_type: full")
+            _replay(state, _saved_algorithm_states(path))
+        return original(*args, **kwargs)
+
+    load_sharded_checkpoint._growth_replay = True
+    checkpoint.load_sharded_checkpoint = load_sharded_checkpoint

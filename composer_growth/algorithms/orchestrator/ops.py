@@ -1,0 +1,352 @@
+"""The orchestrator's operations: one small object per kind, in one table, :data:`OPS` (name -> :class:`OpKind`).
+
+An operation reads and changes the run only through the :class:`RunContext` the orchestrator passes
+it. Hyperparameter operations act on the optimizer, schedulers (:mod:`composer_growth.algorithms.lr`),
+microbatching, evaluators or the train loader; architecture and LoRA-rank operations go through
+:func:`composer_growth.algorithms.surgery.grow`; LoRA operations use :mod:`composer_growth.functional.lora`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from composer.core import State
+from composer.utils import dist, ensure_tuple
+
+from composer_growth.algorithms.lr import RestartableSchedule, optimizer_lrs, refresh_lr, scale_lr
+from composer_growth.algorithms.orchestrator import values as v
+from composer_growth.algorithms.surgery import check_supported, grow
+from composer_growth.errors import ConfigError, check
+from composer_growth.families import family_of
+from composer_growth.functional.growth import STACK_INITS, stack_layers, widen_mlp
+from composer_growth.functional.lora import (LORA_GROUPS, PRUNE_MODES, lora_targets, merge_and_reinit_lora,
+                                             prune_optimizer_state, resize_lora_rank, scale_lora_alpha)
+from composer_growth.functional.sharding import full_state, reshard
+from composer_growth.unwrap import composer_model, unwrap_hf
+
+if TYPE_CHECKING:
+    from composer_growth.algorithms.orchestrator.schedule import Op
+
+#: what an operation needs from the run (:attr:`OpKind.needs`)
+ROWS_LOADER = "rows_loader"      # a train loader whose rows per batch can change
+LR_SCHEDULE = "lr_schedule"      # the recipe's schedulers as RestartableSchedule
+LR_WARMUP = "lr_warmup"          # ... each with a warmup
+STEP_TIME = "step_time"          # max_duration in ba, tok or sp (not ep)
+
+
+class Skip(Exception):
+    """An operation that cannot act now (said why); the run logs it and goes on."""
+
+
+@dataclass
+class RunContext:
+    """What an operation may read and change in the run; the orchestrator passes one to every operation.
+
+    ``settings`` holds what operations changed (saved in the orchestrator's checkpoint and put back at
+    ``FIT_START``): ``lr_multiplier``, ``rows``, ``microbatch``, ``schedule_start``, ``warmup``,
+    ``eval_batches``, ``eval_interval``, ``lora_alpha``.
+    """
+    state: State
+    settings: dict[str, Any]
+    rows_loader: Any = None  # the train loader whose ``rows`` per batch can change (data/rows.py), or None
+    schedules: list[RestartableSchedule] = field(default_factory=list)  # the recipe's LR schedules
+
+    def rank_rows(self) -> int | None:
+        """Rows per batch on this rank."""
+        if self.rows_loader is not None:
+            return self.rows_loader.rows
+        return getattr(self.state.train_dataloader, "batch_size", None)
+
+
+def apply_eval_settings(state: State, settings: Mapping[str, Any]) -> None:
+    """The evaluators' batches and interval as the operations set them."""
+    n, interval = settings.get("eval_batches"), settings.get("eval_interval")
+    for ev in state.evaluators:
+        if n is not None:
+            ev.subset_num_batches = n
+        if interval is not None:
+            ev.eval_interval = interval
+
+
+@dataclass(frozen=True)
+class OpKind:
+    """What a name in a schedule does; a subclass per kind implements :meth:`apply`.
+
+    ``name`` is the schedule's ``name``; ``value`` checks and normalises an entry's value (``(value, key) -> value``); ``args`` maps each
+    allowed ``args`` key to its checker and default; ``group`` is ``hyperparameter``,
+    ``architecture`` or ``lora``; ``surgery``: it changes the model through ``surgery.grow`` (a model
+    family of the table, sharding that surgery supports); ``replay``: redone before a checkpoint's
+    weights load (it changes parameter shapes or module state no checkpoint holds); ``lora``: the
+    LoRA targets it needs adapters on; ``needs``: what it needs from the run (:data:`ROWS_LOADER`,
+    :data:`LR_SCHEDULE`, :data:`LR_WARMUP`, :data:`STEP_TIME`).
+    """
+    name: str
+    group: str
+    doc: str
+    value: Callable[[Any, str], Any]
+    args: Mapping[str, tuple[Callable[[Any, str], Any], Any]] = field(default_factory=dict)
+    surgery: bool = False
+    replay: bool = False
+    lora: str | None = None
+    needs: frozenset[str] = frozenset()
+
+    def apply(self, run: RunContext, op: Op) -> str:
+        """Do it; return one line saying what changed (raise :class:`Skip` when it cannot act now)."""
+        raise NotImplementedError
+
+    def plan_batches(self, rows: int, microbatch: int | None, value: Any, key: str,
+                     world: int) -> tuple[int, int | None]:
+        """Rows per rank and microbatch after this op (checked: whole rows, whole microbatches)."""
+        return rows, microbatch
+
+
+# --------------------------------------------------------------------------- hyperparameters
+
+
+class ChangeLr(OpKind):
+    def apply(self, run: RunContext, op: Op) -> str:
+        before = optimizer_lrs(run.state)
+        scale_lr(run.state, op.value)
+        run.settings["lr_multiplier"] = run.settings.get("lr_multiplier", 1.0) * op.value
+        return (f"lr {before[0]:.3g} -> {optimizer_lrs(run.state)[0]:.3g} "
+                f"(x{run.settings['lr_multiplier']:g} of the recipe's schedule)")
+
+
+class ChangeBatchSize(OpKind):
+    def apply(self, run: RunContext, op: Op) -> str:
+        loader = run.rows_loader
+        if loader is None:
+            raise Skip("the train loader is not one the orchestrator can resize")
+        new = loader.rows * op.value
+        world = dist.get_world_size()
+        if abs(new - round(new)) > 1e-6 or round(new) < 1:
+            raise Skip(f"{loader.rows} rows per rank x {op.value:g} = {new:g} is not a whole number of rows >= 1")
+        new = int(round(new))
+        mb = run.state.device_train_microbatch_size
+        if isinstance(mb, int) and new > mb and new % mb:
+            raise Skip(f"{new} rows per rank do not split into microbatches of {mb}")
+        old = loader.rows
+        loader.rows = new
+        run.settings["rows"] = new
+        return f"global batch {old * world} -> {new * world} rows ({old} -> {new} per rank)"
+
+    def plan_batches(self, rows: int, microbatch: int | None, value: Any, key: str,
+                     world: int) -> tuple[int, int | None]:
+        new = rows * value
+        check(abs(new - round(new)) < 1e-6 and round(new) >= 1, key, value,
+              f"a multiplier giving whole rows on each of {world} ranks ({rows} per rank now, "
+              f"global batch {rows * world})")
+        rows = int(round(new))
+        check(microbatch is None or rows <= microbatch or rows % microbatch == 0, key, value,
+              f"a multiplier giving rows per rank ({rows}) that split into microbatches of {microbatch}")
+        return rows, microbatch
+
+
+class ChangeGradAccum(OpKind):
+    def apply(self, run: RunContext, op: Op) -> str:
+        state = run.state
+        mb = state.device_train_microbatch_size
+        if state.auto_microbatching or not isinstance(mb, int):
+            raise Skip("the microbatch size is chosen automatically")
+        rows = run.rank_rows()
+        new = mb / op.value
+        if abs(new - round(new)) > 1e-6 or round(new) < 1 or (rows is not None and rows % round(new)):
+            raise Skip(f"microbatch {mb} / {op.value:g} = {new:g} rows does not split the {rows} rows per rank")
+        new = int(round(new))
+        state.device_train_microbatch_size = new
+        run.settings["microbatch"] = new
+        steps = f"{math.ceil(rows / mb)} -> {math.ceil(rows / new)} microbatches per step, " if rows else ""
+        return f"{steps}microbatch {mb} -> {new} rows"
+
+    def plan_batches(self, rows: int, microbatch: int | None, value: Any, key: str,
+                     world: int) -> tuple[int, int | None]:
+        check(microbatch is not None, key, value, "needs a fixed device_train_microbatch_size (not 'auto')")
+        new = microbatch / value
+        check(abs(new - round(new)) < 1e-6 and round(new) >= 1 and rows % round(new) == 0, key, value,
+              f"a multiplier giving a microbatch (now {microbatch}) that splits the {rows} rows per rank")
+        return rows, int(round(new))
+
+
+class ResetLrSchedule(OpKind):
+    def apply(self, run: RunContext, op: Op) -> str:
+        ts = run.state.timestamp
+        start = {"ba": int(ts.batch), "sp": int(ts.sample), "tok": int(ts.token), "ep": int(ts.epoch)}
+        run.settings["schedule_start"] = start
+        for schedule in run.schedules:
+            schedule.restart(start)
+        lr = refresh_lr(run.state)
+        return f"schedule restarted at batch {int(ts.batch)} over the rest of the run; lr now {lr:.3g}"
+
+
+class ChangeWarmupIters(OpKind):
+    def apply(self, run: RunContext, op: Op) -> str:
+        old = run.settings.get("warmup")
+        for schedule in run.schedules:
+            if not schedule.has_warmup:
+                raise Skip(f"{type(schedule.schedule).__name__} has no warmup")
+        for schedule in run.schedules:
+            schedule.set_warmup(op.value)
+        run.settings["warmup"] = op.value
+        lr = refresh_lr(run.state)
+        was = old or "the recipe's"
+        return f"warmup {was} -> {op.value}; lr now {lr:.3g}"
+
+
+class ChangeEvalIters(OpKind):
+    def apply(self, run: RunContext, op: Op) -> str:
+        old = [ev.subset_num_batches for ev in run.state.evaluators]
+        run.settings["eval_batches"] = op.value
+        apply_eval_settings(run.state, run.settings)
+        return f"eval batches {old[0] if old else None} -> {op.value}"
+
+
+class ChangeEvalInterval(OpKind):
+    def apply(self, run: RunContext, op: Op) -> str:
+        old = run.settings.get("eval_interval", "the Trainer's")
+        run.settings["eval_interval"] = op.value
+        apply_eval_settings(run.state, run.settings)
+        return f"eval interval {old} -> {op.value}"
+
+
+# --------------------------------------------------------------------------- architecture
+
+
+def _layers(state: State) -> int:
+    hf = unwrap_hf(state.model)
+    return getattr(hf.config, family_of(hf).num_layers_key)
+
+
+def _grow(state: State, op: Callable[[Any], Any]) -> dict[str, Any]:
+    """``surgery.grow``; an op that refuses the model as it is now (it checks before it changes anything) is skipped."""
+    try:
+        return grow(state, op)
+    except ConfigError as e:
+        raise Skip(str(e)) from None
+
+
+def _grow_line(info: dict[str, Any]) -> str:
+    return (f"params {info['params_before']:,} -> {info['params_after']:,} "
+            f"({info['seconds']:.2f} s, optimizer state carried)")
+
+
+class StackLayers(OpKind):
+    def apply(self, run: RunContext, op: Op) -> str:
+        state = run.state
+        check_supported(state, "stack_layers")
+        before = _layers(state)
+        info = _grow(state, lambda m: stack_layers(m, mode="repeat", times=op.value, init=op.args["init"],
+                                                   seed=op.args["seed"]))
+        return f"layers {before} -> {_layers(state)}, {_grow_line(info)}"
+
+
+class WidenMlp(OpKind):
+    def apply(self, run: RunContext, op: Op) -> str:
+        state = run.state
+        check_supported(state, "widen_mlp")
+        hf = unwrap_hf(state.model)
+        family = family_of(hf)
+        before = family.intermediate_size(hf.config)
+        info = _grow(state, lambda m: widen_mlp(m, op.value, noise_std=op.args["noise_std"], seed=op.args["seed"]))
+        return f"MLP width {before} -> {family.intermediate_size(hf.config)}, {_grow_line(info)}"
+
+
+# --------------------------------------------------------------------------- LoRA
+
+
+def _lora(state: State, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """A LoRA functional op on the model; one that finds no adapters to act on is skipped."""
+    try:
+        return fn(composer_model(state), *args, **kwargs)
+    except ConfigError as e:
+        raise Skip(str(e)) from None
+
+
+def _lora_ranks(state: State, targets: str) -> list[int]:
+    return sorted({r for layer in lora_targets(composer_model(state), targets).values() for r in layer.r.values()})
+
+
+class ChangeLoraAlpha(OpKind):
+    def apply(self, run: RunContext, op: Op) -> str:
+        n = _lora(run.state, scale_lora_alpha, op.value, targets=op.args["targets"])
+        run.settings["lora_alpha"] = run.settings.get("lora_alpha", 1.0) * op.value
+        return f"LoRA alpha x{op.value:g} on {n} adapters (x{run.settings['lora_alpha']:g} in all)"
+
+
+class LoraRank(OpKind):
+    """Divide the rank of the adapters on ``lora`` targets."""
+
+    def apply(self, run: RunContext, op: Op) -> str:
+        state, targets = run.state, self.lora
+        check_supported(state, op.name)
+        try:
+            before = _lora_ranks(state, targets)
+        except ConfigError as e:
+            raise Skip(str(e)) from None
+        info = _grow(state, lambda m: resize_lora_rank(m, divisor=op.value, targets=targets))
+        return f"{targets} LoRA rank {before} -> {_lora_ranks(state, targets)}, {_grow_line(info)}"
+
+
+class MergeLora(OpKind):
+    def apply(self, run: RunContext, op: Op) -> str:
+        state = run.state
+        seed = op.args["seed"] + op.index  # the same on every rank; a different draw per schedule entry
+        reshard(composer_model(state))  # FSDP2: the merge changes the shards in place
+        fresh = _lora(state, merge_and_reinit_lora, targets=op.args["targets"],
+                      generator=torch.Generator().manual_seed(seed))
+        prune, ratio = op.args["prune"], op.args["prune_ratio"]
+        zeroed = 0
+        if prune != "none":
+            for opt in ensure_tuple(state.optimizers):
+                with full_state(opt, fresh):  # FSDP2: prune the whole moments, as one process would
+                    zeroed += prune_optimizer_state(opt, fresh, prune, ratio,
+                                                    generator=torch.Generator().manual_seed(seed + 1))
+        return (f"merged {len(fresh) // 2} adapters into their base weights and re-initialised them; "
+                f"{zeroed:,} optimizer moment entries pruned ({prune})")
+
+
+_LORA_COMMON = {"targets": (v.one_of(*LORA_GROUPS), "all")}
+
+_KINDS = (
+    # hyperparameters
+    ChangeLr("change_lr", "hyperparameter",
+             "multiply the learning rate from now on, under the recipe's schedule (value: multiplier)", v.multiplier),
+    ChangeBatchSize("change_batch_size", "hyperparameter",
+                    "multiply the global batch: more or fewer rows per optimizer step (value: multiplier)",
+                    v.multiplier, needs=frozenset({ROWS_LOADER, STEP_TIME})),
+    ChangeGradAccum("change_grad_accum", "hyperparameter",
+                    "multiply the microbatches per step, same global batch (value: multiplier)", v.multiplier),
+    ResetLrSchedule("reset_lr_schedule", "hyperparameter",
+                    "restart the recipe's LR schedule, warmup included, over the rest of the run", v.nothing,
+                    needs=frozenset({LR_SCHEDULE, STEP_TIME})),
+    ChangeWarmupIters("change_warmup_iters", "hyperparameter",
+                      "set the schedule's warmup (value: batches or a Composer time)", v.batches_or_time(0),
+                      needs=frozenset({LR_SCHEDULE, LR_WARMUP, STEP_TIME})),
+    ChangeEvalIters("change_eval_iters", "hyperparameter", "set the batches of every eval (value: batches)", v.count),
+    ChangeEvalInterval("change_eval_interval", "hyperparameter",
+                       "set the eval interval (value: batches or a Composer time)", v.batches_or_time(1)),
+    # architecture
+    StackLayers("stack_layers", "architecture", "G_stack depth growth: repeat the layer stack (value: times)",
+                v.times, args={"init": (v.one_of(*STACK_INITS), "copy"), "seed": (v.seed, 0)},
+                surgery=True, replay=True),
+    WidenMlp("widen_mlp", "architecture", "Net2WiderNet MLP width growth (value: factor)", v.factor,
+             args={"noise_std": (v.noise, 0.0), "seed": (v.seed, 0)}, surgery=True, replay=True),
+    # LoRA
+    ChangeLoraAlpha("change_lora_alpha", "lora",
+                    "multiply the LoRA alpha (scaling) of the adapters (value: multiplier)", v.multiplier,
+                    args=_LORA_COMMON, replay=True, lora="all"),
+    LoraRank("decrease_attn_lora_scaling", "lora", "attention adapters' rank divided by value", v.divisor,
+             surgery=True, replay=True, lora="attention"),
+    LoraRank("decrease_vocab_lora_scaling", "lora", "embedding adapters' rank divided by value", v.divisor,
+             surgery=True, replay=True, lora="embedding"),
+    MergeLora("merge_lora_weights", "lora",
+              "merge the adapters into the base weights and re-initialise them (ReLoRA)", v.nothing,
+              args={**_LORA_COMMON, "prune": (v.one_of(*PRUNE_MODES, "none"), "magnitude"),
+                    "prune_ratio": (v.prune_ratio, 0.9), "seed": (v.seed, 0)}, lora="all"),
+)
+
+#: every operation, by its name
+OPS: dict[str, OpKind] = {kind.name: kind for kind in _KINDS}
