@@ -196,8 +196,7 @@ class PhaseExport(Callback):
         hf = unwrap_hf(state.model)
         if peft_model(state.model) is None and any(isinstance(m, LoraLayer) for m in hf.modules()):
             reshard(unwrap_composer(state.model))  # an eval's no_grad forward leaves the root unsharded
-            merged = merged_state_dict(hf)
-            return merged if dist.get_global_rank() == 0 else None
+            return merged_state_dict(hf)  # gathered to rank 0's CPU only, merged there
         return gather_hf_state_dict(state.model)
 
     def _export_hf(self, state: State, phase: Phase, folder: str, ppl: dict[int, float],

@@ -306,12 +306,13 @@ class LoraMergeRestart(Algorithm):
 
     def _export(self, state: State) -> None:
         hf = unwrap_hf(state.model)
-        if is_fsdp2(state):  # every rank gathers the merged weights; rank 0 writes them
+        merged = None
+        if is_fsdp2(state):  # every rank takes part in the gather to rank 0's CPU; rank 0 merges and writes
             reshard(composer_model(state))
             merged = merged_state_dict(hf)
         if dist.get_global_rank() == 0:
             os.makedirs(self.export_folder, exist_ok=True)
-            save_pretrained(hf, self.export_folder, merged if is_fsdp2(state) else merged_state_dict(hf))
+            save_pretrained(hf, self.export_folder, merged if merged is not None else merged_state_dict(hf))
             tokenizer = getattr(composer_model(state), "tokenizer", None)
             if tokenizer is not None:
                 tokenizer.save_pretrained(self.export_folder)

@@ -42,7 +42,7 @@ from composer_growth.errors import ConfigError
 from composer_growth.families import unwrap_composer, unwrap_hf
 from composer_growth.functional.growth import ParamSource, param_names
 from composer_growth.functional.optim import transfer_optimizer_state
-from composer_growth.functional.sharding import full, is_sharded, reshard
+from composer_growth.functional.sharding import cpu_state_dict, full, is_sharded, reshard
 
 
 def composer_model(state: State) -> nn.Module:
@@ -371,10 +371,7 @@ def _replay_before_sharded_load() -> None:
 def gather_hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
     """The full weights of the HF model inside a sharded ``model``, on global rank 0 (None on the
     other ranks). Collective: every rank calls it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    full = get_model_state_dict(unwrap_hf(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return full if dist.get_global_rank() == 0 else None
+    return cpu_state_dict(unwrap_hf(model))
 
 
 def save_pretrained(hf: nn.Module, folder: str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
