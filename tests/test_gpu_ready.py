@@ -57,3 +57,32 @@ def test_widen_mlp_scales_bf16_weights_in_float32(accel):
         torch.testing.assert_close(blk.mlp.down_proj.weight.detach(), expected, atol=0, rtol=0)
         differs |= not torch.equal(picked * scale.to(torch.bfloat16), expected)  # the scale rounded to bf16 first
     assert differs
+
+
+# -- flash_attention_2 falls back to sdpa at validation -------------------------------------------
+def _has_flash_attn() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+@pytest.mark.parametrize("precision", ["fp32", "amp_bf16"])
+def test_flash_attention_falls_back_to_sdpa_at_validation(tiny_recipe, accel, capsys, one_thread, precision):
+    from composer_growth.recipe import run, validate
+
+    recipe = accel.recipe(tiny_recipe)
+    recipe.update(precision=precision, max_duration="1ba", eval_first=False, save_folder=None)
+    recipe["model"] = {**recipe["model"], "attn_implementation": "flash_attention_2"}
+    plan = validate(recipe)
+    line = capsys.readouterr().out
+    reasons = [r for r, applies in [("flash-attn is not importable", not _has_flash_attn()),
+                                    ("no CUDA device", not accel.cuda),
+                                    ("precision is fp32", precision == "fp32")] if applies]
+    if not reasons:
+        pytest.skip("flash-attn runs here: nothing to fall back from")
+    assert plan.recipe.model.attn_implementation == "sdpa"
+    assert line.count("\n") == 1 and "flash_attention_2 -> sdpa" in line and all(r in line for r in reasons), line
+    if precision != "fp32" and not accel.cuda:
+        return  # Composer runs amp_bf16 on CUDA only
+    trainer = run(plan)  # the first forward runs
+    assert trainer.state.model.model.config._attn_implementation == "sdpa"
