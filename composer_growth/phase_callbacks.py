@@ -28,6 +28,7 @@ from composer_growth.functional.lora import base_state_dict, merged_state_dict, 
 from composer_growth.functional.loss import loss_sum
 from composer_growth.functional.rope import max_addressable_positions
 from composer_growth.functional.sharding import reshard
+from composer_growth.waiting import wait_for_all
 
 if TYPE_CHECKING:
     from composer_growth.algorithms.context_schedule import ContextLengthSchedule
@@ -180,7 +181,7 @@ class PhaseExport(Callback):
             full = self._gather(state) if state.fsdp_enabled else None  # all ranks gather; rank 0 writes
             if dist.get_global_rank() == 0:
                 self._export_hf(state, phase, folder, ppl, full)
-        dist.barrier()
+        wait_for_all()  # rank 0's export may outlast dist_timeout
         logger.log_metrics({"context/exported_phase": phase.index})
         if schedule.verbose and dist.get_global_rank() == 0:
             print(f"context_length_schedule: phase '{phase.name}' done at {state.timestamp.batch}; "

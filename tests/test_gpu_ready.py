@@ -86,3 +86,113 @@ def test_flash_attention_falls_back_to_sdpa_at_validation(tiny_recipe, accel, ca
         return  # Composer runs amp_bf16 on CUDA only
     trainer = run(plan)  # the first forward runs
     assert trainer.state.model.model.config._attn_implementation == "sdpa"
+
+
+# -- a context phase's microbatch size is set once, at the phase change ----------------------------
+class HalveMicrobatch:
+    """Lowers the microbatch size after the given batches, as Composer's auto microbatching does after an
+    OOM (``state.device_train_microbatch_size = max(1, size // 2)``), and records each batch's size."""
+
+    def __new__(cls, after: tuple[int, ...]):
+        from composer.core import Callback
+
+        class _Halve(Callback):
+            def __init__(self):
+                self.sizes: list[int] = []
+
+            def batch_start(self, state, logger):
+                self.sizes.append(state.device_train_microbatch_size)
+
+            def batch_end(self, state, logger):
+                if int(state.timestamp.batch) in after:
+                    state.device_train_microbatch_size = max(1, state.device_train_microbatch_size // 2)
+
+        return _Halve()
+
+
+def test_context_phase_microbatch_is_set_once_per_phase(tiny_recipe, accel, one_thread):
+    from composer_growth.recipe import run, validate
+
+    recipe = accel.recipe(tiny_recipe)
+    recipe.update(eval_first=False, save_folder=None, eval_interval="8ba")
+    recipe["algorithms"] = {"context_length_schedule": {"verbose": False, "eval_batches": 1, "phases": [
+        {"name": "short", "seq_length": 16, "duration": "0.5dur", "microbatch_size": 4},
+        {"name": "full", "seq_length": 32, "duration": "0.5dur", "microbatch_size": 8}]}}
+    plan = validate(recipe)
+    halve = HalveMicrobatch(after=(2, 6))
+    plan.callbacks.append(halve)
+    run(plan)
+    # halved after batches 2 and 6 (the run's OOM search) and kept; each phase's own size at its start
+    assert halve.sizes == [4, 4, 2, 2, 8, 8, 4, 4]
+
+
+# -- the warmup's memory pre-allocation ---------------------------------------------------------------
+def warmup_recipe(recipe: dict, **warmup) -> dict:
+    recipe.update(eval_first=False, save_folder=None, eval_interval="8ba", max_duration="4ba")
+    recipe["algorithms"] = {"seq_length_warmup": {"min_seq_length": 8, "max_seq_length": 32, "step_size": 8,
+                                                  "duration": "0.5dur", **warmup}}
+    return recipe
+
+
+def test_preallocation_catches_cuda_oom_raised_as_runtime_error(tiny_recipe, accel, one_thread):
+    """A CUDA OOM can come as a plain RuntimeError (Composer's ``_is_cuda_oom`` looks at the text); the
+    pass is skipped, and the activations its traceback held are released before the cache is emptied."""
+    import weakref
+
+    from composer.core import Callback
+
+    from composer_growth.recipe import run, validate
+
+    plan = validate(warmup_recipe(accel.recipe(tiny_recipe)))
+    warmup = plan.algorithms[0]
+    seen = []
+
+    class OutOfMemoryOnce(Callback):
+        def fit_start(self, state, logger):
+            def hook(module, args, kwargs):
+                hidden = kwargs["input_ids"]
+                if hidden.shape[-1] == 32 and not seen:
+                    activation = module.model.embed_tokens(hidden)  # held by the traceback's frame
+                    seen.append(weakref.ref(activation))
+                    raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (stand-in)")
+
+            state.model.model.register_forward_pre_hook(hook, with_kwargs=True)
+
+    plan.callbacks.append(OutOfMemoryOnce())
+    with pytest.warns(UserWarning, match=r"pre-allocation at 32 tokens x 4 rows ran out of memory and was skipped"):
+        trainer = run(plan)
+    assert warmup.preallocation == "oom" and int(trainer.state.timestamp.batch) == 4
+    assert len(seen) == 1 and seen[0]() is None
+
+
+def test_preallocation_is_skipped_with_auto_microbatching(tiny_recipe, accel, capsys, one_thread):
+    if not accel.cuda:
+        pytest.skip("Composer's auto microbatching runs on CUDA only")
+    from composer_growth.recipe import run, validate
+
+    recipe = warmup_recipe(accel.recipe(tiny_recipe))
+    recipe["device_train_microbatch_size"] = "auto"
+    plan = validate(recipe)
+    run(plan)
+    assert plan.algorithms[0].preallocation == "auto"
+    assert "preallocate skipped: device_train_microbatch_size is auto" in capsys.readouterr().out
+
+
+@pytest.mark.launcher
+def test_preallocation_oom_on_one_rank_is_shared(tiny_recipe, tmp_path):
+    """Under DDP rank 1 alone runs out of memory in the pass: every rank reports the pass as skipped and
+    the run trains on."""
+    import json
+
+    import yaml
+
+    from conftest import launch, launch_failure
+
+    recipe = warmup_recipe(tiny_recipe)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    script = os.path.join(os.path.dirname(__file__), "scripts", "gpu_ready.py")
+    proc = launch(script, [str(tmp_path / "r.yaml"), str(tmp_path / "o{rank}.json"), "oom_on_rank1"], tmp_path,
+                  own_shm=True)
+    assert proc.returncode == 0, launch_failure(proc, tmp_path)
+    results = [json.loads((tmp_path / f"o{rank}.json").read_text()) for rank in (0, 1)]
+    assert results == [{"preallocation": "oom", "batches": 4}] * 2

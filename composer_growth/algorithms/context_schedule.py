@@ -135,6 +135,7 @@ class ContextLengthSchedule(Algorithm):
         self._exported: list[str] = []
         self._base_len: int | None = None
         self._base_mb: int | None = None
+        self._mb_phase: int | None = None  # the phase whose microbatch size was last set
         self._tokens: int | None = None  # tokens per optimizer step, all ranks
         self._base_rows: int | None = None  # rows per batch of the Trainer's loader on this rank
         self._sources = Sources()
@@ -520,9 +521,13 @@ class ContextLengthSchedule(Algorithm):
             before = batch_tokens(batch)
             state.batch = set_batch_sequence_length(batch, phase.seq_length, self.mode)
             self._token_excess = before - batch_tokens(state.batch)
-        mb = self._microbatch(phase)
-        if mb is not None:
-            state.device_train_microbatch_size = mb
+        if self._mb_phase != phase.index:
+            # once per phase (at its first batch): Composer's auto microbatching may lower it from
+            # there after an OOM, and setting it again every batch would undo that
+            self._mb_phase = phase.index
+            mb = self._microbatch(phase)
+            if mb is not None:
+                state.device_train_microbatch_size = mb
 
     def _batch_start(self, state: State, logger: Logger) -> None:
         mult = self.phase.lr_multiplier

@@ -45,6 +45,7 @@ from composer_growth.functional.sharding import full_state, reshard
 from composer_growth.registry import register_algorithm
 from composer_growth.runfacts import RunFacts, check_at_fit_start
 from composer_growth.timeutil import elapsed, parse_time, to_duration_fraction
+from composer_growth.waiting import wait_for_all
 
 __all__ = ["LoraMergeRestart"]
 
@@ -316,7 +317,7 @@ class LoraMergeRestart(Algorithm):
             tokenizer = getattr(composer_model(state), "tokenizer", None)
             if tokenizer is not None:
                 tokenizer.save_pretrained(self.export_folder)
-        dist.barrier()
+        wait_for_all()  # rank 0's export may outlast dist_timeout
 
     # -- resume -----------------------------------------------------------------------------
     def replay(self, state: State, saved: dict[str, Any]) -> None:
