@@ -196,3 +196,48 @@ def test_preallocation_oom_on_one_rank_is_shared(tiny_recipe, tmp_path):
     assert proc.returncode == 0, launch_failure(proc, tmp_path)
     results = [json.loads((tmp_path / f"o{rank}.json").read_text()) for rank in (0, 1)]
     assert results == [{"preallocation": "oom", "batches": 4}] * 2
+
+
+# -- rank-0 work that outlasts dist_timeout ---------------------------------------------------------
+@pytest.mark.launcher
+def test_dataset_build_may_outlast_dist_timeout(tiny_recipe, tiny_data, tmp_path):
+    """Rank 0 builds the dataset for three times the run's dist_timeout; the other rank waits through the
+    job's store (no collective in flight), and both then meet in a collective."""
+    import json
+
+    import yaml
+
+    from conftest import launch, launch_failure
+
+    recipe = dict(tiny_recipe, dist_timeout=4.0)
+    recipe["data"] = {"path": str(tmp_path / "built"),
+                      "prepare": {"source": "python-source", "seq_len": 32, "vocab_size": 512}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    script = os.path.join(os.path.dirname(__file__), "scripts", "gpu_ready.py")
+    proc = launch(script, [str(tmp_path / "r.yaml"), str(tmp_path / "o{rank}.json"), "slow_build", tiny_data],
+                  tmp_path)
+    assert proc.returncode == 0, launch_failure(proc, tmp_path)
+    assert [json.loads((tmp_path / f"o{rank}.json").read_text()) for rank in (0, 1)] == [{"built": True, "sum": 2.0}] * 2
+
+
+# -- torch.compile ------------------------------------------------------------------------------------
+def test_compiled_warmup_stays_within_the_recompile_limit(tiny_recipe, accel, capsys, one_thread):
+    """With ``dynamic=False`` every warmup length is a recompile: the limit is raised at FIT_START to the
+    shapes the run trains (past it dynamo would run eagerly; here that is made a hard failure), and the
+    graphs are reset when the warmup ends so the full length compiles statically."""
+    import torch._dynamo
+
+    from composer_growth.recipe import run, validate
+
+    recipe = warmup_recipe(accel.recipe(tiny_recipe))
+    recipe["compile"] = {"backend": "eager", "dynamic": False}
+    recipe["max_duration"] = "6ba"
+    plan = validate(recipe)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+        run(plan)
+        limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.reset()
+    out = capsys.readouterr().out
+    assert "seq_length_warmup: torch._dynamo recompile_limit 2 -> 6" in out and limit == 6, out
+    assert "torch.compile: graphs reset (seq_length_warmup over at 32 tokens)" in out

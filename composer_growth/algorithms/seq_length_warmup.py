@@ -18,6 +18,7 @@ from composer.core import Algorithm, Event, State, Time, TimeUnit
 from composer.loggers import Logger
 from composer.utils import dist
 
+from composer_growth.algorithms.compiling import make_static, raise_recompile_limit
 from composer_growth.algorithms.order import set_batch_lengths
 from composer_growth.errors import ConfigError, check, check_flag, check_int, check_number
 from composer_growth.families import unwrap_composer
@@ -215,6 +216,7 @@ class SeqLengthWarmup(Algorithm):
             check_progress_known(state, times, within=self.steps is None)
             mb = state.device_train_microbatch_size
             self._base_microbatch = mb if isinstance(mb, int) else None
+            raise_recompile_limit(state, self.shape_count(state), "seq_length_warmup")
             if self.preallocate and state.auto_microbatching and not self._preallocated:
                 # Composer starts 'auto' at the whole device batch: a pass at the longest length would
                 # nearly always run out of memory. Its own OOM search sizes memory instead.
@@ -247,7 +249,9 @@ class SeqLengthWarmup(Algorithm):
                 self._preallocate(state, batch)
         # Once the warmup is over batches pass through untouched, so the algorithm composes with
         # others that set the length later (e.g. a context-length schedule).
-        self._active = not self._over(state)
+        was_active, self._active = self._active, not self._over(state)
+        if was_active and not self._active:  # the lengths stop changing: compile the full length statically
+            make_static(state, f"seq_length_warmup over at {self.max_seq_length} tokens")
         self.seq_len = self.length_at(state) if self._active else full
         if self.seq_len < full:  # batches at full length are not counted again
             before = batch_tokens(batch)
@@ -262,6 +266,24 @@ class SeqLengthWarmup(Algorithm):
         if self.seq_len != self._logged_len:  # logged when it changes, not every batch
             self._logged_len = self.seq_len
             logger.log_metrics({"seq_len": self.seq_len})
+
+    def shape_count(self, state: State) -> int:
+        """How many distinct (rows, length) microbatch shapes the run trains and evaluates: each warmup
+        length's microbatch (and a smaller last one where rows do not divide), the full length, and
+        the eval batch and its remainder. With ``compile_config: {dynamic: False}`` each is a recompile."""
+        rows = getattr(state.train_dataloader, "batch_size", None) or 1
+        mb = state.device_train_microbatch_size if isinstance(state.device_train_microbatch_size, int) else rows
+        manifest = self.run_facts.manifest if self.run_facts is not None else None
+        full = int(manifest["seq_len"]) if manifest else self.max_seq_length
+        lengths = ({n for _, n in self.steps} if self.steps is not None else
+                   set(range(self.min_seq_length, self.max_seq_length, self.step_size)) | {self.max_seq_length})
+        shapes = set()
+        for length in lengths | {full}:
+            total, per = rows, mb
+            if self.mode == "reshape" and length < full:
+                total, per = rows * -(-full // length), self.microbatch_rows(mb, full, length)
+            shapes |= {(min(per, total), length)} | ({(total % per, length)} if total % per else set())
+        return len(shapes) + 2  # eval: a full batch and the last, smaller one
 
     def microbatch_rows(self, base: int, full: int, length: int) -> int:
         """Rows per microbatch for a batch of ``full``-token rows reshaped to ``length``, by the policy."""

@@ -38,6 +38,7 @@ from composer.core import State
 from composer.utils import dist
 from torch import nn
 
+from composer_growth.algorithms.compiling import compile_context, is_compiled
 from composer_growth.errors import ConfigError
 from composer_growth.families import unwrap_composer, unwrap_hf
 from composer_growth.functional.growth import ParamSource, param_names
@@ -95,7 +96,8 @@ def grow(state: State, op: Callable[[nn.Module], dict[str, ParamSource]],
     start = time.perf_counter()
     model = composer_model(state)
     ddp = state.model if isinstance(state.model, nn.parallel.DistributedDataParallel) else None
-    compiled = getattr(state.model.forward, "_torchdynamo_orig_callable", None) is not None
+    compiled = is_compiled(state)
+    context = compile_context(state.model.forward) if compiled else None  # the Trainer's compile_config
     sharded = is_fsdp2(state)
     old_optimizers = list(state.optimizers)
     if sharded:
@@ -120,8 +122,9 @@ def grow(state: State, op: Callable[[nn.Module], dict[str, ParamSource]],
     if ddp is not None:
         # a fresh wrapper over the new parameters (DDP broadcasts rank 0's values when built)
         state.model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=ddp.find_unused_parameters)
-        if compiled:  # as Composer compiles: the wrapper's forward, patched in place
-            state.model.forward = torch.compile(state.model).dynamo_ctx(state.model.forward)
+        if compiled:  # as Composer compiles: the wrapper's forward, patched in place, with the same options
+            context = context or torch.compile(state.model).dynamo_ctx
+            state.model.forward = context(state.model.forward)
     dist.barrier()
     return {"params_before": before, "params_after": count_params(model),
             "trainable_after": count_params(model, trainable_only=True),

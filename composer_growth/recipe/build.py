@@ -272,6 +272,10 @@ def validate(data: dict[str, Any], world_size: int | None = None) -> Plan:
             check(key in PARALLELISM_KEYS, f"parallelism.{key}", recipe.parallelism[key],
                   f"unknown key; allowed: {', '.join(PARALLELISM_KEYS)}")
         _check_fsdp(recipe)
+    if isinstance(recipe.compile, dict):
+        accepted = set(inspect.signature(__import__("torch").compile).parameters) - {"model"}
+        for key, value in recipe.compile.items():
+            check(key in accepted, f"compile.{key}", value, f"a torch.compile option: {', '.join(sorted(accepted))}")
     _check_model(recipe)
     _check_data(recipe, world_size)
 
@@ -492,7 +496,7 @@ def build_trainer(plan: Plan):
         load_path=r.load_path,
         load_weights_only=r.load_weights_only,
         parallelism_config=parallelism_config(r),
-        compile_config={} if r.compile else None,
+        compile_config=dict(r.compile) if isinstance(r.compile, dict) else ({} if r.compile else None),
         dist_timeout=r.dist_timeout,
         python_log_level="error",
     )
