@@ -241,3 +241,27 @@ def test_compiled_warmup_stays_within_the_recompile_limit(tiny_recipe, accel, ca
     out = capsys.readouterr().out
     assert "seq_length_warmup: torch._dynamo recompile_limit 2 -> 6" in out and limit == 6, out
     assert "torch.compile: graphs reset (seq_length_warmup over at 32 tokens)" in out
+
+
+# -- a frozen or LoRA trunk leaves the optimizer --------------------------------------------------------
+@pytest.mark.parametrize("trunk", ["frozen", "lora"])
+def test_frozen_trunk_drops_its_optimizer_state_and_resumes_exactly(tiny_recipe, accel, tmp_path, one_thread, trunk):
+    from composer_growth.recipe import run, validate
+    from conftest import read_summary, resume_from
+
+    recipe = accel.recipe(tiny_recipe)
+    recipe["algorithms"] = {"stack_layers": {"at": "4ba", "mode": "append", "num_new": 1, "init": "random",
+                                             "trunk": trunk, "lora_rank": 4}}
+    recipe.update(max_duration="8ba", save_interval="2ba", eval_first=False)
+    trainer = run(validate(copy.deepcopy(recipe)))
+    opt = trainer.state.optimizers[0]
+    held = [p for g in opt.param_groups for p in g["params"]]
+    frozen = [p for p in trainer.state.model.parameters() if not p.requires_grad]
+    assert frozen and held
+    assert not {id(p) for p in frozen} & {id(p) for p in held}  # no frozen parameter in a group
+    assert not {id(p) for p in frozen} & {id(p) for p in opt.state}  # nor its Adam moments
+    assert all(p.requires_grad for p in held)
+
+    _, after = resume_from(recipe, "ep0-ba6-rank0.pt", tmp_path)  # grown, then resumed
+    assert after["train_loss"] == pytest.approx(read_summary(recipe["summary_file"])["train_loss"],
+                                                rel=1e-5 if not accel.cuda else accel.rtol)
