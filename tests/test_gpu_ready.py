@@ -265,3 +265,25 @@ def test_frozen_trunk_drops_its_optimizer_state_and_resumes_exactly(tiny_recipe,
     _, after = resume_from(recipe, "ep0-ba6-rank0.pt", tmp_path)  # grown, then resumed
     assert after["train_loss"] == pytest.approx(read_summary(recipe["summary_file"])["train_loss"],
                                                 rel=1e-5 if not accel.cuda else accel.rtol)
+
+
+@pytest.mark.launcher
+def test_growth_under_ddp_keeps_the_compile_options(tiny_recipe, tmp_path):
+    """The DDP wrapper rebuilt after a growth is compiled with the Trainer's compile context (backend,
+    ``dynamic``, mode: the user's ``compile_config``), not with torch.compile's defaults."""
+    import json
+
+    import yaml
+
+    from conftest import launch, launch_failure
+
+    recipe = dict(tiny_recipe, compile={"backend": "eager", "dynamic": False}, max_duration="4ba",
+                  eval_first=False, save_folder=None, eval_interval="4ba")
+    recipe["algorithms"] = {"stack_layers": {"at": "2ba", "mode": "repeat", "times": 2, "init": "function_preserving"}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    script = os.path.join(os.path.dirname(__file__), "scripts", "gpu_ready.py")
+    proc = launch(script, [str(tmp_path / "r.yaml"), str(tmp_path / "o{rank}.json"), "compile_growth"], tmp_path,
+                  own_shm=True)
+    assert proc.returncode == 0, launch_failure(proc, tmp_path)
+    results = [json.loads((tmp_path / f"o{rank}.json").read_text()) for rank in (0, 1)]
+    assert results == [{"ddp": True, "compiled": True, "same_options": True, "layers": 4}] * 2

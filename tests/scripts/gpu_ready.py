@@ -4,6 +4,8 @@ Modes:
 * ``slow_build SOURCE``: the recipe's ``data.path`` is missing; rank 0 builds it (a copy of ``SOURCE``)
   only after sleeping past the recipe's ``dist_timeout``; the other ranks wait (``prepare_once``),
   then every rank joins a collective.
+* ``compile_growth``: train the recipe (compiled, with a growth); report whether the DDP wrapper rebuilt
+  after the growth is compiled with the Trainer's own compile context (its options).
 * ``oom_on_rank1``: train the recipe; rank 1's pre-allocation pass runs out of memory (a CUDA
   out-of-memory ``RuntimeError`` raised by a forward pre-hook at the warmup's longest length, once).
 """
@@ -37,6 +39,23 @@ if mode == "slow_build":
     t = torch.ones(1)
     dist.all_reduce(t)
     result["sum"] = float(t.item())
+elif mode == "compile_growth":
+    from composer_growth.algorithms.compiling import compile_context
+
+    seen = {}
+
+    class Contexts(Callback):
+        def fit_start(self, state, logger):
+            seen["before"] = compile_context(state.model.forward)
+
+    plan.callbacks.append(Contexts())
+    trainer = build_trainer(plan)
+    trainer.fit()
+    after = compile_context(trainer.state.model.forward)
+    result = {"ddp": isinstance(trainer.state.model, torch.nn.parallel.DistributedDataParallel),
+              "compiled": after is not None,
+              "same_options": after is not None and after is seen["before"],
+              "layers": trainer.state.model.module.model.config.num_hidden_layers}
 elif mode == "oom_on_rank1":
     warmup = next(a for a in plan.algorithms if type(a).__name__ == "SeqLengthWarmup")
 
