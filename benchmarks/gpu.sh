@@ -10,6 +10,7 @@
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit
 set -uo pipefail
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+export CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}  # deterministic cuBLAS for the tests
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT/logs" "$OUT/results"
 GPUS=$(python3 -c 'import torch; print(torch.cuda.device_count())')
@@ -23,7 +24,11 @@ if python3 -c 'import pytest' 2>/dev/null; then
            "tests/test_growth.py tests/test_lora_merge.py tests/test_context_schedule.py"; do
     name=$(echo "$t" | tr ' /' '__')
     start=$SECONDS
-    timeout 150 python3 -m pytest -q -x -m "not launcher" -p no:cacheprovider $t > "$OUT/logs/pytest-$name.log" 2>&1
+    # tests that spawn `composer -n 2` on the CPU (two ranks, DDP / FSDP2 matches) need the console script and
+    # a second device: left to the smoke runs below
+    timeout 150 python3 -m pytest -q -m "not launcher" -p no:cacheprovider \
+      -k "not two_ranks and not matches_ddp and not launcher" $t \
+      > "$OUT/logs/pytest-$name.log" 2>&1
     rc=$?
     note "pytest $t" "$(tail -1 "$OUT/logs/pytest-$name.log" | cut -c1-60)" "rc=$rc, $((SECONDS - start)) s"
   done
