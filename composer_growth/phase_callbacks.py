@@ -30,6 +30,7 @@ from composer_growth.functional.loss import loss_sum
 from composer_growth.functional.rope import max_addressable_positions
 from composer_growth.functional.sharding import reshard
 from composer_growth.unwrap import peft_model, unwrap_composer, unwrap_hf
+from composer_growth.waiting import wait_for_all
 
 
 
@@ -209,7 +210,7 @@ class PhaseExport(Callback):
             full = self._gather(state) if state.fsdp_enabled else None  # all ranks gather; rank 0 writes
             if dist.get_global_rank() == 0:
                 self._export_hf(state, phase, folder, ppl, full)
-        dist.barrier()
+        wait_for_all()  # rank 0's export may outlast dist_timeout
         logger.log_metrics({"context/exported_phase": phase.index})
         if schedule.verbose and dist.get_global_rank() == 0:
             print(f"context_length_schedule: phase '{phase.name}' done at {state.timestamp.batch}; "
@@ -225,8 +226,7 @@ class PhaseExport(Callback):
         hf = unwrap_hf(state.model)
         if peft_model(state.model) is None and any(isinstance(m, LoraLayer) for m in hf.modules()):
             reshard(unwrap_composer(state.model))  # an eval's no_grad forward leaves the root unsharded
-            merged = merged_state_dict(hf)
-            return merged if dist.get_global_rank() == 0 else None
+            return merged_state_dict(hf)  # gathered to rank 0's CPU only, merged there
         return gather_hf_state_dict(state.model)
 
     def _export_hf(self, state: State, phase: Phase, folder: str, ppl: dict[int, float],

@@ -183,3 +183,35 @@ def resume_from(recipe: dict, checkpoint: str, workdir, callbacks=()):
     plan.callbacks.extend(callbacks)
     trainer = run(plan)
     return trainer, read_summary(resumed["summary_file"])
+
+
+class Accel:
+    """Where a device-aware test runs: ``device`` (Composer's: gpu / cpu), ``torch_device``, the Trainer's
+    ``precision`` and the tolerances comparisons on it take."""
+
+    def __init__(self, device: str, torch_device: str, precision: str, atol: float, rtol: float):
+        self.device, self.torch_device, self.precision, self.atol, self.rtol = device, torch_device, precision, atol, rtol
+
+    @property
+    def cuda(self) -> bool:
+        return self.device == "gpu"
+
+    def recipe(self, recipe: dict) -> dict:
+        """``recipe`` run on this device at this precision."""
+        return {**recipe, "device": self.device, "precision": self.precision}
+
+
+@pytest.fixture
+def accel():
+    """``cuda`` with ``amp_bf16`` where a GPU is present (deterministic algorithms on, bf16 tolerances),
+    else the CPU in fp32 (tight tolerances). Tests that must hold on CUDA use it."""
+    import torch
+
+    if not torch.cuda.is_available():
+        yield Accel("cpu", "cpu", "fp32", atol=1e-6, rtol=1e-5)
+        return
+    from composer.utils.reproducibility import configure_deterministic_mode
+
+    configure_deterministic_mode()  # cuBLAS / cuDNN are not bitwise deterministic otherwise
+    yield Accel("gpu", "cuda", "amp_bf16", atol=2e-2, rtol=2e-2)
+    torch.use_deterministic_algorithms(False)

@@ -138,6 +138,7 @@ class ContextLengthSchedule(PhaseDatasets, SuiteAlgorithm):
         self._exported: list[str] = []
         self._base_len: int | None = None
         self._base_mb: int | None = None
+        self._mb_phase: int | None = None  # the phase whose microbatch size was last set
         self._tokens: int | None = None  # tokens per optimizer step, all ranks
         self._base_rows: int | None = None  # rows per batch of the Trainer's loader on this rank
         self._sources = Sources()
@@ -428,9 +429,13 @@ class ContextLengthSchedule(PhaseDatasets, SuiteAlgorithm):
             before = batch_tokens(batch)
             state.batch = set_batch_sequence_length(batch, phase.seq_length, self.mode)
             self._token_excess = before - batch_tokens(state.batch)
-        mb = self._microbatch(phase)
-        if mb is not None:
-            state.device_train_microbatch_size = mb
+        if self._mb_phase != phase.index:
+            # once per phase (at its first batch): Composer's auto microbatching may lower it from
+            # there after an OOM, and setting it again every batch would undo that
+            self._mb_phase = phase.index
+            mb = self._microbatch(phase)
+            if mb is not None:
+                state.device_train_microbatch_size = mb
 
     def _batch_start(self, state: State, logger: Logger) -> None:
         set_lr_multiplier(state, self.name, self.phase.lr_multiplier)  # the batch trains at the phase's lr

@@ -51,6 +51,7 @@ from composer_growth.registry import register_algorithm
 from composer_growth.runfacts import RunFacts, check_at_fit_start
 from composer_growth.timeutil import elapsed, parse_time, reached, to_duration_fraction
 from composer_growth.unwrap import composer_model, unwrap_hf
+from composer_growth.waiting import wait_for_all
 
 __all__ = ["LoraMergeRestart"]
 
@@ -308,16 +309,17 @@ class LoraMergeRestart(SuiteAlgorithm):
 
     def _export(self, state: State) -> None:
         hf = unwrap_hf(state.model)
-        if is_fsdp2(state):  # every rank gathers the merged weights; rank 0 writes them
+        merged = None
+        if is_fsdp2(state):  # every rank takes part in the gather to rank 0's CPU; rank 0 merges and writes
             reshard(composer_model(state))
             merged = merged_state_dict(hf)
         if dist.get_global_rank() == 0:
             os.makedirs(self.export_folder, exist_ok=True)
-            save_pretrained(hf, self.export_folder, merged if is_fsdp2(state) else merged_state_dict(hf))
+            save_pretrained(hf, self.export_folder, merged if merged is not None else merged_state_dict(hf))
             tokenizer = getattr(composer_model(state), "tokenizer", None)
             if tokenizer is not None:
                 tokenizer.save_pretrained(self.export_folder)
-        dist.barrier()
+        wait_for_all()  # rank 0's export may outlast dist_timeout
 
     # -- resume -----------------------------------------------------------------------------
     def replay(self, state: State, saved: dict[str, Any]) -> None:

@@ -16,8 +16,10 @@ from typing import Any
 import torch
 from composer.core import Event, State, Time, TimeUnit
 from composer.loggers import Logger
+from composer.utils import dist
 
 from composer_growth.algorithms.base import SuiteAlgorithm
+from composer_growth.algorithms.compiling import make_static, raise_recompile_limit
 from composer_growth.algorithms.order import set_batch_lengths
 from composer_growth.errors import ConfigError, check, check_flag, check_int, check_number
 from composer_growth.functional.batch import (MODES, batch_seq_length, batch_tokens, select_rows,
@@ -31,6 +33,23 @@ from composer_growth.unwrap import unwrap_composer
 
 SCHEDULES = ("linear", "root")
 MICROBATCH_POLICIES = ("tokens", "rows", "bounded")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is a CUDA out-of-memory error: torch's ``OutOfMemoryError``, or a plain
+    ``RuntimeError`` with CUDA's out-of-memory text (as Composer's ``_is_cuda_oom`` tells them)."""
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(e, RuntimeError) and any(s in str(e) for s in ("CUDA out of memory", "CUDA error: out of memory"))
+
+
+def any_rank(state: State, flag: bool) -> bool:
+    """Whether ``flag`` is set on any rank (collective: every rank calls it)."""
+    if dist.get_world_size() == 1:
+        return flag
+    t = state.device.tensor_to_device(torch.tensor([int(flag)]))
+    dist.all_reduce(t, reduce_operation="MAX")
+    return bool(t.item())
 
 
 def _warmup_length(p: float, min_len: int, max_len: int, step: int, schedule: str, degree: float) -> int:
@@ -107,6 +126,7 @@ class SeqLengthWarmup(SuiteAlgorithm):
         self._token_excess = 0
         self._active = False
         self._preallocated = False
+        self.preallocation: str | None = None  # what the pre-allocation did: done, oom, auto (skipped)
         self._events = self._EVENTS  # narrowed to FIT_START once the warmup is over
         self._logged_len: int | None = None
         self.run_facts: RunFacts | None = None  # what validate_run checked the options against
@@ -197,6 +217,14 @@ class SeqLengthWarmup(SuiteAlgorithm):
             check_progress_known(state, times, within=self.steps is None)
             mb = state.device_train_microbatch_size
             self._base_microbatch = mb if isinstance(mb, int) else None
+            raise_recompile_limit(state, self.shape_count(state), "seq_length_warmup")
+            if self.preallocate and state.auto_microbatching and not self._preallocated:
+                # Composer starts 'auto' at the whole device batch: a pass at the longest length would
+                # nearly always run out of memory. Its own OOM search sizes memory instead.
+                self._preallocated, self.preallocation = True, "auto"
+                if dist.get_global_rank() == 0:
+                    print("seq_length_warmup: preallocate skipped: device_train_microbatch_size is auto "
+                          "(Composer's microbatch search sizes memory)", flush=True)
         elif event is Event.AFTER_DATALOADER:
             set_batch_lengths(self, state, logger)
         elif event is Event.BATCH_END:
@@ -226,7 +254,9 @@ class SeqLengthWarmup(SuiteAlgorithm):
                 self._preallocate(state, batch)
         # Once the warmup is over batches pass through untouched, so the algorithm composes with
         # others that set the length later (e.g. a context-length schedule).
-        self._active = not self._over(state)
+        was_active, self._active = self._active, not self._over(state)
+        if was_active and not self._active:  # the lengths stop changing: compile the full length statically
+            make_static(state, f"seq_length_warmup over at {self.max_seq_length} tokens")
         self.seq_len = self.length_at(state) if self._active else full
         if self.seq_len < full:  # batches at full length are not counted again
             before = batch_tokens(batch)
@@ -241,6 +271,24 @@ class SeqLengthWarmup(SuiteAlgorithm):
         if self.seq_len != self._logged_len:  # logged when it changes, not every batch
             self._logged_len = self.seq_len
             logger.log_metrics({"seq_len": self.seq_len})
+
+    def shape_count(self, state: State) -> int:
+        """How many distinct (rows, length) microbatch shapes the run trains and evaluates: each warmup
+        length's microbatch (and a smaller last one where rows do not divide), the full length, and
+        the eval batch and its remainder. With ``compile_config: {dynamic: False}`` each is a recompile."""
+        rows = getattr(state.train_dataloader, "batch_size", None) or 1
+        mb = state.device_train_microbatch_size if isinstance(state.device_train_microbatch_size, int) else rows
+        manifest = self.run_facts.manifest if self.run_facts is not None else None
+        full = int(manifest["seq_len"]) if manifest else self.max_seq_length
+        lengths = ({n for _, n in self.steps} if self.steps is not None else
+                   set(range(self.min_seq_length, self.max_seq_length, self.step_size)) | {self.max_seq_length})
+        shapes = set()
+        for length in lengths | {full}:
+            total, per = rows, mb
+            if self.mode == "reshape" and length < full:
+                total, per = rows * -(-full // length), self.microbatch_rows(mb, full, length)
+            shapes |= {(min(per, total), length)} | ({(total % per, length)} if total % per else set())
+        return len(shapes) + 2  # eval: a full batch and the last, smaller one
 
     def microbatch_rows(self, base: int, full: int, length: int) -> int:
         """Rows per microbatch for a batch of ``full``-token rows reshaped to ``length``, by the policy."""
@@ -271,28 +319,47 @@ class SeqLengthWarmup(SuiteAlgorithm):
     def _preallocate(self, state: State, batch: Mapping[str, Any]) -> None:
         """One forward and backward at max_seq_length on a copy of this batch; no data, no RNG drawn.
 
-        Runs on the model under any DDP wrapper, so no rank waits on another; if the pass runs out
-        of memory (``device_train_microbatch_size: auto`` not settled yet) it is skipped and the
-        Trainer's own microbatch search takes over.
+        Rows: the Trainer's microbatch size (``auto`` skips the pass at FIT_START: Composer's own search
+        sizes memory there). Without FSDP the pass runs on the model under any DDP wrapper, with no
+        collective inside it: an out-of-memory error (torch's ``OutOfMemoryError`` or a ``RuntimeError``
+        saying CUDA ran out of memory, as Composer tells them) skips it, and the outcome is all-reduced
+        so every rank reports the same. Under FSDP2 the pass's all-gathers and reduce-scatters run on
+        every rank: an OOM on one rank leaves the others inside a collective, which no rank can undo,
+        so it is raised (the launcher then ends every rank) rather than caught. An OOM there also means
+        the run would run out of memory at the end of the warmup, at this length and microbatch.
         """
         rows = state.device_train_microbatch_size if isinstance(state.device_train_microbatch_size, int) else 1
         sample = set_batch_sequence_length(batch, self.max_seq_length, "truncate")
         sample = state.device.batch_to_device(select_rows(sample, rows))
         model = unwrap_composer(state.model)
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        oom = False
         try:
             with torch.random.fork_rng(devices=devices):
                 loss = batch_loss(model, sample, state.precision, state.precision_config)
                 loss.backward()
-        except torch.cuda.OutOfMemoryError:
-            loss = None
-            warnings.warn(f"SeqLengthWarmup: pre-allocation at {self.max_seq_length} tokens x {rows} rows ran out "
-                          "of memory and was skipped")
-            torch.cuda.empty_cache()
+        except RuntimeError as e:  # torch.cuda.OutOfMemoryError is a RuntimeError
+            if not is_out_of_memory(e):
+                raise
+            if state.fsdp_enabled:
+                raise RuntimeError(f"SeqLengthWarmup: pre-allocation at {self.max_seq_length} tokens x {rows} rows "
+                                   "ran out of memory under FSDP (the run would at the end of the warmup); lower "
+                                   "device_train_microbatch_size or set preallocate: false") from e
+            oom = True
         finally:
             loss = sample = None
             for p in model.parameters():
                 p.grad = None
+        # here the exception and its traceback (whose frames hold the pass's activations) are released,
+        # so the cache can hand their memory back
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if any_rank(state, oom):
+            self.preallocation = "oom"
+            warnings.warn(f"SeqLengthWarmup: pre-allocation at {self.max_seq_length} tokens x {rows} rows ran out "
+                          "of memory and was skipped")
+        else:
+            self.preallocation = "done"
 
     def state_dict(self) -> dict[str, Any]:
         out = super().state_dict()  # Composer's base: {'repr': ...}

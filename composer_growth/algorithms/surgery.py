@@ -33,10 +33,11 @@ from composer.core import State
 from composer.utils import dist
 from torch import nn
 
+from composer_growth.algorithms.compiling import compile_context, is_compiled
 from composer_growth.errors import ConfigError
 from composer_growth.functional.growth import ParamSource, param_names
 from composer_growth.functional.optim import transfer_optimizer_state
-from composer_growth.functional.sharding import full, is_sharded, reshard
+from composer_growth.functional.sharding import cpu_state_dict, full, is_sharded, reshard
 from composer_growth.unwrap import composer_model, unwrap_hf
 
 
@@ -85,7 +86,8 @@ def grow(state: State, op: Callable[[nn.Module], dict[str, ParamSource]],
     start = time.perf_counter()
     model = composer_model(state)
     ddp = state.model if isinstance(state.model, nn.parallel.DistributedDataParallel) else None
-    compiled = getattr(state.model.forward, "_torchdynamo_orig_callable", None) is not None
+    compiled = is_compiled(state)
+    context = compile_context(state.model.forward) if compiled else None  # the Trainer's compile_config
     sharded = is_fsdp2(state)
     old_optimizers = list(state.optimizers)
     if sharded:
@@ -110,8 +112,9 @@ def grow(state: State, op: Callable[[nn.Module], dict[str, ParamSource]],
     if ddp is not None:
         # a fresh wrapper over the new parameters (DDP broadcasts rank 0's values when built)
         state.model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=ddp.find_unused_parameters)
-        if compiled:  # as Composer compiles: the wrapper's forward, patched in place
-            state.model.forward = torch.compile(state.model).dynamo_ctx(state.model.forward)
+        if compiled:  # as Composer compiles: the wrapper's forward, patched in place, with the same options
+            context = context or torch.compile(state.model).dynamo_ctx
+            state.model.forward = context(state.model.forward)
     dist.barrier()
     return {"params_before": before, "params_after": count_params(model),
             "trainable_after": count_params(model, trainable_only=True),
@@ -293,10 +296,7 @@ def _track_steps(optimizer: torch.optim.Optimizer, called: bool) -> None:
 def gather_hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
     """The full weights of the HF model inside a sharded ``model``, on global rank 0 (None on the
     other ranks). Collective: every rank calls it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    full = get_model_state_dict(unwrap_hf(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return full if dist.get_global_rank() == 0 else None
+    return cpu_state_dict(unwrap_hf(model))
 
 
 def save_pretrained(hf: nn.Module, folder: str, state_dict: dict[str, torch.Tensor] | None = None) -> None:

@@ -360,6 +360,8 @@ def prepare_once(path: str, build: Callable[[], Any] | None, key: str, hint: str
     """
     from composer.utils import dist
 
+    from composer_growth.waiting import wait_for_all
+
     node = dist.get_node_rank()
     mine = (node, read_manifest(path) is None) if dist.get_local_rank() == 0 else None
     missing = sorted(n for n, lacks in filter(None, dist.all_gather_object(mine)) if lacks)
@@ -370,7 +372,7 @@ def prepare_once(path: str, build: Callable[[], Any] | None, key: str, hint: str
         raise no_dataset(key, path, hint, f" on node {', '.join(map(str, missing))}" if several else "")
     if dist.get_local_rank() == 0 and node in missing:
         build()
-    dist.barrier()
+    wait_for_all()  # the build may outlast dist_timeout
     return True
 
 

@@ -60,15 +60,17 @@ class ParamSource:
         """
         new = old if self.index is None else old.index_select(self.dim, self.index.to(old.device))
         scale = self.scale
+        # scaled in (at least) float32 and rounded once: in bf16 the scale itself would round first
+        wide = torch.promote_types(new.dtype, torch.float32)
         if isinstance(scale, torch.Tensor):
             shape = [1] * new.dim()
             shape[self.dim] = -1
-            return new * (scale.to(device=new.device, dtype=new.dtype) ** power).reshape(shape)
+            return (new.to(wide) * (scale.to(device=new.device, dtype=wide) ** power).reshape(shape)).to(new.dtype)
         if scale == 0:
             return torch.zeros_like(new)
         if scale == 1:
             return new.clone() if new is old else new
-        return new * scale**power
+        return (new.to(wide) * scale**power).to(new.dtype)
 
 
 def param_names(model: nn.Module) -> dict[nn.Parameter, str]:

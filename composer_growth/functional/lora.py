@@ -22,11 +22,15 @@ name equals an entry or ends with ``.<entry>`` (``"q_proj"``, ``"model.layers.0.
 Random re-initialisation draws from a CPU ``torch.Generator`` when one is given, so every rank
 (and every device) that seeds it alike gets identical adapters without a broadcast.
 
-On an FSDP2-sharded model (parameters are ``DTensor`` shards) :func:`merge_and_reinit_lora` and
-:func:`merged_state_dict` gather each adapter's A and B whole (no rank's shards of A and B give
-any part of ``B @ A``), compute the delta as on the unsharded model, and each rank adds its rows
-of it into its shard of the base weight (:mod:`composer_growth.functional.sharding`): collective,
-every rank calls them alike.
+Deltas are computed in float32 and added to a bf16 / fp16 base in float32, rounded once
+(:func:`lora_delta`): in the base's dtype a small delta would round away.
+
+On an FSDP2-sharded model (parameters are ``DTensor`` shards) :func:`merge_and_reinit_lora`
+gathers each adapter's A and B whole (no rank's shards of A and B give any part of ``B @ A``),
+computes the delta as on the unsharded model, and each rank adds its rows of it into its shard of
+the base weight (:mod:`composer_growth.functional.sharding`); :func:`merged_state_dict` gathers the
+full weights to global rank 0's CPU only and merges there. Both are collective: every rank calls
+them alike.
 """
 
 from __future__ import annotations
@@ -43,11 +47,11 @@ from torch import nn
 from composer_growth.errors import ConfigError, check, check_int, check_number
 from composer_growth.families import Family, family_of, get_path, set_path
 from composer_growth.functional.growth import ParamSource, _collect_mapping, param_names
-from composer_growth.functional.sharding import add_full_, copy_full_, full
+from composer_growth.functional.sharding import add_full_, copy_full_, cpu_state_dict, full
 from composer_growth.unwrap import unwrap_hf
 
 __all__ = ["LORA_GROUPS", "PRUNE_MODES", "add_lora", "lora_target_modules", "lora_targets", "merge_and_reinit_lora",
-           "merge_lora", "merged_model", "merged_state_dict", "prune_optimizer_state", "resize_lora_rank",
+           "lora_delta", "merge_lora", "merged_model", "merged_state_dict", "prune_optimizer_state", "resize_lora_rank",
            "scale_lora_alpha"]
 
 LORA_GROUPS = ("attention", "mlp", "embedding", "all")
@@ -234,37 +238,61 @@ def merge_lora(model: nn.Module) -> int:
     return len(wrapped)
 
 
-@torch.no_grad()
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The HF model's state dict with every adapter folded in, under the plain model's names
-    (``hf.save_pretrained(folder, state_dict=merged_state_dict(hf))`` writes a plain model).
+def lora_delta(a: torch.Tensor, b: torch.Tensor, scaling: float, transpose: bool) -> torch.Tensor:
+    """An adapter's delta ``B @ A x scaling`` (transposed for embeddings and ``fan_in_fan_out``),
+    computed in float32 whatever the adapters' dtype: peft's ``get_delta_weight`` rounds it to the
+    adapters' dtype, and a bf16 base then rounds the sum a second time."""
+    delta = b.float() @ a.float()
+    return (delta.T if transpose else delta) * scaling
 
-    Only the wrapped modules' weights are copied; the model is left as it is.
+
+def _adapter_tensors(layer: Any, adapter: str, get) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
+    """(A, B, B's bias or None, transpose) of one adapter, each tensor read through ``get(name, tensor)``."""
+    if adapter in layer.lora_A:
+        bias = layer.lora_B[adapter].bias
+        return (get(f"lora_A.{adapter}.weight", layer.lora_A[adapter].weight),
+                get(f"lora_B.{adapter}.weight", layer.lora_B[adapter].weight),
+                None if bias is None else get(f"lora_B.{adapter}.bias", bias),
+                bool(getattr(layer, "fan_in_fan_out", False)))
+    return (get(f"lora_embedding_A.{adapter}", layer.lora_embedding_A[adapter]),
+            get(f"lora_embedding_B.{adapter}", layer.lora_embedding_B[adapter]), None, True)
+
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The HF model's state dict with every adapter folded in, under the plain model's names, on the
+    CPU (``hf.save_pretrained(folder, state_dict=merged_state_dict(hf))`` writes a plain model).
+
+    Each merged weight is ``base + B @ A x scaling`` computed in float32 and cast once to the base's
+    dtype. The model is left as it is. On an FSDP2-sharded model the full weights are gathered to
+    global rank 0's CPU only and merged there (collective: every rank calls it; None on the other
+    ranks), so no device holds a full copy of the model.
     """
     from peft.tuners.lora import LoraLayer
 
     hf = unwrap_hf(model)
-    merged = {}
+    sd = cpu_state_dict(hf)
+    if sd is None:
+        return None
     for name, layer in hf.named_modules():
-        if isinstance(layer, LoraLayer):
-            base = layer.get_base_layer()
-            weight = full(base.weight.detach()).clone()
-            bias = None if getattr(base, "bias", None) is None else full(base.bias.detach()).clone()
-            for adapter in _adapters(layer):
-                weight += full(layer.get_delta_weight(adapter)).to(weight.dtype)
-                if adapter in layer.lora_A and layer.lora_B[adapter].bias is not None and bias is not None:
-                    bias += full(layer.lora_B[adapter].bias) * layer.scaling[adapter]
-            merged[f"{name}.weight"] = weight
-            if bias is not None:
-                merged[f"{name}.bias"] = bias
-    out = {}
-    for key, tensor in hf.state_dict().items():
-        parts = key.split(".")
-        if any(p.startswith("lora_") for p in parts):
+        if not isinstance(layer, LoraLayer):
             continue
-        plain = key.replace(".base_layer.", ".")
-        out[plain] = merged[plain] if plain in merged else full(tensor)
-    return out
+        key = f"{name}.base_layer"
+        weight_key, bias_key = f"{key}.weight", f"{key}.bias"
+        dtype = sd[weight_key].dtype
+        weight = sd[weight_key].to(torch.float32, copy=True)
+        bias = sd[bias_key].to(torch.float32, copy=True) if bias_key in sd else None
+        for adapter in _adapters(layer):
+            a, b, b_bias, transpose = _adapter_tensors(layer, adapter, lambda rel, _: sd[f"{name}.{rel}"])
+            scaling = layer.scaling[adapter]
+            weight += lora_delta(a, b, scaling, transpose)
+            if b_bias is not None and bias is not None:
+                bias += b_bias.float() * scaling
+        sd[weight_key] = weight.to(dtype)
+        if bias is not None:
+            sd[bias_key] = bias.to(sd[bias_key].dtype)
+    return {key.replace(".base_layer.", "."): tensor for key, tensor in sd.items()
+            if not any(part.startswith("lora_") for part in key.split("."))}
 
 
 def merged_model(model: nn.Module) -> nn.Module:
@@ -326,10 +354,11 @@ def merge_and_reinit_lora(model: nn.Module, targets: Targets = "all",
     for layer in lora_targets(model, targets).values():
         base = layer.get_base_layer()
         for adapter in _adapters(layer):
-            add_full_(base.weight, full(layer.get_delta_weight(adapter)))
-            if adapter in layer.lora_A and layer.lora_B[adapter].bias is not None:
+            a, b, b_bias, transpose = _adapter_tensors(layer, adapter, lambda _, t: full(t))
+            add_full_(base.weight, lora_delta(a, b, layer.scaling[adapter], transpose))  # fp32, rounded once
+            if b_bias is not None:
                 check(base.bias is not None, "targets", type(base).__name__, "a base layer with a bias (lora_bias)")
-                add_full_(base.bias, full(layer.lora_B[adapter].bias) * layer.scaling[adapter])
+                add_full_(base.bias, b_bias.float() * layer.scaling[adapter])
             fresh += _fresh_adapter(layer, adapter, generator)
     return fresh
 

@@ -104,7 +104,9 @@ def transfer_optimizer_state(old_optimizer: torch.optim.Optimizer,
       (same index), and its state is the source's, transformed by the entry: tensors shaped
       like the parameter via ``entry.apply`` (``scale`` for e.g. ``exp_avg`` / ``momentum_buffer``,
       ``scale ** 2`` for :data:`SECOND_MOMENT_KEYS`), scalars such as ``step`` kept;
-    * with an entry whose source the old optimizer did not hold: left out (stays unoptimized);
+    * with an entry whose source the old optimizer did not hold, or frozen (``requires_grad`` off,
+      e.g. a trunk frozen or wrapped in LoRA by the growth): left out, with its state (a frozen
+      parameter's Adam moments would hold 8 bytes a parameter for the rest of the run);
     * with no entry (fresh, e.g. ``init="random"``) and ``requires_grad``: no state, in the group
       of an old parameter with the same name up to block indices, else group 0.
 
@@ -136,7 +138,7 @@ def transfer_optimizer_state(old_optimizer: torch.optim.Optimizer,
         src = _as_source(mapping[name])
         if src.source not in known:
             raise ConfigError("mapping", name, f"a source among old_names, not {src.source!r}")
-        if src.source not in old_group:
+        if src.source not in old_group or not p.requires_grad:  # frozen: no group, no moments kept
             continue
         groups[old_group[src.source]].append(p)
         old = old_param[src.source]

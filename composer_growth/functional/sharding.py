@@ -18,7 +18,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-__all__ = ["add_full_", "copy_full_", "full", "full_state", "is_sharded", "reshard"]
+__all__ = ["add_full_", "copy_full_", "cpu_state_dict", "full", "full_state", "is_sharded", "reshard"]
+
+#: dtypes whose sums are computed in float32 and rounded once (a small delta would round away)
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def is_sharded(t: torch.Tensor) -> bool:
@@ -32,9 +35,9 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if is_sharded(t) else t
 
 
-def _like(value: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+def _like(value: torch.Tensor, dst: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``value`` (the whole tensor, the same on every rank) placed as ``dst`` is: each rank keeps its part."""
-    value = value.to(device=dst.device, dtype=dst.dtype)
+    value = value.to(device=dst.device, dtype=dtype or dst.dtype)
     if not is_sharded(dst):
         return value
     from torch.distributed.tensor import distribute_tensor
@@ -48,8 +51,28 @@ def copy_full_(dst: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 
 def add_full_(dst: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """``dst.add_(value)`` for ``value`` the whole tensor: a sharded ``dst`` adds its part."""
+    """``dst.add_(value)`` for ``value`` the whole tensor: a sharded ``dst`` adds its part.
+
+    A bf16 / fp16 ``dst`` takes ``dst + value`` computed in float32 and rounded once (``value`` is
+    not rounded to ``dst``'s dtype first)."""
+    if dst.dtype in LOW_PRECISION:
+        return dst.copy_(dst.float() + _like(value, dst, torch.float32))
     return dst.add_(_like(value, dst))
+
+
+def cpu_state_dict(module: nn.Module) -> dict[str, torch.Tensor] | None:
+    """``module``'s full state dict on the CPU of global rank 0, None on the other ranks.
+
+    Sharded (FSDP2): gathered one tensor at a time and offloaded to rank 0's CPU
+    (``get_model_state_dict(full_state_dict=True, cpu_offload=True)``), so no device holds the whole
+    model; collective, every rank calls it. Plain: every rank gets CPU copies of its own tensors."""
+    if any(is_sharded(p) for p in module.parameters()):
+        from composer.utils import dist
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return sd if dist.get_global_rank() == 0 else None
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
 def reshard(model: nn.Module) -> None:

@@ -171,8 +171,38 @@ def parallelism_config(recipe: Recipe) -> dict[str, Any] | None:
     return out
 
 
+def flash_attention_fallback(recipe: Recipe) -> str | None:
+    """Why ``model.attn_implementation: flash_attention_2`` cannot run this recipe here (None if it can):
+    flash-attn needs its package, CUDA, and half precision (it has no fp32 kernels)."""
+    import importlib.util
+
+    reasons = []
+    if importlib.util.find_spec("flash_attn") is None:
+        reasons.append("flash-attn is not importable")
+    if not _on_gpu(recipe):
+        reasons.append("no CUDA device")
+    if recipe.precision == "fp32":
+        reasons.append("precision is fp32 (flash-attn runs in bf16 / fp16 only)")
+    return "; ".join(reasons) or None
+
+
+def _check_attention(recipe: Recipe) -> None:
+    """``flash_attention_2`` that would fail at the first forward falls back to ``sdpa``, saying why in one line."""
+    model = recipe.model
+    check(model.attn_implementation in ("eager", "sdpa", "flash_attention_2"), "model.attn_implementation",
+          model.attn_implementation, "one of eager, sdpa, flash_attention_2")
+    if model.attn_implementation != "flash_attention_2":
+        return
+    why = flash_attention_fallback(recipe)
+    if why is not None:
+        model.attn_implementation = "sdpa"
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"model.attn_implementation: flash_attention_2 -> sdpa ({why})", flush=True)
+
+
 def _check_model(recipe: Recipe) -> None:
     model = recipe.model
+    _check_attention(recipe)
     if model.pretrained is not None:
         check(os.path.exists(model.pretrained), "model.pretrained", model.pretrained, "a local model directory")
         return
@@ -190,8 +220,6 @@ def _check_model(recipe: Recipe) -> None:
             LoraConfig(**model.peft)
         except (TypeError, ValueError) as e:
             raise ConfigError("model.peft", model.peft, str(e).splitlines()[0]) from None
-    check(model.attn_implementation in ("eager", "sdpa", "flash_attention_2"), "model.attn_implementation",
-          model.attn_implementation, "one of eager, sdpa, flash_attention_2")
 
 
 def load_all() -> None:
@@ -246,6 +274,10 @@ def validate(data: dict[str, Any], world_size: int | None = None) -> Plan:
             check(key in PARALLELISM_KEYS, f"parallelism.{key}", recipe.parallelism[key],
                   f"unknown key; allowed: {', '.join(PARALLELISM_KEYS)}")
         _check_fsdp(recipe)
+    if isinstance(recipe.compile, dict):
+        accepted = set(inspect.signature(__import__("torch").compile).parameters) - {"model"}
+        for key, value in recipe.compile.items():
+            check(key in accepted, f"compile.{key}", value, f"a torch.compile option: {', '.join(sorted(accepted))}")
     _check_model(recipe)
     _check_data(recipe, world_size)
 
@@ -451,7 +483,7 @@ def build_trainer(plan: Plan):
         load_path=r.load_path,
         load_weights_only=r.load_weights_only,
         parallelism_config=parallelism_config(r),
-        compile_config={} if r.compile else None,
+        compile_config=dict(r.compile) if isinstance(r.compile, dict) else ({} if r.compile else None),
         dist_timeout=r.dist_timeout,
         python_log_level="error",
     )

@@ -88,7 +88,7 @@ class Recipe:
     device_eval_batch_size: int = 16
     precision: str = "fp32"
     device: Union[str, None] = None
-    compile: bool = False
+    compile: Union[bool, dict[str, Any]] = False  # true, or torch.compile's options (compile_config)
     save_folder: Union[str, None] = None
     save_interval: str = "1ep"
     save_num_checkpoints_to_keep: int = -1
