@@ -33,28 +33,76 @@ REGISTERING_MODULES = ("composer_growth.algorithms", "composer_growth.callbacks"
 
 
 def load_recipe(path: str, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
-    """Read a YAML recipe, apply ``key=value`` overrides and resolve interpolations."""
+    """Read a YAML recipe, apply ``key=value`` overrides and resolve interpolations.
+
+    An override's key is a dotted path; a number (``schedule.0.name``, or ``schedule[0].name``)
+    indexes a list. A YAML syntax error names the file, line and column.
+    """
+    import yaml
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     if not os.path.isfile(path):
         raise ConfigError("recipe", path, "no such file")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError("override", item, "expected key=value")
     try:
         cfg = OmegaConf.load(path)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+        raise ConfigError("recipe", where, f"YAML syntax error: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError("recipe", path, f"YAML error: {str(e).splitlines()[0]}") from None
+    try:
+        data = OmegaConf.to_container(cfg, resolve=False)
         for item in overrides:
-            if "=" not in item:
-                raise ConfigError("override", item, "expected key=value")
-        if overrides:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-        data = OmegaConf.to_container(cfg, resolve=True)
+            apply_override(data, item)
+        data = OmegaConf.to_container(OmegaConf.create(data), resolve=True)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "recipe"
         raise ConfigError(str(key), path, str(e).splitlines()[0]) from None
-    except (TypeError, ValueError, KeyError, IndexError) as e:
-        raise ConfigError("override", " ".join(overrides), str(e).splitlines()[0]) from None
     if not isinstance(data, dict):
         raise ConfigError("recipe", path, "the YAML file must hold a mapping")
     return data
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Set ``key=value`` in the recipe mapping ``data``; list entries by index (``a.0.b`` or ``a[0].b``)."""
+    import re
+
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    key, _, text = item.partition("=")
+    parts = [p for p in re.split(r"\.|\[|\]", key.strip()) if p != ""]
+    if not parts:
+        raise ConfigError("override", item, "expected key=value")
+    try:
+        value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]), resolve=False)["v"]
+    except OmegaConfBaseException as e:
+        raise ConfigError(key, text, f"cannot read the value: {str(e).splitlines()[0]}") from None
+    node: Any = data
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        here = ".".join(parts[:depth]) or "recipe"
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(key, text, f"{here} is a list of {len(node)} entries: index it with 0..{len(node) - 1}")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+        else:
+            raise ConfigError(key, text, f"{here} holds {node!r}, not a mapping or a list")
 
 
 @dataclass
@@ -184,6 +232,9 @@ def _check_model(recipe: Recipe) -> None:
     if model.peft is not None:
         from peft import LoraConfig
 
+        if "r" in model.peft:
+            check(is_int(model.peft["r"]) and model.peft["r"] >= 1, "model.peft.r", model.peft["r"], "an integer >= 1")
+
         try:
             LoraConfig(**model.peft)
         except (TypeError, ValueError) as e:
@@ -203,6 +254,30 @@ def load_all() -> None:
     register_composer_builtins()
 
 
+def _check_save_folder(recipe: Recipe) -> None:
+    """A local ``save_folder`` must be (or be creatable as) a writable folder: its nearest existing
+    ancestor is a folder we may write into."""
+    folder = recipe.save_folder
+    if folder is None or "://" in folder:
+        return
+    path = os.path.abspath(folder.split("{", 1)[0] or ".")
+    while not os.path.lexists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise ConfigError("save_folder", folder, f"{path} is a file, not a folder")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError("save_folder", folder, f"{path} is not writable")
+
+
+def _check_files(recipe: Recipe) -> None:
+    """An algorithm argument that names a .json / .yaml file (an orchestrator schedule) names one that exists."""
+    for name, kwargs in recipe.algorithms.items():
+        for arg, value in kwargs.items():
+            if isinstance(value, str) and value.endswith((".json", ".yaml", ".yml")) and not os.path.isfile(value):
+                raise ConfigError(f"algorithms.{name}.{arg}", value,
+                                  f"no such file (relative paths are read from {os.getcwd()})")
+
+
 def validate(data: dict[str, Any], world_size: int | None = None) -> Plan:
     """Check every key of a recipe and build its algorithms, callbacks and loggers."""
     load_all()
@@ -213,9 +288,8 @@ def validate(data: dict[str, Any], world_size: int | None = None) -> Plan:
     max_duration = parse_time(recipe.max_duration, "max_duration")
     check(max_duration.unit.value != "dur", "max_duration", recipe.max_duration, "a time in ba, ep, tok or sp")
     check(max_duration.value > 0, "max_duration", recipe.max_duration, "a positive time")
-    parse_time(recipe.eval_interval, "eval_interval")
-    parse_time(recipe.save_interval, "save_interval")
-    parse_time(recipe.console_log_interval, "console_log_interval")
+    for key in ("eval_interval", "save_interval", "console_log_interval"):
+        check(parse_time(getattr(recipe, key), key).value > 0, key, getattr(recipe, key), "a positive time")
     parse_time(recipe.scheduler.t_warmup, "scheduler.t_warmup")
 
     gbs = recipe.global_train_batch_size
@@ -239,6 +313,7 @@ def validate(data: dict[str, Any], world_size: int | None = None) -> Plan:
     if recipe.autoresume:
         check(recipe.save_folder is not None, "autoresume", True, "needs save_folder")
         check(recipe.run_name is not None, "autoresume", True, "needs run_name")
+    _check_save_folder(recipe)
     if recipe.parallelism is not None:
         for key in recipe.parallelism:
             check(key in PARALLELISM_KEYS, f"parallelism.{key}", recipe.parallelism[key],
@@ -247,6 +322,7 @@ def validate(data: dict[str, Any], world_size: int | None = None) -> Plan:
     _check_model(recipe)
     _check_data(recipe, world_size)
 
+    _check_files(recipe)
     algorithms = [_construct("algorithms", n, ALGORITHMS, kw) for n, kw in recipe.algorithms.items()]
     callbacks = [_construct("callbacks", n, CALLBACKS, kw) for n, kw in recipe.callbacks.items()]
     loggers = [_construct("loggers", n, LOGGERS, kw) for n, kw in recipe.loggers.items()]
@@ -420,6 +496,7 @@ def build_trainer(plan: Plan):
     init_dist(plan)
     ensure_data(plan)
     check_save_folder(plan)
+    resume = resume_path(r)
     reproducibility.seed_all(r.seed)
     tokenizer = build_tokenizer(r)
     model = build_model(r, tokenizer, peft=not any(getattr(a, "defers_peft", False) for a in plan.algorithms))
@@ -458,17 +535,39 @@ def build_trainer(plan: Plan):
         seed=r.seed,
         save_folder=r.save_folder,
         save_interval=r.save_interval,
-        save_num_checkpoints_to_keep=r.save_num_checkpoints_to_keep,
+        # the folder's count is kept by KeepCheckpoints (across restarts); Composer's counts only its own saves
+        save_num_checkpoints_to_keep=-1 if r.save_num_checkpoints_to_keep > 0 else r.save_num_checkpoints_to_keep,
         save_overwrite=r.save_overwrite,
-        autoresume=r.autoresume,
-        load_path=r.load_path,
-        load_weights_only=r.load_weights_only,
+        autoresume=r.autoresume and resume is None and "://" in (r.save_folder or ""),
+        load_path=resume or r.load_path,
+        load_weights_only=False if resume else r.load_weights_only,
         parallelism_config=parallelism_config(r),
         compile_config={} if r.compile else None,
         dist_timeout=r.dist_timeout,
         python_log_level="error",
     )
+    if r.save_folder is not None and "://" not in r.save_folder and r.save_num_checkpoints_to_keep > 0:
+        from composer.utils import format_name_with_dist
+
+        from composer_growth.recipe.checkpoints import KeepCheckpoints
+
+        # after Composer's saver (the Trainer appended it last), so the count includes the new checkpoint
+        folder = format_name_with_dist(r.save_folder, r.run_name)
+        trainer.state.callbacks.append(KeepCheckpoints(folder, r.save_num_checkpoints_to_keep))
     return trainer
+
+
+def resume_path(recipe: Recipe) -> str | None:
+    """With ``autoresume`` and a local ``save_folder``: the newest readable checkpoint there, which
+    every rank loads (damaged newer ones set aside, each with one line); None when there is none
+    (the run starts afresh, from ``load_path`` if given). A remote folder keeps Composer's autoresume."""
+    if not recipe.autoresume or recipe.save_folder is None or "://" in recipe.save_folder:
+        return None
+    from composer.utils import format_name_with_dist
+
+    from composer_growth.recipe.checkpoints import choose_resume
+
+    return choose_resume(format_name_with_dist(recipe.save_folder, recipe.run_name))
 
 
 def run(plan: Plan):
