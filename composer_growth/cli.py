@@ -44,12 +44,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def one_line(e: BaseException) -> str:
-    """A failure in one line: a bad option as ConfigError words it, a file system error with its path,
-    anything else with its type."""
-    from composer_growth.recipe.checkpoints import CheckpointError
-
-    if isinstance(e, (ConfigError, CheckpointError)):
-        return str(e)
+    """An unexpected failure in one line: a file system error with its path, anything else with its type."""
     if isinstance(e, OSError) and e.strerror:
         where = f"{e.filename}: " if e.filename else ""
         return f"{where}{e.strerror}" + (f" -> {e.filename2}" if e.filename2 else "")
@@ -98,9 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "debug", False) or os.environ.get("COMPOSER_GROWTH_DEBUG") == "1":
         return _dispatch(args)
+    from composer_growth.errors import DataError
+    from composer_growth.recipe.checkpoints import CheckpointError
+
     try:
         return _dispatch(args)
-    except ConfigError as e:
+    except (ConfigError, CheckpointError, DataError) as e:  # the user's input: the line says what to change
         print(f"composer-growth: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - every failure ends in one line; --debug shows the traceback
