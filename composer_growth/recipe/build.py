@@ -572,9 +572,17 @@ def resume_path(recipe: Recipe) -> str | None:
 
 def run(plan: Plan):
     """Train as the plan says; an eval before the first step when ``eval_first`` is set."""
+    from composer_growth.recipe.checkpoints import disk_full
+
     trainer = build_trainer(plan)
-    if plan.recipe.eval_first and int(trainer.state.timestamp.batch) == 0:
-        trainer.eval(subset_num_batches=plan.recipe.eval_subset_num_batches)
-    trainer.fit()
+    try:
+        if plan.recipe.eval_first and int(trainer.state.timestamp.batch) == 0:
+            trainer.eval(subset_num_batches=plan.recipe.eval_subset_num_batches)
+        trainer.fit()
+    except Exception as e:
+        full = disk_full(plan.recipe.save_folder, plan.recipe.run_name, e)
+        if full is not None:  # torch's zip writer words a full disk as "unexpected pos"
+            raise full from e
+        raise
     trainer.close()
     return trainer

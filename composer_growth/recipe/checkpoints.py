@@ -177,6 +177,30 @@ def choose_resume(folder: str) -> str | None:
     return answer[0]
 
 
+def disk_full(save_folder: str | None, run_name: str | None, error: BaseException) -> OSError | None:
+    """An ``OSError(ENOSPC)`` naming the local save folder when ``error`` came with its filesystem
+    (nearly) full: less room left than the largest checkpoint there needs. None otherwise."""
+    import errno
+
+    from composer.utils import format_name_with_dist
+
+    if save_folder is None or "://" in save_folder:
+        return None
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return error
+    folder = format_name_with_dist(save_folder, run_name)
+    try:
+        free = shutil.disk_usage(folder).free
+        sizes = [os.path.getsize(c.path) for c in list_checkpoints(folder) if not c.sharded]
+    except OSError:
+        return None
+    if free >= max(sizes, default=1 << 20):
+        return None
+    what = " ".join(str(error).split())[:120]
+    return OSError(errno.ENOSPC, f"No space left on device ({free} bytes free; {type(error).__name__}: {what})",
+                   folder)
+
+
 class KeepCheckpoints(Callback):
     """``save_num_checkpoints_to_keep`` over the whole save folder: after each save rank 0 removes the
     oldest checkpoints there (this run's and earlier runs') beyond ``keep``, never the newest."""
