@@ -50,7 +50,7 @@ class Checkpoint:
 
     def files(self) -> list[str]:
         """Every file of this checkpoint (all ranks' files of a monolithic one)."""
-        if self.sharded:
+        if self.sharded or self.batch < 0:
             return [self.path]
         folder = os.path.dirname(self.path)
         pattern = re.compile(rf"^ep{self.epoch}-ba{self.batch}-rank\d+\.pt$")
@@ -73,6 +73,18 @@ def list_checkpoints(folder: str) -> list[Checkpoint]:
         if m and os.path.isdir(path):
             found.append(Checkpoint(int(m[1]), int(m[2]), path))
     return sorted(found, key=lambda c: (c.batch, c.epoch), reverse=True)
+
+
+def resume_candidates(folder: str, latest: str = "latest-rank0.pt") -> list[Checkpoint]:
+    """:func:`list_checkpoints`, with what Composer's ``latest`` symlink names first when that is a
+    file or folder of another name (a checkpoint copied in by hand)."""
+    found = list_checkpoints(folder)
+    link = os.path.join(folder, latest)
+    if os.path.islink(link):
+        target = os.path.normpath(os.path.join(folder, os.readlink(link)))
+        if os.path.exists(target) and all(os.path.normpath(c.path) != target for c in found):
+            found.insert(0, Checkpoint(-1, -1, target))
+    return found
 
 
 def _why_zip(path: str) -> str | None:
@@ -142,7 +154,7 @@ def choose_resume(folder: str) -> str | None:
 
     from composer.utils import dist
 
-    candidates = list_checkpoints(folder) if dist.get_global_rank() == 0 else None
+    candidates = resume_candidates(folder) if dist.get_global_rank() == 0 else None
     shared = [candidates]
     dist.broadcast_object_list(shared, src=0)
     candidates = shared[0]
