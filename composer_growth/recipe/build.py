@@ -275,7 +275,8 @@ def _check_files(recipe: Recipe) -> None:
         for arg, value in kwargs.items():
             if isinstance(value, str) and value.endswith((".json", ".yaml", ".yml")) and not os.path.isfile(value):
                 raise ConfigError(f"algorithms.{name}.{arg}", value,
-                                  f"no such file (relative paths are read from {os.getcwd()})")
+                                  f"no such file; give the path of a .json / .yaml file (relative paths are read "
+                                  f"from {os.getcwd()})")
 
 
 def validate(data: dict[str, Any], world_size: int | None = None) -> Plan:
