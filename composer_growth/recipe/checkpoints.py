@@ -133,6 +133,11 @@ def why_unreadable(checkpoint: Checkpoint) -> str | None:
         return f"{type(e).__name__}: {e.strerror or e}"
 
 
+def readable_or_why(path: str) -> str | None:
+    """:func:`why_unreadable` for a checkpoint path of any name (a ``.pt`` file or a sharded folder)."""
+    return why_unreadable(Checkpoint(-1, -1, path))
+
+
 def _set_aside(checkpoint: Checkpoint) -> list[str]:
     moved = []
     for path in checkpoint.files():
