@@ -175,23 +175,18 @@ def choose_resume(folder: str) -> str | None:
             break
         rank, why = reasons[0]
         damaged.append((checkpoint, why if len(verdicts) == 1 else f"{why}, on rank {rank}"))
-    answer = [None]
+    if chosen is None:  # every rank saw the same verdicts: all stop with the same line
+        reasons = "; ".join(f"{os.path.basename(c.path)}: {why}" for c, why in damaged)
+        raise CheckpointError(f"save_folder {folder}: no readable checkpoint to resume from ({reasons}); "
+                              "move them away to start afresh, or set autoresume: false")
     if dist.get_global_rank() == 0:
         for checkpoint, why in damaged:
-            then = f"resuming from {os.path.basename(chosen.path)}" if chosen else "no older checkpoint is readable"
-            aside = "" if chosen is None else f"; set aside as {os.path.basename(checkpoint.path)}{DAMAGED}"
-            print(f"composer-growth: checkpoint {checkpoint.path} is unreadable ({why}){aside}; {then}",
+            print(f"composer-growth: checkpoint {checkpoint.path} is unreadable ({why}); set aside as "
+                  f"{os.path.basename(checkpoint.path)}{DAMAGED}; resuming from {os.path.basename(chosen.path)}",
                   file=sys.stderr, flush=True)
-            if chosen is not None:
-                _set_aside(checkpoint)
-        answer = [None if chosen is None else chosen.path]
-    dist.broadcast_object_list(answer, src=0)
+            _set_aside(checkpoint)
     dist.barrier()
-    if answer[0] is None:
-        names = ", ".join(os.path.basename(c.path) for c in candidates)
-        raise CheckpointError(f"save_folder {folder}: no readable checkpoint to resume from ({names} damaged); "
-                              "move them away to start afresh, or set autoresume: false")
-    return answer[0]
+    return chosen.path
 
 
 def disk_full(save_folder: str | None, run_name: str | None, error: BaseException) -> OSError | None:
