@@ -43,12 +43,26 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def one_line(e: BaseException) -> str:
+    """An unexpected failure in one line: a file system error with its path, anything else with its type."""
+    if isinstance(e, OSError) and e.strerror:
+        where = f"{e.filename}: " if e.filename else ""
+        return f"{where}{e.strerror}" + (f" -> {e.filename2}" if e.filename2 else "")
+    text = " ".join(str(e).split())
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = argparse.ArgumentParser(prog="composer-growth", description=__doc__)
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="on an error, show the full traceback instead of one line")
+    parser = argparse.ArgumentParser(prog="composer-growth", description=__doc__, parents=[debug])
     sub = parser.add_subparsers(dest="cmd", required=True)
 
-    p = sub.add_parser("prepare-data", help="build a tokenizer and MDS shards from a corpus")
+    p = sub.add_parser("prepare-data", help="build a tokenizer and MDS shards from a corpus", parents=[debug])
     p.add_argument("--out", default="./data/python-source")
     p.add_argument("--source", default="python-source", choices=["python-source", "files", "hub"])
     p.add_argument("--files", nargs="*", default=None, help="text or JSONL files (source=files)")
@@ -65,33 +79,46 @@ def main(argv: list[str] | None = None) -> int:
                    help="the token column: input_ids, or tokens (llm-foundry's text loader reads it; so do ours)")
 
     for name, text in (("train", "validate a recipe and train"), ("validate", "only validate a recipe")):
-        q = sub.add_parser(name, help=text)
+        q = sub.add_parser(name, help=text, parents=[debug])
         q.add_argument("recipe")
         q.add_argument("overrides", nargs="*", help="key=value overrides (omegaconf dotlist)")
 
-    q = sub.add_parser("plan", help="print and draw what a recipe (or an llm-foundry YAML) will do; trains nothing")
+    q = sub.add_parser("plan", help="print and draw what a recipe (or an llm-foundry YAML) will do; trains nothing",
+                       parents=[debug])
     q.add_argument("recipe")
     q.add_argument("overrides", nargs="*", help="key=value overrides (omegaconf dotlist)")
     q.add_argument("--out", default=None, help="folder for plan.json and plan.png (default: ./runs/plan/<recipe name>)")
     q.add_argument("--no-png", action="store_true", help="write no picture")
 
     args = parser.parse_args(argv)
-    try:
-        if args.cmd == "prepare-data":
-            return _prepare(args)
-        if args.cmd == "plan":
-            return _plan(args)
-        plan = _validate(args)
-        if args.cmd == "validate":
-            print(f"{args.recipe}: ok ({len(plan.algorithms)} algorithms, max_duration {plan.recipe.max_duration})")
-            return 0
-        from composer_growth.recipe import run
+    if getattr(args, "debug", False) or os.environ.get("COMPOSER_GROWTH_DEBUG") == "1":
+        return _dispatch(args)
+    from composer_growth.errors import DataError
+    from composer_growth.recipe.checkpoints import CheckpointError
 
-        run(plan)
-        return 0
-    except ConfigError as e:
+    try:
+        return _dispatch(args)
+    except (ConfigError, CheckpointError, DataError) as e:  # the user's input: the line says what to change
         print(f"composer-growth: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - every failure ends in one line; --debug shows the traceback
+        print(f"composer-growth: error: {one_line(e)} (--debug shows the traceback)", file=sys.stderr)
+        return 1
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.cmd == "prepare-data":
+        return _prepare(args)
+    if args.cmd == "plan":
+        return _plan(args)
+    plan = _validate(args)
+    if args.cmd == "validate":
+        print(f"{args.recipe}: ok ({len(plan.algorithms)} algorithms, max_duration {plan.recipe.max_duration})")
+        return 0
+    from composer_growth.recipe import run
+
+    run(plan)
+    return 0
 
 
 if __name__ == "__main__":

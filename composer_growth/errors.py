@@ -61,3 +61,7 @@ def check_number(value: Any, key: str, *, minimum: float | None = None, above: f
         else:
             allowed = "a number"
     check(ok, key, value, allowed)
+
+
+class DataError(RuntimeError):
+    """A dataset on disk cannot be read as it stands (a damaged index, missing shards); one line."""

@@ -8,7 +8,7 @@ from composer.core import State, Time, TimeUnit
 
 from composer_growth.errors import ConfigError
 
-UNITS = "'<float>dur', '<int>ba', '<int>ep', '<int>tok', '<int>sp'"
+TIME_STRINGS = "'<float>dur', '<int>ba', '<int>ep', '<int>tok', '<int>sp'"
 
 
 def parse_time(value: Any, key: str) -> Time:
@@ -37,11 +37,11 @@ def parse_time(value: Any, key: str) -> Time:
                         t = Time.from_timestring(f"{int(num)}{unit}")
                     break
         if t is None:
-            raise ConfigError(key, value, f"expected a Composer time string: {UNITS}")
+            raise ConfigError(key, value, f"expected a Composer time string: {TIME_STRINGS}")
     else:
-        raise ConfigError(key, value, f"expected a Composer time string: {UNITS}")
+        raise ConfigError(key, value, f"expected a Composer time string: {TIME_STRINGS}")
     if t.unit not in (TimeUnit.DURATION, TimeUnit.BATCH, TimeUnit.EPOCH, TimeUnit.TOKEN, TimeUnit.SAMPLE):
-        raise ConfigError(key, value, f"unit must be one of {UNITS}")
+        raise ConfigError(key, value, f"unit must be one of {TIME_STRINGS}")
     if t.value < 0 or (t.unit == TimeUnit.DURATION and t.value > 1):
         raise ConfigError(key, value, "must be >= 0 (and <= 1 for 'dur')")
     return t

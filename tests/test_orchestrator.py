@@ -375,7 +375,7 @@ def test_surgery_ops_under_fsdp2_reject_activation_offload_before_training(tiny_
     ([_op(when=3)], "schedule[0].when", "unknown key"),
     ([_op("stack_layers", 2, args={"init": "zeros"})], "schedule[0].args.init", "one of copy"),
     ([_op("widen_mlp", 2, args={"times": 2})], "schedule[0].args.times", "allowed: noise_std, seed"),
-    ("missing.json", "schedule", "path of a .json"),
+    ("missing.json", "schedule", "no such file; give the path of a .json"),
 ])
 def test_bad_schedules_fail_before_training_naming_index_and_key(tiny_recipe, schedule, key, match):
     tiny_recipe["algorithms"] = {"orchestrator": {"schedule": schedule}}

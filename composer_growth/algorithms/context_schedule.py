@@ -146,7 +146,7 @@ class ContextLengthSchedule(PhaseDatasets, SuiteAlgorithm):
         self._loader: Any = None
         self._token_excess = 0
         self._batch_cut = False
-        self._events: list[dict[str, Any]] = []  # phase changes, for the run summary
+        self._changes: list[dict[str, Any]] = []  # phase changes, for the run summary
         self._tmp_tokenizer: str | None = None
         evaluation = PhaseLengthEval(self)
         self.callbacks = (evaluation, PhaseExport(self, evaluation))
@@ -510,7 +510,7 @@ class ContextLengthSchedule(PhaseDatasets, SuiteAlgorithm):
         log.info(text)
         if self.verbose and dist.get_global_rank() == 0:
             print(text, flush=True)
-        self._events.append({"batch": int(state.timestamp.batch), "name": self.name,
+        self._changes.append({"batch": int(state.timestamp.batch), "name": self.name,
                              "text": text.split(": ", 1)[1]})
         if new > old + 1:
             self.warn_once(f"ContextLengthSchedule: phases {', '.join(p.name for p in self.phases[old + 1:new])} "
@@ -573,11 +573,11 @@ class ContextLengthSchedule(PhaseDatasets, SuiteAlgorithm):
         out = super().state_dict()  # Composer's base: {'repr': ...}
         out.update({"phase": self._phase, "original": copy.deepcopy(self._original), "exported": list(self._exported),
                     "base_len": self._base_len, "base_mb": self._base_mb, "tokens_per_step": self._tokens,
-                    "sources": self._sources.state_dict(), "events": [dict(e) for e in self._events]})
+                    "sources": self._sources.state_dict(), "events": [dict(e) for e in self._changes]})
         return out
 
     def run_events(self) -> list[dict[str, Any]]:
-        return [dict(e) for e in self._events]
+        return [dict(e) for e in self._changes]
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._phase = int(state.get("phase", 0))
@@ -588,4 +588,4 @@ class ContextLengthSchedule(PhaseDatasets, SuiteAlgorithm):
         self._base_mb = state.get("base_mb", self._base_mb)
         self._tokens = state.get("tokens_per_step", self._tokens)
         self._sources.load_state_dict(state.get("sources", {}))
-        self._events = [dict(e) for e in state.get("events", [])]
+        self._changes = [dict(e) for e in state.get("events", [])]

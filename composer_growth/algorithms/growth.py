@@ -52,7 +52,7 @@ class _Growth(SuiteAlgorithm):
         check_flag(probe_loss, "probe_loss")
         self.probe_loss = probe_loss
         self.applied = False
-        self._events = self._EVENTS  # narrowed once the growth is done
+        self._matched = self._EVENTS  # narrowed once the growth is done
         self._earliest: int | None = None  # no batch before this one can be due
         self.record: dict[str, Any] = {}
         self.run_facts: RunFacts | None = None  # what validate_run checked the options against
@@ -92,7 +92,7 @@ class _Growth(SuiteAlgorithm):
     _DONE_EVENTS = frozenset((Event.INIT, Event.FIT_START))
 
     def match(self, event: Event, state: State) -> bool:
-        return event in self._events
+        return event in self._matched
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event is Event.INIT:
@@ -110,7 +110,7 @@ class _Growth(SuiteAlgorithm):
             check_at_fit_start(self, state)
             check_progress_known(state, {"at": self.at}, within=False)
             self._earliest = earliest_batch(state, self.at)
-            self._events = self._DONE_EVENTS if self.applied else self._EVENTS
+            self._matched = self._DONE_EVENTS if self.applied else self._EVENTS
         elif event is Event.AFTER_DATALOADER:  # the loss probe's batch, kept from the batch that can fire on
             due = self._earliest is None or state.timestamp.batch.value + 1 >= self._earliest
             self._batch = state.batch if self.probe_loss and not self.applied and due else None
@@ -119,7 +119,7 @@ class _Growth(SuiteAlgorithm):
                 return  # not due yet: one integer comparison per batch
             if reached(state, self.at):
                 self._fire(state, logger)
-                self._events = self._DONE_EVENTS
+                self._matched = self._DONE_EVENTS
 
     def _fire(self, state: State, logger: Logger) -> None:
         before = self._probe(state)

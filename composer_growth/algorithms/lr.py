@@ -29,7 +29,7 @@ from typing import Any
 from composer.core import State, Time, TimeUnit
 from composer.utils import ensure_tuple
 
-UNITS = {TimeUnit.BATCH: "ba", TimeUnit.TOKEN: "tok", TimeUnit.SAMPLE: "sp", TimeUnit.EPOCH: "ep",
+UNIT_SUFFIX = {TimeUnit.BATCH: "ba", TimeUnit.TOKEN: "tok", TimeUnit.SAMPLE: "sp", TimeUnit.EPOCH: "ep",
          TimeUnit.DURATION: "dur"}
 #: a param group's lr before any multiplier, where no scheduler keeps it (the key older checkpoints hold)
 BASE_LR_KEY = "lora_lr"
@@ -116,7 +116,7 @@ class _Restarted:
         self.timestamp = ts.copy(batch=int(ts.batch) - start["ba"], sample=int(ts.sample) - start["sp"],
                                  token=int(ts.token) - start["tok"], epoch=int(ts.epoch) - start["ep"])
         md = state.max_duration
-        self.max_duration = Time(int(md.value) - start[UNITS[md.unit]], md.unit)
+        self.max_duration = Time(int(md.value) - start[UNIT_SUFFIX[md.unit]], md.unit)
 
     def get_elapsed_duration(self) -> Time:
         md = self.max_duration

@@ -127,7 +127,7 @@ class SeqLengthWarmup(SuiteAlgorithm):
         self._active = False
         self._preallocated = False
         self.preallocation: str | None = None  # what the pre-allocation did: done, oom, auto (skipped)
-        self._events = self._EVENTS  # narrowed to FIT_START once the warmup is over
+        self._matched = self._EVENTS  # narrowed to FIT_START once the warmup is over
         self._logged_len: int | None = None
         self.run_facts: RunFacts | None = None  # what validate_run checked the options against
 
@@ -206,11 +206,11 @@ class SeqLengthWarmup(SuiteAlgorithm):
     _EVENTS = frozenset((Event.FIT_START, Event.AFTER_DATALOADER, Event.BATCH_END))
 
     def match(self, event: Event, state: State) -> bool:
-        return event in self._events
+        return event in self._matched
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event is Event.FIT_START:
-            self._events = self._EVENTS
+            self._matched = self._EVENTS
             check_at_fit_start(self, state)
             times = {"duration": self.duration} if self.steps is None else {
                 f"schedule[{i}][0]": t for i, (t, _) in enumerate(self.steps)}
@@ -314,7 +314,7 @@ class SeqLengthWarmup(SuiteAlgorithm):
             self._token_excess = 0
             logger.log_metrics({"tokens/trained": int(state.timestamp.token)})
         else:  # over for the rest of the fit (time only moves on): Composer stops calling in
-            self._events = frozenset((Event.FIT_START,))
+            self._matched = frozenset((Event.FIT_START,))
 
     def _preallocate(self, state: State, batch: Mapping[str, Any]) -> None:
         """One forward and backward at max_seq_length on a copy of this batch; no data, no RNG drawn.

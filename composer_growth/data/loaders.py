@@ -29,7 +29,13 @@ def build_lm_dataloader(path: str, split: str, device_batch_size: int, shuffle: 
     """
     from streaming import StreamingDataset
 
+    from composer_growth.data.prepare import index_problem
+    from composer_growth.errors import DataError
+
     local = os.path.join(cache_dir or path, split)
+    problem = None if remote is not None else index_problem(local)
+    if problem is not None:
+        raise DataError(f"dataset {path}, split {split}: {problem}; rebuild it (prepare-data --overwrite)")
     dataset = StreamingDataset(
         local=local,
         remote=None if remote is None else f"{remote.rstrip('/')}/{split}",

@@ -9,7 +9,10 @@ Layout of ``out_dir``::
                     ``convert_dataset_json`` writes and its ``text`` loader reads)
     manifest.json   source, arguments, sizes and token counts
 
-Re-running with the same arguments reuses what is there. A folder without ``manifest.json``
+A build writes into ``<out_dir>.building`` (a sibling on the same filesystem) and moves the result
+into ``out_dir`` only when it is complete, ``manifest.json`` last: a failed or killed build leaves no
+dataset behind (the next build clears the stale ``.building`` folder). Re-running with the same
+arguments reuses what is there. A folder without ``manifest.json``
 whose splits are MDS shards with a ``tokens`` or ``input_ids`` column (llm-foundry's
 ``convert_dataset_json`` output) is read too: :func:`read_manifest` infers what a manifest says.
 """
@@ -248,24 +251,53 @@ def build_lock(out_dir: str):
 
 
 def _build(out_dir: str, args: dict[str, Any], overwrite: bool, files: list[str] | None) -> dict[str, Any]:
+    manifest_path = os.path.join(out_dir, MANIFEST)
+    if not overwrite and os.path.exists(manifest_path):
+        try:
+            with open(manifest_path) as f:
+                manifest = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            manifest = {}
+        if isinstance(manifest, dict) and manifest.get("args") == args:
+            print(f"composer-growth: reusing dataset at {out_dir}")
+            return manifest
+    stage = os.path.abspath(out_dir).rstrip(os.sep) + ".building"
+    shutil.rmtree(stage, ignore_errors=True)  # what a killed build left
+    os.makedirs(stage)
+    try:
+        manifest = _build_into(stage, args, files)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    _publish(stage, out_dir)
+    return manifest
+
+
+def _publish(stage: str, out_dir: str) -> None:
+    """Move a complete build from ``stage`` into ``out_dir``: one rename when ``out_dir`` is absent or
+    empty; else the old dataset goes (its manifest first) and the new one comes in, manifest last."""
+    if os.path.isdir(out_dir) and not os.listdir(out_dir):
+        os.rmdir(out_dir)
+    if not os.path.exists(out_dir):
+        os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
+        os.replace(stage, out_dir)
+        return
+    if os.path.exists(os.path.join(out_dir, MANIFEST)):
+        os.remove(os.path.join(out_dir, MANIFEST))
+    for sub in ("train", "val", "tokenizer"):
+        shutil.rmtree(os.path.join(out_dir, sub), ignore_errors=True)
+    for name in sorted(os.listdir(stage), key=lambda n: n == MANIFEST):
+        os.replace(os.path.join(stage, name), os.path.join(out_dir, name))
+    os.rmdir(stage)
+
+
+def _build_into(out_dir: str, args: dict[str, Any], files: list[str] | None) -> dict[str, Any]:
     source, seq_len, vocab_size, tokenizer = args["source"], args["seq_len"], args["vocab_size"], args["tokenizer"]
     max_bytes, val_percent = args["max_bytes"], args["val_percent"]
     hub_name, hub_split, text_field = args["hub_name"], args["hub_split"], args["text_field"]
     tokenizer_max_bytes = args["tokenizer_max_bytes"]
     column = args.get("column", "input_ids")
     manifest_path = os.path.join(out_dir, MANIFEST)
-    if not overwrite and os.path.exists(manifest_path):
-        with open(manifest_path) as f:
-            manifest = json.load(f)
-        if manifest.get("args") == args:
-            print(f"composer-growth: reusing dataset at {out_dir}")
-            return manifest
-    for sub in ("train", "val", "tokenizer"):
-        shutil.rmtree(os.path.join(out_dir, sub), ignore_errors=True)
-    if os.path.exists(manifest_path):
-        os.remove(manifest_path)
-    os.makedirs(out_dir, exist_ok=True)
-
     train_texts, val_texts, n_bytes = [], [], 0
     for doc_id, text in iter_documents(source, files, hub_name, hub_split, text_field, max_bytes):
         (val_texts if is_val(doc_id, val_percent) else train_texts).append(text)
@@ -307,11 +339,48 @@ def _build(out_dir: str, args: dict[str, Any], overwrite: bool, files: list[str]
 def read_manifest(path: str) -> dict[str, Any] | None:
     """The dataset's ``manifest.json``; for a folder of MDS splits without one (llm-foundry's
     ``convert_dataset_json`` output), what :func:`infer_manifest` reads from the shards; else None."""
-    try:
-        with open(os.path.join(path, MANIFEST)) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
+    manifest_path = os.path.join(path, MANIFEST)
+    if not os.path.exists(manifest_path):
         return infer_manifest(path)
+    try:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None  # a damaged manifest: no dataset (a build replaces it)
+    return manifest if isinstance(manifest, dict) and isinstance(manifest.get("splits"), dict) else None
+
+
+def index_problem(split_dir: str) -> str | None:
+    """What is wrong with the MDS split at ``split_dir`` as StreamingDataset will read it (its
+    ``index.json`` parses, lists shards, each shard file exists with the size listed, and the split
+    holds samples); None when nothing is."""
+    index_path = os.path.join(split_dir, "index.json")
+    try:
+        with open(index_path) as f:
+            index = json.load(f)
+    except FileNotFoundError:
+        return f"{index_path} is missing"
+    except (OSError, ValueError) as e:
+        return f"{index_path} is unreadable ({' '.join(str(e).split())})"
+    shards = index.get("shards") if isinstance(index, dict) else None
+    if not isinstance(shards, list):
+        return f"{index_path} lists no shards"
+    samples = 0
+    for shard in shards:
+        try:
+            data = shard.get("zip_data") or shard["raw_data"]
+            name, size = data["basename"], int(data["bytes"])
+            samples += int(shard["samples"])
+        except (AttributeError, KeyError, TypeError, ValueError):
+            return f"{index_path} has a malformed shard entry"
+        file = os.path.join(split_dir, name)
+        if not os.path.isfile(file):
+            return f"{file} (listed in index.json) is missing"
+        if os.path.getsize(file) != size:
+            return f"{file} holds {os.path.getsize(file)} bytes, index.json lists {size}"
+    if samples == 0:
+        return f"{split_dir} holds no samples"
+    return None
 
 
 def no_dataset(key: str, path: str, hint: str, where: str = "") -> ConfigError:
@@ -337,6 +406,9 @@ def check_manifest(path: str, key: str, splits: Mapping[str, str] | None = None,
     for split, split_key in (splits or {}).items():
         if split not in have:
             raise ConfigError(split_key, split, f"splits in {path}: {', '.join(have)}")
+        problem = index_problem(os.path.join(path, split))
+        if problem is not None:
+            raise ConfigError(key, path, f"split {split}: {problem}; rebuild it (prepare-data --overwrite)")
     if seq_len is not None and int(manifest["seq_len"]) < seq_len:
         raise ConfigError(key, path, f"sequences of {manifest['seq_len']} tokens, shorter than {seq_len_key} "
                                      f"({seq_len})")
@@ -395,8 +467,10 @@ def infer_manifest(path: str) -> dict[str, Any] | None:
         found = [c for c in COLUMNS if shards and c in shards[0].get("column_names", [])]
         if not found:
             continue
-        column = column or found[-1]
         samples = sum(int(shard.get("samples", 0)) for shard in shards)
+        if not samples:
+            continue  # an empty split is no split
+        column = column or found[-1]
         splits[name] = {"sequences": samples}
         if seq_len is None and samples:
             seq_len = _first_sample_length(os.path.join(path, name), shards[0], found[-1])

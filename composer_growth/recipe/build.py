@@ -1,4 +1,4 @@
-"""YAML -> validated :class:`Plan` -> Composer ``Trainer``.
+"""YAML -> validated :class:`ValidRecipe` -> Composer ``Trainer``.
 
 ``validate`` reads nothing but the recipe and the dataset's manifest, so a bad recipe
 fails in seconds, before a model is built or data read.
@@ -34,33 +34,8 @@ NO_DATA_HINT = "run `composer-growth prepare-data` there or give data.prepare to
 REGISTERING_MODULES = ("composer_growth.algorithms", "composer_growth.callbacks")
 
 
-def load_recipe(path: str, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
-    """Read a YAML recipe, apply ``key=value`` overrides and resolve interpolations."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    if not os.path.isfile(path):
-        raise ConfigError("recipe", path, "no such file")
-    try:
-        cfg = OmegaConf.load(path)
-        for item in overrides:
-            if "=" not in item:
-                raise ConfigError("override", item, "expected key=value")
-        if overrides:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-        data = OmegaConf.to_container(cfg, resolve=True)
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or "recipe"
-        raise ConfigError(str(key), path, str(e).splitlines()[0]) from None
-    except (TypeError, ValueError, KeyError, IndexError) as e:
-        raise ConfigError("override", " ".join(overrides), str(e).splitlines()[0]) from None
-    if not isinstance(data, dict):
-        raise ConfigError("recipe", path, "the YAML file must hold a mapping")
-    return data
-
-
 @dataclass
-class Plan:
+class ValidRecipe:
     """A validated recipe plus the objects built from it without touching data or models."""
     recipe: Recipe
     algorithms: list[Any] = field(default_factory=list)
@@ -216,6 +191,9 @@ def _check_model(recipe: Recipe) -> None:
     if model.peft is not None:
         from peft import LoraConfig
 
+        if "r" in model.peft:
+            check(is_int(model.peft["r"]) and model.peft["r"] >= 1, "model.peft.r", model.peft["r"], "an integer >= 1")
+
         try:
             LoraConfig(**model.peft)
         except (TypeError, ValueError) as e:
@@ -233,7 +211,32 @@ def load_all() -> None:
     register_composer_builtins()
 
 
-def validate(data: dict[str, Any], world_size: int | None = None) -> Plan:
+def _check_save_folder(recipe: Recipe) -> None:
+    """A local ``save_folder`` must be (or be creatable as) a writable folder: its nearest existing
+    ancestor is a folder we may write into."""
+    folder = recipe.save_folder
+    if folder is None or "://" in folder:
+        return
+    path = os.path.abspath(folder.split("{", 1)[0] or ".")
+    while not os.path.lexists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise ConfigError("save_folder", folder, f"{path} is a file, not a folder")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError("save_folder", folder, f"{path} is not writable")
+
+
+def _check_files(recipe: Recipe) -> None:
+    """An algorithm argument that names a .json / .yaml file (an orchestrator schedule) names one that exists."""
+    for name, kwargs in recipe.algorithms.items():
+        for arg, value in kwargs.items():
+            if isinstance(value, str) and value.endswith((".json", ".yaml", ".yml")) and not os.path.isfile(value):
+                raise ConfigError(f"algorithms.{name}.{arg}", value,
+                                  f"no such file; give the path of a .json / .yaml file (relative paths are read "
+                                  f"from {os.getcwd()})")
+
+
+def validate(data: dict[str, Any], world_size: int | None = None) -> ValidRecipe:
     """Check every key of a recipe and build its algorithms, callbacks and loggers."""
     load_all()
     recipe: Recipe = from_mapping(Recipe, data)
@@ -243,9 +246,8 @@ def validate(data: dict[str, Any], world_size: int | None = None) -> Plan:
     max_duration = parse_time(recipe.max_duration, "max_duration")
     check(max_duration.unit.value != "dur", "max_duration", recipe.max_duration, "a time in ba, ep, tok or sp")
     check(max_duration.value > 0, "max_duration", recipe.max_duration, "a positive time")
-    parse_time(recipe.eval_interval, "eval_interval")
-    parse_time(recipe.save_interval, "save_interval")
-    parse_time(recipe.console_log_interval, "console_log_interval")
+    for key in ("eval_interval", "save_interval", "console_log_interval"):
+        check(parse_time(getattr(recipe, key), key).value > 0, key, getattr(recipe, key), "a positive time")
     parse_time(recipe.scheduler.t_warmup, "scheduler.t_warmup")
 
     gbs = recipe.global_train_batch_size
@@ -269,6 +271,7 @@ def validate(data: dict[str, Any], world_size: int | None = None) -> Plan:
     if recipe.autoresume:
         check(recipe.save_folder is not None, "autoresume", True, "needs save_folder")
         check(recipe.run_name is not None, "autoresume", True, "needs run_name")
+    _check_save_folder(recipe)
     if recipe.parallelism is not None:
         for key in recipe.parallelism:
             check(key in PARALLELISM_KEYS, f"parallelism.{key}", recipe.parallelism[key],
@@ -281,13 +284,14 @@ def validate(data: dict[str, Any], world_size: int | None = None) -> Plan:
     _check_model(recipe)
     _check_data(recipe, world_size)
 
+    _check_files(recipe)
     algorithms = [construct("algorithms", n, ALGORITHMS, kw) for n, kw in recipe.algorithms.items()]
     callbacks = [construct("callbacks", n, CALLBACKS, kw) for n, kw in recipe.callbacks.items()]
     loggers = [construct("loggers", n, LOGGERS, kw) for n, kw in recipe.loggers.items()]
     facts = RunFacts.from_recipe(recipe, world_size)
     for name, alg in zip(recipe.algorithms, algorithms):
         validate_algorithm(name, alg, facts)
-    return Plan(recipe=recipe, algorithms=algorithms, callbacks=callbacks, loggers=loggers, world_size=world_size,
+    return ValidRecipe(recipe=recipe, algorithms=algorithms, callbacks=callbacks, loggers=loggers, world_size=world_size,
                 facts=facts)
 
 
@@ -303,7 +307,7 @@ def validate_algorithm(name: str, algorithm: Any, facts: RunFacts) -> None:
         raise ConfigError(key, e.value, e.allowed) from None
 
 
-def init_dist(plan: Plan) -> None:
+def init_dist(valid: ValidRecipe) -> None:
     """Start torch.distributed before anything (data preparation, StreamingDataset) needs it."""
     from composer.utils import dist
 
@@ -311,11 +315,11 @@ def init_dist(plan: Plan) -> None:
         import torch
         from composer.devices import DeviceCPU, DeviceGPU
 
-        on_gpu = plan.recipe.device == "gpu" or (plan.recipe.device is None and torch.cuda.is_available())
-        dist.initialize_dist(DeviceGPU() if on_gpu else DeviceCPU(), timeout=plan.recipe.dist_timeout)
+        on_gpu = valid.recipe.device == "gpu" or (valid.recipe.device is None and torch.cuda.is_available())
+        dist.initialize_dist(DeviceGPU() if on_gpu else DeviceCPU(), timeout=valid.recipe.dist_timeout)
 
 
-def ensure_data(plan: Plan) -> None:
+def ensure_data(valid: ValidRecipe) -> None:
     """Build the dataset named by the recipe where it is missing; every rank takes the same path.
 
     Each node's local rank 0 looks at its own copy of ``data.path``; the answers are gathered, so
@@ -325,7 +329,7 @@ def ensure_data(plan: Plan) -> None:
     """
     from composer_growth.data.prepare import prepare_dataset, prepare_once
 
-    data = plan.recipe.data
+    data = valid.recipe.data
     if data.remote is not None:
         return
     p = data.prepare
@@ -334,10 +338,10 @@ def ensure_data(plan: Plan) -> None:
         max_bytes=p.max_bytes, val_percent=p.val_percent, files=p.files, hub_name=p.hub_name, hub_split=p.hub_split,
         text_field=p.text_field)
     if prepare_once(data.path, build, "data.path", NO_DATA_HINT):
-        _check_data(plan.recipe)  # the splits of what was built
+        _check_data(valid.recipe)  # the splits of what was built
 
 
-def check_save_folder(plan: Plan) -> None:
+def check_save_folder(valid: ValidRecipe) -> None:
     """On several nodes, ``autoresume`` needs a save folder every node sees (shared or remote).
 
     Each node's local rank 0 writes a marker into the local ``save_folder`` and looks for the other
@@ -347,7 +351,7 @@ def check_save_folder(plan: Plan) -> None:
 
     from composer.utils import dist, format_name_with_dist
 
-    r = plan.recipe
+    r = valid.recipe
     nodes = dist.get_world_size() // max(dist.get_local_world_size(), 1)
     if not r.autoresume or r.save_folder is None or "://" in r.save_folder or nodes <= 1:
         return
@@ -426,8 +430,8 @@ def build_optimizer(recipe: Recipe, model):
     return DecoupledSGDW(params, lr=o.lr, momentum=o.betas[0], weight_decay=o.weight_decay)
 
 
-def build_trainer(plan: Plan):
-    """Build data, model, optimizer and the Composer ``Trainer`` a validated plan describes."""
+def build_trainer(valid: ValidRecipe):
+    """Build data, model, optimizer and the Composer ``Trainer`` a validated recipe describes."""
     from composer import Trainer
     from composer.core import Evaluator
     from composer.utils import reproducibility
@@ -435,15 +439,16 @@ def build_trainer(plan: Plan):
     from composer_growth.callbacks import RunSummary
     from composer_growth.data.loaders import build_lm_dataloader
 
-    r = plan.recipe
-    init_dist(plan)
-    ensure_data(plan)
-    check_save_folder(plan)
+    r = valid.recipe
+    init_dist(valid)
+    ensure_data(valid)
+    check_save_folder(valid)
+    resume = resume_path(r)
     reproducibility.seed_all(r.seed)
     tokenizer = build_tokenizer(r)
-    model = build_model(r, tokenizer, peft=not any(isinstance(a, SuiteAlgorithm) and a.defers_peft for a in plan.algorithms))
+    model = build_model(r, tokenizer, peft=not any(isinstance(a, SuiteAlgorithm) and a.defers_peft for a in valid.algorithms))
     optimizer = build_optimizer(r, model)
-    train_loader = build_lm_dataloader(r.data.path, r.data.train_split, plan.device_train_batch_size,
+    train_loader = build_lm_dataloader(r.data.path, r.data.train_split, valid.device_train_batch_size,
                                        shuffle=r.data.shuffle, seed=r.seed, num_workers=r.data.num_workers,
                                        remote=r.data.remote)
     eval_loader = build_lm_dataloader(r.data.path, r.data.eval_split, r.device_eval_batch_size, shuffle=False,
@@ -452,7 +457,7 @@ def build_trainer(plan: Plan):
     evaluator = Evaluator(label="eval", dataloader=eval_loader,
                           metric_names=["LanguageCrossEntropy", "LanguagePerplexity"],
                           subset_num_batches=r.eval_subset_num_batches)
-    callbacks = list(plan.callbacks)
+    callbacks = list(valid.callbacks)
     if not any(isinstance(c, RunSummary) for c in callbacks):
         callbacks.append(RunSummary(path=r.summary_file))
     trainer = Trainer(
@@ -465,9 +470,9 @@ def build_trainer(plan: Plan):
         max_duration=r.max_duration,
         optimizers=optimizer,
         schedulers=build_scheduler(r),
-        algorithms=plan.algorithms,
+        algorithms=valid.algorithms,
         callbacks=callbacks,
-        loggers=plan.loggers,
+        loggers=valid.loggers,
         progress_bar=r.progress_bar,
         log_to_console=not r.progress_bar,
         console_log_interval=r.console_log_interval,
@@ -477,24 +482,59 @@ def build_trainer(plan: Plan):
         seed=r.seed,
         save_folder=r.save_folder,
         save_interval=r.save_interval,
-        save_num_checkpoints_to_keep=r.save_num_checkpoints_to_keep,
+        # the folder's count is kept by KeepCheckpoints (across restarts); Composer's counts only its own saves
+        save_num_checkpoints_to_keep=-1 if r.save_num_checkpoints_to_keep > 0 else r.save_num_checkpoints_to_keep,
         save_overwrite=r.save_overwrite,
-        autoresume=r.autoresume,
-        load_path=r.load_path,
-        load_weights_only=r.load_weights_only,
+        autoresume=r.autoresume and resume is None and "://" in (r.save_folder or ""),
+        load_path=resume or r.load_path,
+        load_weights_only=False if resume else r.load_weights_only,
         parallelism_config=parallelism_config(r),
         compile_config=dict(r.compile) if isinstance(r.compile, dict) else ({} if r.compile else None),
         dist_timeout=r.dist_timeout,
         python_log_level="error",
     )
+    if r.save_folder is not None and "://" not in r.save_folder and r.save_num_checkpoints_to_keep > 0:
+        from composer.utils import format_name_with_dist
+
+        from composer_growth.recipe.checkpoints import KeepCheckpoints
+
+        # after Composer's saver (the Trainer appended it last), so the count includes the new checkpoint
+        folder = format_name_with_dist(r.save_folder, r.run_name)
+        trainer.state.callbacks.append(KeepCheckpoints(folder, r.save_num_checkpoints_to_keep))
     return trainer
 
 
-def run(plan: Plan):
-    """Train as the plan says; an eval before the first step when ``eval_first`` is set."""
-    trainer = build_trainer(plan)
-    if plan.recipe.eval_first and int(trainer.state.timestamp.batch) == 0:
-        trainer.eval(subset_num_batches=plan.recipe.eval_subset_num_batches)
-    trainer.fit()
+def resume_path(recipe: Recipe) -> str | None:
+    """With ``autoresume`` and a local ``save_folder``: the newest readable checkpoint there, which
+    every rank loads (damaged newer ones set aside, each with one line); None when there is none
+    (the run starts afresh, from ``load_path`` if given). A remote folder keeps Composer's autoresume."""
+    from composer.utils import format_name_with_dist
+
+    from composer_growth.recipe.checkpoints import CheckpointError, choose_resume, readable_or_why
+
+    found = None
+    if recipe.autoresume and recipe.save_folder is not None and "://" not in recipe.save_folder:
+        found = choose_resume(format_name_with_dist(recipe.save_folder, recipe.run_name))
+    if found is None and recipe.load_path is not None and os.path.exists(recipe.load_path):
+        why = readable_or_why(recipe.load_path)
+        if why is not None:
+            raise CheckpointError(f"load_path {recipe.load_path}: unreadable ({why})")
+    return found
+
+
+def run(valid: ValidRecipe):
+    """Train as the validated recipe says; an eval before the first step when ``eval_first`` is set."""
+    from composer_growth.recipe.checkpoints import disk_full
+
+    trainer = build_trainer(valid)
+    try:
+        if valid.recipe.eval_first and int(trainer.state.timestamp.batch) == 0:
+            trainer.eval(subset_num_batches=valid.recipe.eval_subset_num_batches)
+        trainer.fit()
+    except Exception as e:
+        full = disk_full(valid.recipe.save_folder, valid.recipe.run_name, e)
+        if full is not None:  # torch's zip writer words a full disk as "unexpected pos"
+            raise full from e
+        raise
     trainer.close()
     return trainer

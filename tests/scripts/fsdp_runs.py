@@ -3,7 +3,9 @@
     fsdp_runs.py RECIPE OUT RUN [RUN ...]
 
 RUN: ``ddp``, ``sharded`` or ``full`` (FSDP2 with that checkpoint type), or ``sharded@CKPT`` /
-``full@CKPT``: that run restarted from its checkpoint CKPT (autoresume from a folder holding only it).
+``full@CKPT``: that run restarted from its checkpoint CKPT (autoresume from a folder holding only it);
+``sharded@CKPT~NEWER``: the same with the newer checkpoint NEWER beside it, rank 1's shard file of it cut
+to half its size (the restart must fall back to CKPT).
 Each run saves (and exports, for algorithms with an ``export_folder``) under ``<OUT's folder>/<RUN>``;
 per run the JSON holds the per-batch training losses and sequence lengths, the trained tokens, the
 layer count, the FSDP unit count, a checksum and the shape of every full parameter and the states
@@ -70,6 +72,7 @@ work = os.path.dirname(os.path.abspath(out))
 results = {}
 for name in sys.argv[3:]:
     kind, _, checkpoint = name.partition("@")
+    checkpoint, _, damaged = checkpoint.partition("~")
     folder = os.path.join(work, name)
     if not checkpoint:
         results[name] = train(with_kind(base, kind, folder))
@@ -78,7 +81,11 @@ for name in sys.argv[3:]:
         os.makedirs(folder)
         src = os.path.join(work, kind, checkpoint)
         (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, os.path.join(folder, checkpoint))
-        os.symlink(checkpoint, os.path.join(folder, "latest-rank0.pt"))
+        if damaged:
+            shutil.copytree(os.path.join(work, kind, damaged), os.path.join(folder, damaged))
+            shard = os.path.join(folder, damaged, "__1_0.distcp")
+            os.truncate(shard, os.path.getsize(shard) // 2)
+        os.symlink(damaged or checkpoint, os.path.join(folder, "latest-rank0.pt"))
     dist.barrier()
     results[name] = train(dict(with_kind(base, kind, folder), autoresume=True))
 with open(out.format(rank=dist.get_global_rank()), "w") as f:

@@ -32,7 +32,7 @@ from composer.utils import dist
 
 from composer_growth.algorithms.base import SuiteAlgorithm
 from composer_growth.algorithms.composer_hooks import install_replay_hook
-from composer_growth.algorithms.lr import UNITS, RestartableSchedule, restartable_schedules
+from composer_growth.algorithms.lr import UNIT_SUFFIX, RestartableSchedule, restartable_schedules
 from composer_growth.algorithms.orchestrator.ops import (LR_SCHEDULE, LR_WARMUP, ROWS_LOADER, STEP_TIME, RunContext,
                                                          Skip, apply_eval_settings)
 from composer_growth.algorithms.orchestrator.report import fired_block, plan_event, run_summary
@@ -278,7 +278,7 @@ class Orchestrator(SuiteAlgorithm):
     # ------------------------------------------------------------------ deciding
 
     def _since(self, state: State, unit: TimeUnit) -> float:
-        return elapsed(state, unit) - float(self.anchor[UNITS[unit]])
+        return elapsed(state, unit) - float(self.anchor[UNIT_SUFFIX[unit]])
 
     def plan_events(self, now, batch: int, model: torch.nn.Module, record: dict[str, Any]) -> list[dict[str, Any]]:
         """``composer-growth plan``: the ops whose ``max_wait`` runs out at the end of batch ``batch`` when no
@@ -357,7 +357,7 @@ class Orchestrator(SuiteAlgorithm):
         if reason == "loss":
             record["trigger_loss"] = op.trigger_loss
         else:
-            record["waited"] = f"{since:g}{UNITS[wait.unit]}"
+            record["waited"] = f"{since:g}{UNIT_SUFFIX[wait.unit]}"
         self.fired.append(record)
         metrics: dict[str, Any] = {"orchestrator/op": op.name, "orchestrator/index": op.index,
                                    "orchestrator/reason": reason}

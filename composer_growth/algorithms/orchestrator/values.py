@@ -10,7 +10,7 @@ from typing import Any
 
 from composer.core import TimeUnit
 
-from composer_growth.algorithms.lr import UNITS
+from composer_growth.algorithms.lr import UNIT_SUFFIX
 from composer_growth.errors import check, is_int, is_number
 from composer_growth.timeutil import parse_time
 
@@ -48,7 +48,7 @@ def batches_or_time(minimum: int) -> Callable[[Any, str], str]:
         check(t.unit != TimeUnit.DURATION or minimum == 0 or t.value > 0, key, value, "a time > 0")
         check(t.unit != TimeUnit.EPOCH, key, value, "in ba, tok, sp or dur")
         check(minimum == 0 or t.value > 0, key, value, "a time > 0")
-        return str(value) if isinstance(value, str) else f"{t.value}{UNITS[t.unit]}"
+        return str(value) if isinstance(value, str) else f"{t.value}{UNIT_SUFFIX[t.unit]}"
     return parse
 
 
