@@ -201,6 +201,10 @@ def test_prune_optimizer_state(mode):
     n = prune_optimizer_state(opt, pruned, mode=mode, ratio=0.75, generator=torch.Generator().manual_seed(0))
     total = sum(2 * p.numel() for p in pruned)
     for p in pruned:
+        m, v = opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]
+        # one mask for both moments: no entry keeps m != 0 with v == 0 (m / eps after the merge)
+        assert not ((m != 0) & (v == 0)).any()
+        assert torch.equal(m == 0, v == 0)
         for key in ("exp_avg", "exp_avg_sq"):
             t, old = opt.state[p][key], before[id(p)][key]
             zero = t == 0
@@ -210,8 +214,9 @@ def test_prune_optimizer_state(mode):
                 share = zero.float().mean().item()
                 assert 0.6 < share < 0.9 if mode == "random" else share == pytest.approx(0.75, abs=1 / t.numel())
                 assert torch.equal(t[~zero], old[~zero])  # the rest untouched
-                if mode == "magnitude":  # the zeroed ones are the smallest
-                    assert old[zero].abs().max() <= old[~zero].abs().min()
+        if mode == "magnitude":  # the zeroed entries are those with the smallest first moments
+            old_m, zero = before[id(p)]["exp_avg"], m == 0
+            assert old_m[zero].abs().max() <= old_m[~zero].abs().min()
         assert int(opt.state[p]["step"]) == 2
     assert n == total if mode == "reset" else 0.6 * total < n < 0.9 * total
     assert torch.equal(opt.state[kept]["exp_avg"], kept_state)

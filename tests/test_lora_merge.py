@@ -98,6 +98,42 @@ def test_merges_at_intervals_same_function_and_lr_ramp(tiny_recipe):
     assert info["last_eval_loss"] < info["first_eval_loss"]
 
 
+class UpdateNorms(Algorithm):
+    """Per batch, the norm of the optimizer step's change of all LoRA A and of all LoRA B parameters:
+    at BATCH_END, listed before lora_merge (its merge at BATCH_END falls between two batches' steps)."""
+
+    def __init__(self):
+        self.norms: dict[int, dict[str, float]] = {}
+
+    def match(self, event, state):
+        return event in (Event.BATCH_START, Event.BATCH_END)
+
+    def apply(self, event, state, logger):
+        now = {n: p.detach().clone() for n, p in composer_model(state).named_parameters() if "lora_" in n}
+        if event == Event.BATCH_START:
+            self._before = now
+            return
+        deltas = {k: torch.cat([(now[n] - self._before[n]).reshape(-1) for n in now if f"lora_{k}." in n])
+                  for k in ("A", "B")}
+        self.norms[int(state.timestamp.batch)] = {k: d.norm().item() for k, d in deltas.items()}
+
+
+def test_first_step_after_a_magnitude_pruned_merge_is_bounded(tiny_recipe):
+    """Magnitude pruning at 0.99 and no LR ramp: the first step after the merge moves the adapters no
+    more than the step before it (a first moment kept over a zeroed second moment would step m / eps)."""
+    recipe = _relora(tiny_recipe, interval="3ba", restart_warmup="0ba", prune="magnitude", ratio=0.99)
+    recipe.update(scheduler={"name": "constant"}, max_duration="4ba")
+    plan = validate(recipe)
+    norms = UpdateNorms()
+    plan.algorithms.insert(0, norms)
+    trainer = run(plan)
+    assert [h["batch"] for h in trainer.state.algorithms[1].history] == [3]
+    before, after = norms.norms[3], norms.norms[4]  # batch 3's step, then the merge, then batch 4's step
+    assert before["A"] > 0 and before["B"] > 0 and after["B"] > 0
+    for k in ("A", "B"):
+        assert after[k] <= before[k], (k, before, after)
+
+
 def test_resume_between_and_right_after_a_merge(tiny_recipe, tmp_path):
     full = _relora(tiny_recipe)
     run(validate(full))

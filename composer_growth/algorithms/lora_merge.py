@@ -74,8 +74,9 @@ class LoraMergeRestart(SuiteAlgorithm):
             Default: ``all`` when merging; for ``start_at``, ``model.peft.target_modules`` of the
             recipe, else ``all`` (every linear layer of the blocks).
         prune: ``reset`` | ``random`` | ``magnitude``: how the re-initialised adapters' Adam
-            moments are pruned after each merge.
-        ratio: the share of each moment tensor ``random`` / ``magnitude`` zero, in [0, 1).
+            moments are pruned after each merge (one mask for all of a parameter's moments;
+            ``magnitude`` ranks the entries by their first moment).
+        ratio: the share of each adapter's moment entries ``random`` / ``magnitude`` zero, in [0, 1).
         restart_warmup: length of the linear LR ramp after each merge (``"0ba"``: none). The first
             batch after a merge runs at LR 0 (it refills the pruned moments), as Composer's own
             warmups start.

@@ -480,40 +480,39 @@ def prune_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[nn.
                           ratio: float = 0.9, generator: torch.Generator | None = None) -> int:
     """Prune the Adam moments (:data:`MOMENT_KEYS`) of ``params`` in ``optimizer``, in place (ReLoRA).
 
-    ``reset`` zeroes them; ``random`` zeroes a random ``ratio`` share of each moment tensor (drawn
-    on the CPU from ``generator``); ``magnitude`` zeroes the ``ratio`` share of each moment tensor
-    with the smallest magnitudes. Scalars such as ``step`` are kept. Returns how many entries were
-    zeroed.
+    Each parameter's moments are pruned with ONE mask, so no entry keeps a first moment whose
+    second moment was zeroed (Adam's ``m / (sqrt(v) + eps)`` would then be ``m / eps``: a spike).
+    ``reset`` zeroes them; ``random`` zeroes a random ``ratio`` share of the entries (drawn on the
+    CPU from ``generator``); ``magnitude`` zeroes the ``ratio`` share of the entries whose first
+    moment (``exp_avg``) is smallest in magnitude. Scalars such as ``step`` are kept. Returns how
+    many moment entries were zeroed.
     """
     check(mode in PRUNE_MODES, "mode", mode, f"one of {', '.join(PRUNE_MODES)}")
     check_number(ratio, "ratio", minimum=0, below=1)
     zeroed = 0
     for p in params:
-        state = optimizer.state.get(p)
-        if not state:
+        state = optimizer.state.get(p) or {}
+        moments = [state[k] for k in MOMENT_KEYS if torch.is_tensor(state.get(k)) and state[k].shape == p.shape]
+        if not moments:
             continue
-        for key in MOMENT_KEYS:
-            t = state.get(key)
-            if not torch.is_tensor(t) or t.shape != p.shape:
-                continue
-            if mode == "reset":
-                t.zero_()
-                zeroed += t.numel()
-            elif mode == "random":
-                mask = torch.rand(t.shape, generator=generator) < ratio
-                t.masked_fill_(mask.to(t.device), 0)
-                zeroed += int(mask.sum())
-            else:
-                n = int(ratio * t.numel())
-                if n:
-                    flat = t.view(-1) if t.is_contiguous() else None
-                    idx = torch.topk(t.abs().reshape(-1), n, largest=False).indices
-                    if flat is not None:
-                        flat.index_fill_(0, idx, 0)
-                    else:
-                        t.copy_(t.reshape(-1).index_fill(0, idx, 0).view(t.shape))
-                    zeroed += n
+        mask = _prune_mask(moments[0], mode, ratio, generator)
+        for t in moments:
+            t.masked_fill_(mask, 0)
+        zeroed += int(mask.sum()) * len(moments)
     return zeroed
+
+
+def _prune_mask(first: torch.Tensor, mode: str, ratio: float, generator: torch.Generator | None) -> torch.Tensor:
+    """The entries to zero in every moment of one parameter (``first``: its first moment)."""
+    if mode == "reset":
+        return torch.ones_like(first, dtype=torch.bool)
+    if mode == "random":
+        return (torch.rand(first.shape, generator=generator) < ratio).to(first.device)
+    mask = torch.zeros(first.numel(), dtype=torch.bool, device=first.device)
+    n = int(ratio * first.numel())
+    if n:
+        mask[torch.topk(first.abs().reshape(-1), n, largest=False).indices] = True
+    return mask.view(first.shape)
 
 
 # --------------------------------------------------------------------------- export
