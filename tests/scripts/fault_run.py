@@ -20,14 +20,11 @@ from composer.utils import dist
 
 import composer_growth.recipe as recipe_module
 from composer_growth import cli
-from composer_growth.events import run_events
+from composer_growth.algorithms import SuiteAlgorithm
 
 
 def event_batches(state) -> list[int]:
-    batches = [e["batch"] for e in run_events(state.algorithms)]
-    for alg in state.algorithms:
-        batches += [int(r["batch"]) for r in getattr(alg, "fired", []) if "batch" in r]
-    return sorted(batches)
+    return sorted(e["batch"] for a in state.algorithms if isinstance(a, SuiteAlgorithm) for e in a.run_events())
 
 
 class Faults(Callback):
