@@ -258,6 +258,18 @@ def test_a_dur_eval_interval_runs_as_batches_with_a_resizable_train_loader(tiny_
     assert [e[0] for e in probe.evals] == [0, 2, 4, 8]
 
 
+def test_grad_accum_keeps_a_microbatch_that_held_all_of_a_ranks_rows(tiny_recipe, one_thread):
+    """8 rows per rank in one microbatch (device_train_microbatch_size 16): change_grad_accum 2.0 makes two
+    microbatches of 8 rows, a batch of 16."""
+    tiny_recipe.update(max_duration="4ba", device_train_microbatch_size=16, save_folder=None)
+    schedule = [{"name": "change_grad_accum", "value": 2.0, "trigger_loss": None, "max_wait_iters": 2,
+                 "reevaluate": False}]
+    trainer, probe = _run(tiny_recipe, schedule)
+    assert [probe.rows[b] for b in range(4)] == [8, 8, 16, 16]
+    assert [probe.microbatches[b] for b in range(4)] == [1, 1, 2, 2]
+    assert trainer.state.device_train_microbatch_size == 8
+
+
 def _attention_lora_off_loss(trainer):
     """The monitored eval loss with the attention adapters computed as peft's disabled adapters (the base
     layer alone) and given a scaling of 1, which would count if they were on."""
