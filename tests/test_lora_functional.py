@@ -124,7 +124,12 @@ def test_scale_alpha(use_rslora):
     # every adapter x3: the adapters' contribution to the logits changed (not the base)
     assert not torch.allclose(logits(model) - _without_adapters(model), base, atol=1e-4)
     with pytest.raises(ConfigError, match="factor"):
-        scale_lora_alpha(model, 0.0)
+        scale_lora_alpha(model, -1.0)
+    # 0 turns the adapters off: the base model's logits
+    scale_lora_alpha(model, 0.0)
+    assert torch.equal(logits(model), _without_adapters(model))
+    with pytest.raises(ConfigError, match="scaling 0"):
+        resize_lora_rank(model, divisor=2)
 
 
 @torch.no_grad()

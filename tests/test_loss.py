@@ -91,7 +91,7 @@ def _trainer(device, algorithms) -> Trainer:
 def _growth_and_reevaluation():
     from composer_growth.algorithms import Orchestrator, StackLayers
 
-    schedule = [{"name": "change_eval_iters", "value": 2, "trigger_loss": None, "max_wait_iters": 1,
+    schedule = [{"name": "set_eval_iters", "value": 2, "trigger_loss": None, "max_wait_iters": 1,
                  "reevaluate": True}]
     return StackLayers(at="2ba", probe_loss=True), Orchestrator(schedule=schedule, verbose=False)
 
@@ -116,7 +116,7 @@ def test_growth_probe_and_reevaluation_move_batches_and_metric_to_the_device():
     assert probe == pytest.approx(float(batch_loss(state.model, _batch(4, 8, 99))), rel=1e-6)
     device.moved.clear()
     value = eval_metric(state, "eval", "LanguageCrossEntropy")
-    assert device.moved == [BatchEncoding, BatchEncoding]  # the evaluator's 2 batches (change_eval_iters: 2)
+    assert device.moved == [BatchEncoding, BatchEncoding]  # the evaluator's 2 batches (set_eval_iters: 2)
     trainer.eval()
     assert value == pytest.approx(float(state.eval_metric_values["LanguageCrossEntropy"]), rel=1e-6)
 

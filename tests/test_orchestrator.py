@@ -92,9 +92,9 @@ def test_hyperparameter_ops_fire_by_loss_and_timeout_in_order_and_do_what_they_s
     schedule = [
         {"name": "change_lr", "value": 2.0, "trigger_loss": 100.0, "reevaluate": False},
         {"name": "change_batch_size", "value": 0.5, "trigger_loss": None, "max_wait_iters": 2},
-        {"name": "change_grad_accum", "value": 2, "trigger_loss": 100.0},
-        {"name": "change_eval_interval", "value": 3, "trigger_loss": -1.0, "max_wait": "1ba"},
-        {"name": "change_eval_iters", "value": 1, "trigger_loss": 100.0},
+        {"name": "set_microbatches", "value": 2, "trigger_loss": 100.0},
+        {"name": "set_eval_interval", "value": 3, "trigger_loss": -1.0, "max_wait": "1ba"},
+        {"name": "set_eval_iters", "value": 1, "trigger_loss": 100.0},
         {"name": "change_lr", "value": 3.0, "trigger_loss": -1.0},  # never fires
     ]
     trainer, probe = _run(tiny_recipe, schedule)
@@ -169,7 +169,7 @@ def test_batch_size_and_schedule_ops_resume_exactly_mid_batch(tiny_recipe, one_t
     tiny_recipe.update(max_duration="10ba", eval_interval="5ba", save_interval="2ba")
     schedule = [
         {"name": "change_batch_size", "value": 0.5, "trigger_loss": None, "max_wait_iters": 3},
-        {"name": "change_warmup_iters", "value": 3, "trigger_loss": None, "max_wait_iters": 1},
+        {"name": "change_warmup_iters", "value": 1.5, "trigger_loss": None, "max_wait_iters": 1},  # 2ba -> 3ba
         {"name": "reset_lr_schedule", "value": None, "trigger_loss": None, "max_wait_iters": 1},
         {"name": "change_batch_size", "value": 3, "trigger_loss": None, "max_wait": "2ba"},
     ]
@@ -197,6 +197,127 @@ def test_batch_size_and_schedule_ops_resume_exactly_mid_batch(tiny_recipe, one_t
         assert int(resumed.state.timestamp.token) == int(trainer.state.timestamp.token)
         assert after["train_loss"] == pytest.approx(full["train_loss"], rel=1e-5)
         assert [e["loss"] for e in after["evals"]] == pytest.approx([e["loss"] for e in full["evals"]], rel=1e-5)
+
+
+# seed-style entries: {name, value, trigger_loss, max_wait_iters, reevaluate}; value multiplies the run's current value
+SEED_MULTIPLIERS = """
+- {name: change_batch_size, value: 0.5, trigger_loss: 100.0, max_wait_iters: 1000, reevaluate: true}
+- {name: change_eval_interval, value: 0.5, trigger_loss: 100.0, max_wait_iters: 1000, reevaluate: true}
+- {name: change_eval_iters, value: 0.5, trigger_loss: 100.0, max_wait_iters: 1000, reevaluate: false}
+- {name: change_warmup_iters, value: 2.0, trigger_loss: null, max_wait_iters: 1, reevaluate: false}
+- {name: change_grad_accum, value: 2.0, trigger_loss: null, max_wait_iters: 2, reevaluate: false}
+"""
+
+
+def test_seed_multipliers_scale_the_current_values_and_resume_exactly(tiny_recipe, one_thread, tmp_path):
+    """Seed 004's multipliers: the batch halved with the eval interval (4ba x 0.5 = 2ba, a batch interval the
+    resizable train loader can run), eval batches 2 x 0.5, warmup 2ba x 2, grad accumulation 1 x 2
+    microbatches of 4 rows (the batch grows back to 8 rows)."""
+    tiny_recipe.update(max_duration="12ba", save_interval="4ba")
+    schedule = yaml.safe_load(SEED_MULTIPLIERS)
+    trainer, probe = _run(tiny_recipe, schedule)
+    fired, alg = _fired(trainer)
+    assert fired == [(0, 4, "loss", "applied"), (1, 4, "loss", "applied"), (2, 4, "loss", "applied"),
+                     (3, 5, "timeout", "applied"), (4, 7, "timeout", "applied")]
+    assert alg.settings["eval_interval"] == "2ba" and alg.settings["eval_batches"] == 1
+    assert alg.settings["warmup"] == "4ba" and alg.settings["rows"] == 8
+    assert [probe.rows[b] for b in range(12)] == [8] * 4 + [4] * 3 + [8] * 5
+    assert [probe.microbatches[b] for b in range(12)] == [2] * 4 + [1] * 3 + [2] * 5  # microbatches of 4 rows
+    assert int(trainer.state.timestamp.token) == 32 * (4 * 8 + 3 * 4 + 5 * 8)
+    assert probe.evals == [(0, 2), (4, 2), (6, 1), (8, 1), (10, 1), (12, 1)]
+    # the warmup op (batch 5) rebuilt the cosine with a 4ba warmup: the LR from batch 5 on is that schedule's
+    assert [probe.lr[b] for b in range(5, 12)] == pytest.approx(
+        [3e-3 * _cosine(b if b == 5 else b - 1, 4, 12) for b in range(5, 12)], rel=1e-6)
+
+    # resumed right after the first three ops (batch 4) and after all of them (batch 8): the same run
+    full = read_summary(tiny_recipe["summary_file"])
+    for checkpoint in ("ep0-ba4-rank0.pt", "ep0-ba8-rank0.pt"):
+        resumed, after, again, start = _resume(tiny_recipe, checkpoint, tmp_path)
+        assert _fired(resumed)[0] == fired
+        assert {b: again.rows[b] for b in range(start, 12)} == {b: probe.rows[b] for b in range(start, 12)}
+        assert {b: again.microbatches[b] for b in range(start, 12)} == {
+            b: probe.microbatches[b] for b in range(start, 12)}
+        assert {b: again.ids[b] for b in range(start, 12)} == {b: probe.ids[b] for b in range(start, 12)}
+        assert again.lr == pytest.approx({b: probe.lr[b] for b in range(start, 12)}, rel=1e-9)
+        assert again.evals == [e for e in probe.evals if e[0] > start]
+        assert after["train_loss"] == pytest.approx(full["train_loss"], rel=1e-5)
+        assert [e["loss"] for e in after["evals"]] == pytest.approx([e["loss"] for e in full["evals"]], rel=1e-5)
+
+
+def test_a_dur_eval_interval_runs_as_batches_with_a_resizable_train_loader(tiny_recipe, one_thread):
+    """The recipe's eval interval as a share of the run (0.25 x 8ba) with change_batch_size: evals every
+    2 batches, then every 4 after change_eval_interval 2.0 (no sized train loader needed)."""
+    tiny_recipe.update(eval_interval="0.25dur", save_folder=None)
+    schedule = yaml.safe_load("""
+- {name: change_batch_size, value: 0.5, trigger_loss: null, max_wait_iters: 1, reevaluate: false}
+- {name: change_eval_interval, value: 2.0, trigger_loss: null, max_wait_iters: 2, reevaluate: false}
+""")
+    trainer, probe = _run(tiny_recipe, schedule)
+    assert [f[:2] for f in _fired(trainer)[0]] == [(0, 1), (1, 3)]
+    assert [probe.rows[b] for b in range(8)] == [8] + [4] * 7
+    assert [e[0] for e in probe.evals] == [0, 2, 4, 8]
+
+
+def test_grad_accum_keeps_a_microbatch_that_held_all_of_a_ranks_rows(tiny_recipe, one_thread):
+    """8 rows per rank in one microbatch (device_train_microbatch_size 16): change_grad_accum 2.0 makes two
+    microbatches of 8 rows, a batch of 16."""
+    tiny_recipe.update(max_duration="4ba", device_train_microbatch_size=16, save_folder=None)
+    schedule = [{"name": "change_grad_accum", "value": 2.0, "trigger_loss": None, "max_wait_iters": 2,
+                 "reevaluate": False}]
+    trainer, probe = _run(tiny_recipe, schedule)
+    assert [probe.rows[b] for b in range(4)] == [8, 8, 16, 16]
+    assert [probe.microbatches[b] for b in range(4)] == [1, 1, 2, 2]
+    assert trainer.state.device_train_microbatch_size == 8
+
+
+def _attention_lora_off_loss(trainer):
+    """The monitored eval loss with the attention adapters computed as peft's disabled adapters (the base
+    layer alone) and given a scaling of 1, which would count if they were on."""
+    from peft.tuners.lora import LoraLayer
+
+    from composer_growth.algorithms.orchestrator import eval_metric
+
+    hf = unwrap_hf(trainer.state.model)
+    attention = [m for n, m in hf.named_modules() if isinstance(m, LoraLayer) and n.endswith(("q_proj", "v_proj"))]
+    for m in attention:
+        m.scaling["default"] = 1.0
+    on = eval_metric(trainer.state, "eval", "LanguageCrossEntropy")
+    for m in attention:
+        m.enable_adapters(False)
+    off = eval_metric(trainer.state, "eval", "LanguageCrossEntropy")
+    for m in attention:
+        m.enable_adapters(True)
+        m.scaling["default"] = 0.0
+    return on, off
+
+
+def test_lora_scaling_to_zero_turns_a_group_off_and_resumes(tiny_recipe, one_thread, tmp_path):
+    """Seed 004's decrease_attn_lora_scaling: the attention adapters' scaling x0.5, then x0: the loss is the
+    one of the model with those adapters off; the embedding adapters keep theirs; a resume replays both."""
+    from composer_growth.algorithms.orchestrator import eval_metric
+
+    tiny_recipe.update(max_duration="8ba", save_interval="2ba")
+    tiny_recipe["model"]["peft"] = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "embed_tokens"]}
+    schedule = yaml.safe_load("""
+- {name: decrease_attn_lora_scaling, value: 0.5, trigger_loss: 100.0, max_wait_iters: 1000, reevaluate: false}
+- {name: decrease_attn_lora_scaling, value: 0.0, trigger_loss: null, max_wait_iters: 2, reevaluate: true}
+""")
+    trainer, _ = _run(tiny_recipe, schedule)
+    fired, alg = _fired(trainer)
+    assert fired == [(0, 4, "loss", "applied"), (1, 6, "timeout", "applied")]
+    assert "off" in alg.fired[1]["did"]
+    assert set(_scalings(trainer, "q_proj").values()) == {(4, 0.0)}
+    assert set(_scalings(trainer, "embed_tokens").values()) == {(4, 2.0)}
+    now = eval_metric(trainer.state, "eval", "LanguageCrossEntropy")
+    on, off = _attention_lora_off_loss(trainer)
+    assert now == pytest.approx(off, abs=1e-7) and abs(on - off) > 1e-5  # the adapters would count if on
+
+    full = read_summary(tiny_recipe["summary_file"])
+    resumed, after, _, _ = _resume(tiny_recipe, "ep0-ba6-rank0.pt", tmp_path)
+    assert _fired(resumed)[0] == fired
+    assert set(_scalings(resumed, "q_proj").values()) == {(4, 0.0)}
+    assert after["train_loss"] == pytest.approx(full["train_loss"], rel=1e-5)
+    assert [e["loss"] for e in after["evals"]] == pytest.approx([e["loss"] for e in full["evals"]], rel=1e-5)
 
 
 @pytest.mark.launcher
@@ -237,7 +358,7 @@ def test_lora_and_growth_ops_under_fsdp2_match_ddp_and_resume(tiny_recipe, tmp_p
     tiny_recipe["model"]["peft"] = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj"]}
     tiny_recipe["algorithms"] = {"orchestrator": {"verbose": False, "schedule": [
         {"name": "merge_lora_weights", "trigger_loss": 100.0, "reevaluate": True, "args": {"prune": "none"}},
-        {"name": "decrease_attn_lora_scaling", "value": 2, "trigger_loss": 100.0},
+        {"name": "divide_attn_lora_rank", "value": 2, "trigger_loss": 100.0},
         {"name": "stack_layers", "value": 2, "trigger_loss": None, "max_wait_iters": 1},
         {"name": "change_lora_alpha", "value": 2.0, "trigger_loss": None, "max_wait_iters": 1},
     ]}}
@@ -301,8 +422,8 @@ def test_lora_ops_change_scaling_rank_and_merge_and_resume_exactly(tiny_recipe, 
     tiny_recipe["model"]["peft"] = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj", "embed_tokens"]}
     schedule = [
         {"name": "change_lora_alpha", "value": 0.5, "trigger_loss": 100.0},
-        {"name": "decrease_attn_lora_scaling", "value": 2, "trigger_loss": None, "max_wait_iters": 1},
-        {"name": "decrease_vocab_lora_scaling", "value": 4, "trigger_loss": None, "max_wait_iters": 1},
+        {"name": "divide_attn_lora_rank", "value": 2, "trigger_loss": None, "max_wait_iters": 1},
+        {"name": "divide_vocab_lora_rank", "value": 4, "trigger_loss": None, "max_wait_iters": 1},
         {"name": "merge_lora_weights", "value": None, "trigger_loss": None, "max_wait_iters": 2, "reevaluate": True,
          "args": {"prune": "reset"}},
     ]
@@ -355,16 +476,25 @@ def test_surgery_ops_under_fsdp2_reject_activation_offload_before_training(tiny_
     ([_op("stack_layers", 2.5)], "schedule[0].value", "an integer >= 2"),
     ([_op("widen_mlp", 1.0)], "schedule[0].value", "a number > 1"),
     ([_op("reset_lr_schedule", 1)], "schedule[0].value", "null"),
-    ([_op("change_eval_iters", 0)], "schedule[0].value", "an integer >= 1"),
-    ([_op("change_eval_interval", "2weeks")], "schedule[0].value", "Composer time"),
+    ([_op("set_eval_iters", 0)], "schedule[0].value", "an integer >= 1"),
+    ([_op("set_eval_interval", "2weeks")], "schedule[0].value", "Composer time"),
+    ([_op("change_eval_iters", 0)], "schedule[0].value", "a multiplier of the eval batches"),
+    ([_op("change_eval_interval", "100ba")], "schedule[0].value", "set_eval_interval sets it outright"),
+    ([_op("change_warmup_iters", "50ba")], "schedule[0].value", "a multiplier of the schedule's warmup"),
+    ([_op("change_warmup_iters", -2)], "schedule[0].value", "a number > 0"),
     ([_op("change_batch_size", 0.3)], "schedule[0].value", "whole rows"),
     ([_op("change_batch_size", 1.25)], "schedule[0].value", "microbatches of 4"),
     ([_op("change_batch_size", 0.5), _op("change_batch_size", 0.1)], "schedule[1].value", "whole rows"),
-    ([_op("change_grad_accum", 3)], "schedule[0].value", "splits the 8 rows"),
-    ([_op("change_grad_accum", 8)], "schedule[0].value", "splits the 8 rows"),
+    ([_op("change_grad_accum", 0.3)], "schedule[0].value", "whole number >= 1 of microbatches per step (2 of 4"),
+    ([_op("change_grad_accum", 0)], "schedule[0].value", "set_microbatches sets it outright"),
+    ([_op("set_microbatches", 3)], "schedule[0].value", "splits the 8 rows"),
+    ([_op("set_microbatches", 16)], "schedule[0].value", "splits the 8 rows"),
     ([_op("merge_lora_weights", None)], "schedule[0].name", "needs a model with LoRA adapters"),
-    ([_op("decrease_attn_lora_scaling", 2)], "schedule[0].name", "needs a model with LoRA adapters"),
-    ([_op("decrease_vocab_lora_scaling", 1.5)], "schedule[0].value", "an integer >= 1"),
+    ([_op("divide_attn_lora_rank", 2)], "schedule[0].name", "needs a model with LoRA adapters"),
+    ([_op("decrease_attn_lora_scaling", 0)], "schedule[0].name", "needs a model with LoRA adapters"),
+    ([_op("divide_vocab_lora_rank", 1.5)], "schedule[0].value", "an integer >= 1"),
+    ([_op("decrease_vocab_lora_scaling", 1.5)], "schedule[0].value", "a number in [0, 1]"),
+    ([_op("decrease_attn_lora_scaling", -0.5)], "schedule[0].value", "0 disables them"),
     ([_op("merge_lora_weights", None, args={"prune": "half"})], "schedule[0].args.prune", "one of reset"),
     ([_op(trigger_loss=None)], "schedule[0].trigger_loss", "could never fire"),
     ([_op(trigger_loss="low")], "schedule[0].trigger_loss", "a number or null"),

@@ -6,7 +6,8 @@ this suite does are not reachable through it:
 * replaying an architecture change before a checkpoint's weights load (:func:`install_replay_hook`);
 * running the length step of every length algorithm once per batch, whichever calls first
   (:func:`first_call_this_batch`): this one needs no private hook, only per-State bookkeeping,
-  kept here beside the other per-State record.
+  kept here beside the other per-State record;
+* reading back the interval an evaluator runs at (:func:`interval_of`).
 
 Per-State records live in :class:`weakref.WeakKeyDictionary` / :class:`weakref.WeakSet` objects of
 this module, not as attributes on Composer's ``State``.
@@ -19,7 +20,7 @@ import os
 import weakref
 from typing import Any
 
-from composer.core import State
+from composer.core import State, Time
 
 from composer_growth.algorithms.base import SuiteAlgorithm
 
@@ -36,6 +37,20 @@ def first_call_this_batch(state: State) -> bool:
         return False
     _LENGTH_PASS[state] = state.timestamp
     return True
+
+
+def interval_of(scheduler: Any) -> Time | None:
+    """The ``Time`` an interval function of Composer's ``create_interval_scheduler`` was made from
+    (an evaluator's ``eval_interval``), or None for another callable.
+
+    Why no public hook serves: ``Evaluator.eval_interval`` turns the interval it is given into a
+    closure and keeps nothing else; the interval lives only in that closure's ``time_interval``.
+    """
+    code, closure = getattr(scheduler, "__code__", None), getattr(scheduler, "__closure__", None)
+    if code is None or not closure or "time_interval" not in code.co_freevars:
+        return None
+    value = closure[code.co_freevars.index("time_interval")].cell_contents
+    return value if isinstance(value, Time) else None
 
 
 def _replay(state: State, saved: Any) -> None:

@@ -14,7 +14,7 @@ Composer compiles each of its schedulers into a ``LambdaLR``: every step sets a 
   composes the same factors.
 * :class:`RestartableSchedule`: a Composer scheduler of ours around the recipe's, whose time can
   restart (a time offset) and whose warmup can change (the orchestrator's ``reset_lr_schedule`` and
-  ``change_warmup_iters``); the orchestrator keeps the offset and warmup in its state_dict.
+  ``change_warmup_iters`` / ``set_warmup_iters``); the orchestrator keeps the offset and warmup in its state_dict.
 
 Multipliers act after the scheduler, not inside its lambda: Composer steps its schedulers before it
 advances the timestamp, so a factor inside the lambda would see the previous batch's time.

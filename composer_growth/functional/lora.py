@@ -370,9 +370,10 @@ def merge_and_reinit_lora(model: nn.Module, targets: Targets = "all",
 
 def scale_lora_alpha(model: nn.Module, factor: float, targets: Targets = "all") -> int:
     """Multiply the selected adapters' ``lora_alpha`` and their ``scaling`` by ``factor`` (so the
-    scaling stays ``alpha / r`` or, with rslora, ``alpha / sqrt(r)``). Returns how many adapters
+    scaling stays ``alpha / r`` or, with rslora, ``alpha / sqrt(r)``). A factor of 0 turns the
+    adapters off: the model computes the base model's function there. Returns how many adapters
     changed."""
-    check_number(factor, "factor", above=0, allowed="a finite number > 0")
+    check_number(factor, "factor", minimum=0, allowed="a finite number >= 0 (0 turns the adapters off)")
     n = 0
     for layer in lora_targets(model, targets).values():
         for adapter in _adapters(layer):
@@ -423,7 +424,12 @@ def resize_lora_rank(model: nn.Module, rank: int | None = None, divisor: int | N
         check_int(divisor, "divisor", minimum=1)
     hf = unwrap_hf(model)
     before = {id(p): name for p, name in param_names(model).items()}
-    for name, layer in lora_targets(model, targets).items():
+    layers = lora_targets(model, targets)
+    for name, layer in layers.items():
+        for adapter in _adapters(layer):
+            check(layer.scaling[adapter] != 0, "targets", targets,
+                  f"adapters with a scaling (those of {name} are turned off: scaling 0)")
+    for name, layer in layers.items():
         for adapter in _adapters(layer):
             _resize(hf, name, layer, adapter, rank if rank is not None else max(1, layer.r[adapter] // divisor))
     return _collect_mapping(model, before, {})

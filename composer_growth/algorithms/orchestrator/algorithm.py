@@ -34,7 +34,7 @@ from composer_growth.algorithms.base import SuiteAlgorithm
 from composer_growth.algorithms.composer_hooks import install_replay_hook
 from composer_growth.algorithms.lr import UNIT_SUFFIX, RestartableSchedule, restartable_schedules
 from composer_growth.algorithms.orchestrator.ops import (LR_SCHEDULE, LR_WARMUP, ROWS_LOADER, STEP_TIME, RunContext,
-                                                         Skip, apply_eval_settings)
+                                                         Skip, apply_eval_settings, batch_intervals)
 from composer_growth.algorithms.orchestrator.report import fired_block, plan_event, run_summary
 from composer_growth.algorithms.orchestrator.schedule import DEFAULT_MONITOR, Op, load_schedule, parse_monitor, parse_op
 from composer_growth.algorithms.surgery import check_recipe_sharding, check_supported
@@ -209,6 +209,7 @@ class Orchestrator(SuiteAlgorithm):
             check_supported(state, "orchestrator")
         if self._needing(ROWS_LOADER):
             self._install_rows_loader(state)
+            batch_intervals(state)  # a dur interval needs a sized train loader; the rows loader is not
         mb = self.settings.get("microbatch")
         if mb is not None:
             state.device_train_microbatch_size = mb

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from composer.core import State
+from composer.core import State, Time, TimeUnit
 from composer.utils import dist, ensure_tuple
 
-from composer_growth.algorithms.lr import RestartableSchedule, optimizer_lrs, refresh_lr, scale_lr
+from composer_growth.algorithms.composer_hooks import interval_of
+from composer_growth.algorithms.lr import UNIT_SUFFIX, RestartableSchedule, optimizer_lrs, refresh_lr, scale_lr
 from composer_growth.algorithms.orchestrator import values as v
 from composer_growth.algorithms.surgery import check_supported, grow
 from composer_growth.errors import ConfigError, check
@@ -26,6 +27,7 @@ from composer_growth.functional.growth import STACK_INITS, stack_layers, widen_m
 from composer_growth.functional.lora import (LORA_GROUPS, PRUNE_MODES, lora_targets, merge_and_reinit_lora,
                                              prune_optimizer_state, resize_lora_rank, scale_lora_alpha)
 from composer_growth.functional.sharding import full_state, reshard
+from composer_growth.timeutil import parse_time
 from composer_growth.unwrap import composer_model, unwrap_hf
 
 if TYPE_CHECKING:
@@ -48,7 +50,8 @@ class RunContext:
 
     ``settings`` holds what operations changed (saved in the orchestrator's checkpoint and put back at
     ``FIT_START``): ``lr_multiplier``, ``rows``, ``microbatch``, ``schedule_start``, ``warmup``,
-    ``eval_batches``, ``eval_interval``, ``lora_alpha``.
+    ``eval_batches``, ``eval_interval``; and, for what the blocks say, ``lora_alpha`` and
+    ``lora_scaling_<targets>`` (LoRA scaling is put back by replaying the ops).
     """
     state: State
     settings: dict[str, Any]
@@ -116,59 +119,99 @@ class ChangeLr(OpKind):
                 f"(x{run.settings['lr_multiplier']:g} of the recipe's schedule)")
 
 
+def _loader(run: RunContext) -> Any:
+    if run.rows_loader is None:
+        raise Skip("the train loader is not one the orchestrator can resize")
+    return run.rows_loader
+
+
+def _set_rows(run: RunContext, new: int) -> str:
+    """Rows per rank from the next batch, cut by the orchestrator's train loader (data/rows.py)."""
+    loader = _loader(run)
+    old, world = loader.rows, dist.get_world_size()
+    loader.rows = new
+    run.settings["rows"] = new
+    return f"global batch {old * world} -> {new * world} rows ({old} -> {new} per rank)"
+
+
+def _whole(x: float) -> bool:
+    return abs(x - round(x)) < 1e-6 and round(x) >= 1
+
+
 class ChangeBatchSize(OpKind):
     def apply(self, run: RunContext, op: Op) -> str:
-        loader = run.rows_loader
-        if loader is None:
-            raise Skip("the train loader is not one the orchestrator can resize")
-        new = loader.rows * op.value
-        world = dist.get_world_size()
-        if abs(new - round(new)) > 1e-6 or round(new) < 1:
-            raise Skip(f"{loader.rows} rows per rank x {op.value:g} = {new:g} is not a whole number of rows >= 1")
+        rows = _loader(run).rows
+        new = rows * op.value
+        if not _whole(new):
+            raise Skip(f"{rows} rows per rank x {op.value:g} = {new:g} is not a whole number of rows >= 1")
         new = int(round(new))
         mb = run.state.device_train_microbatch_size
         if isinstance(mb, int) and new > mb and new % mb:
             raise Skip(f"{new} rows per rank do not split into microbatches of {mb}")
-        old = loader.rows
-        loader.rows = new
-        run.settings["rows"] = new
-        return f"global batch {old * world} -> {new * world} rows ({old} -> {new} per rank)"
+        return _set_rows(run, new)
 
     def plan_batches(self, rows: int, microbatch: int | None, value: Any, key: str,
                      world: int) -> tuple[int, int | None]:
         new = rows * value
-        check(abs(new - round(new)) < 1e-6 and round(new) >= 1, key, value,
-              f"a multiplier giving whole rows on each of {world} ranks ({rows} per rank now, "
-              f"global batch {rows * world})")
+        check(_whole(new), key, value, f"a multiplier giving whole rows on each of {world} ranks ({rows} per rank "
+                                       f"now, global batch {rows * world})")
         rows = int(round(new))
         check(microbatch is None or rows <= microbatch or rows % microbatch == 0, key, value,
               f"a multiplier giving rows per rank ({rows}) that split into microbatches of {microbatch}")
         return rows, microbatch
 
 
+def _fixed_microbatch(state: State) -> int:
+    mb = state.device_train_microbatch_size
+    if state.auto_microbatching or not isinstance(mb, int):
+        raise Skip("the microbatch size is chosen automatically")
+    return mb
+
+
 class ChangeGradAccum(OpKind):
+    """More (or fewer) microbatches per step, each of the same size: the batch per step grows with them."""
+
     def apply(self, run: RunContext, op: Op) -> str:
-        state = run.state
-        mb = state.device_train_microbatch_size
-        if state.auto_microbatching or not isinstance(mb, int):
-            raise Skip("the microbatch size is chosen automatically")
-        rows = run.rank_rows()
-        new = mb / op.value
-        if abs(new - round(new)) > 1e-6 or round(new) < 1 or (rows is not None and rows % round(new)):
-            raise Skip(f"microbatch {mb} / {op.value:g} = {new:g} rows does not split the {rows} rows per rank")
+        mb, rows = _fixed_microbatch(run.state), _loader(run).rows
+        size = min(mb, rows)  # the rows a microbatch holds now
+        if rows % size:
+            raise Skip(f"{rows} rows per rank are not whole microbatches of {size}")
+        accum = rows // size
+        new = accum * op.value
+        if not _whole(new):
+            raise Skip(f"{accum} microbatches per step x {op.value:g} = {new:g} is not a whole number >= 1")
         new = int(round(new))
-        state.device_train_microbatch_size = new
-        run.settings["microbatch"] = new
-        steps = f"{math.ceil(rows / mb)} -> {math.ceil(rows / new)} microbatches per step, " if rows else ""
-        return f"{steps}microbatch {mb} -> {new} rows"
+        if size != mb:  # the microbatch keeps the rows it held
+            run.state.device_train_microbatch_size = run.settings["microbatch"] = size
+        return f"{accum} -> {new} microbatches of {size} rows per step, {_set_rows(run, size * new)}"
 
     def plan_batches(self, rows: int, microbatch: int | None, value: Any, key: str,
                      world: int) -> tuple[int, int | None]:
         check(microbatch is not None, key, value, "needs a fixed device_train_microbatch_size (not 'auto')")
-        new = microbatch / value
-        check(abs(new - round(new)) < 1e-6 and round(new) >= 1 and rows % round(new) == 0, key, value,
-              f"a multiplier giving a microbatch (now {microbatch}) that splits the {rows} rows per rank")
-        return rows, int(round(new))
+        size = min(microbatch, rows)
+        check(rows % size == 0, key, value, f"a run whose rows per rank ({rows}) are whole microbatches of {size}")
+        new = rows // size * value
+        check(_whole(new), key, value, f"a multiplier giving a whole number >= 1 of microbatches per step "
+                                       f"({rows // size} of {size} rows now)")
+        return size * int(round(new)), size
+
+
+class SetMicrobatches(OpKind):
+    """Split the same batch into ``value`` microbatches per step."""
+
+    def apply(self, run: RunContext, op: Op) -> str:
+        mb, rows = _fixed_microbatch(run.state), run.rank_rows()
+        if rows is None or rows % op.value:
+            raise Skip(f"{rows} rows per rank do not split into {op.value} microbatches")
+        new = rows // op.value
+        run.state.device_train_microbatch_size = run.settings["microbatch"] = new
+        return f"{math.ceil(rows / mb)} -> {op.value} microbatches per step, microbatch {mb} -> {new} rows"
+
+    def plan_batches(self, rows: int, microbatch: int | None, value: Any, key: str,
+                     world: int) -> tuple[int, int | None]:
+        check(microbatch is not None, key, value, "needs a fixed device_train_microbatch_size (not 'auto')")
+        check(rows % value == 0, key, value, f"a number of microbatches that splits the {rows} rows per rank")
+        return rows, rows // value
 
 
 class ResetLrSchedule(OpKind):
@@ -182,34 +225,116 @@ class ResetLrSchedule(OpKind):
         return f"schedule restarted at batch {int(ts.batch)} over the rest of the run; lr now {lr:.3g}"
 
 
-class ChangeWarmupIters(OpKind):
+# a seed-style op multiplies the run's current value; its set_* twin sets a value outright
+
+
+def time_str(t: Time) -> str:
+    return f"{float(t.value):g}dur" if t.unit == TimeUnit.DURATION else f"{int(t.value)}{UNIT_SUFFIX[t.unit]}"
+
+
+def scaled(t: Time, factor: float) -> Time:
+    """``t`` x ``factor`` in its own unit, a whole count >= 1 (0 stays 0); a share of the run (dur) stays one."""
+    if t.unit == TimeUnit.DURATION:
+        return Time(min(1.0, float(t.value) * factor), TimeUnit.DURATION)
+    return t if int(t.value) == 0 else Time(max(1, int(float(t.value) * factor + 0.5)), t.unit)
+
+
+def in_run_units(state: State, t: Time) -> Time:
+    """A share of the run (dur) as the count of ``max_duration``'s unit it stands for (rounded up, as
+    Composer counts it), so it needs no sized train loader; other times, and any with max_duration in
+    epochs, as they are."""
+    md = state.max_duration
+    if t.unit != TimeUnit.DURATION or md is None or md.unit == TimeUnit.EPOCH:
+        return t
+    return Time(max(1, math.ceil(float(md.value) * float(t.value))), md.unit)
+
+
+class SetWarmupIters(OpKind):
+    def warmup(self, run: RunContext, op: Op, old: Time) -> str:
+        return op.value
+
     def apply(self, run: RunContext, op: Op) -> str:
-        old = run.settings.get("warmup")
         for schedule in run.schedules:
             if not schedule.has_warmup:
                 raise Skip(f"{type(schedule.schedule).__name__} has no warmup")
+        old = parse_time(run.settings.get("warmup") or run.schedules[0].schedule.t_warmup, "t_warmup")
+        new = self.warmup(run, op, old)
         for schedule in run.schedules:
-            schedule.set_warmup(op.value)
-        run.settings["warmup"] = op.value
+            schedule.set_warmup(new)
+        run.settings["warmup"] = new
         lr = refresh_lr(run.state)
-        was = old or "the recipe's"
-        return f"warmup {was} -> {op.value}; lr now {lr:.3g}"
+        return f"warmup {time_str(old)} -> {new}; lr now {lr:.3g}"
 
 
-class ChangeEvalIters(OpKind):
+class ChangeWarmupIters(SetWarmupIters):
+    def warmup(self, run: RunContext, op: Op, old: Time) -> str:
+        return time_str(scaled(old, op.value))
+
+
+def _eval_batches_now(state: State) -> int | None:
+    """Batches of the first evaluator's eval: its ``subset_num_batches``, else its loader's length."""
+    for ev in state.evaluators:
+        if isinstance(ev.subset_num_batches, int) and ev.subset_num_batches > 0:
+            return ev.subset_num_batches
+        try:
+            return len(ev.dataloader.dataloader)
+        except TypeError:
+            return None
+    return None
+
+
+class SetEvalIters(OpKind):
+    def eval_batches(self, op: Op, old: int | None) -> int:
+        return op.value
+
     def apply(self, run: RunContext, op: Op) -> str:
-        old = [ev.subset_num_batches for ev in run.state.evaluators]
-        run.settings["eval_batches"] = op.value
+        old = _eval_batches_now(run.state)
+        run.settings["eval_batches"] = new = self.eval_batches(op, old)
         apply_eval_settings(run.state, run.settings)
-        return f"eval batches {old[0] if old else None} -> {op.value}"
+        return f"eval batches {old} -> {new}"
 
 
-class ChangeEvalInterval(OpKind):
+class ChangeEvalIters(SetEvalIters):
+    def eval_batches(self, op: Op, old: int | None) -> int:
+        if old is None:
+            raise Skip("the eval loader has no length and no subset_num_batches to multiply")
+        return max(1, int(old * op.value + 0.5))
+
+
+def _eval_interval_now(run: RunContext) -> Time | None:
+    """The interval the evaluators run at: the last one an op set, else the first evaluator's."""
+    if run.settings.get("eval_interval") is not None:
+        return Time.from_timestring(run.settings["eval_interval"])
+    return next((t for t in (interval_of(ev.eval_interval) for ev in run.state.evaluators) if t is not None), None)
+
+
+class SetEvalInterval(OpKind):
+    def interval(self, run: RunContext, op: Op, old: Time | None) -> Time:
+        return parse_time(op.value, "eval_interval")
+
     def apply(self, run: RunContext, op: Op) -> str:
-        old = run.settings.get("eval_interval", "the Trainer's")
-        run.settings["eval_interval"] = op.value
+        old = _eval_interval_now(run)
+        new = time_str(in_run_units(run.state, self.interval(run, op, old)))
+        run.settings["eval_interval"] = new
         apply_eval_settings(run.state, run.settings)
-        return f"eval interval {old} -> {op.value}"
+        was = time_str(old) if old is not None else "the Trainer's"
+        return f"eval interval {was} -> {new}"
+
+
+class ChangeEvalInterval(SetEvalInterval):
+    def interval(self, run: RunContext, op: Op, old: Time | None) -> Time:
+        if old is None:
+            raise Skip("the evaluators' interval is a function, not a Composer time to multiply")
+        return scaled(in_run_units(run.state, old), op.value)
+
+
+def batch_intervals(state: State) -> None:
+    """Evaluators' intervals given as a share of the run (dur) in ``max_duration``'s unit instead:
+    Composer's dur intervals need a sized train loader, which the orchestrator's is not."""
+    for ev in state.evaluators:
+        t = interval_of(ev.eval_interval)
+        if t is not None and t.unit == TimeUnit.DURATION:
+            ev.eval_interval = time_str(in_run_units(state, t))
 
 
 # --------------------------------------------------------------------------- architecture
@@ -276,6 +401,18 @@ class ChangeLoraAlpha(OpKind):
         return f"LoRA alpha x{op.value:g} on {n} adapters (x{run.settings['lora_alpha']:g} in all)"
 
 
+class ScaleLoraGroup(OpKind):
+    """Multiply the scaling of the adapters on ``lora`` targets; 0 turns them off (the base model's
+    function there; they stay in the optimizer, with no gradient)."""
+
+    def apply(self, run: RunContext, op: Op) -> str:
+        n = _lora(run.state, scale_lora_alpha, op.value, targets=self.lora)
+        key = f"lora_scaling_{self.lora}"
+        run.settings[key] = total = run.settings.get(key, 1.0) * op.value
+        return (f"{self.lora} LoRA scaling x{op.value:g} on {n} adapters "
+                f"({'off' if total == 0 else f'x{total:g} in all'})")
+
+
 class LoraRank(OpKind):
     """Divide the rank of the adapters on ``lora`` targets."""
 
@@ -318,16 +455,27 @@ _KINDS = (
                     "multiply the global batch: more or fewer rows per optimizer step (value: multiplier)",
                     v.multiplier, needs=frozenset({ROWS_LOADER, STEP_TIME})),
     ChangeGradAccum("change_grad_accum", "hyperparameter",
-                    "multiply the microbatches per step, same global batch (value: multiplier)", v.multiplier),
+                    "multiply the microbatches per step, same microbatch size: the global batch grows with them "
+                    "(value: multiplier)", v.multiplier_of("microbatches per step", "set_microbatches"),
+                    needs=frozenset({ROWS_LOADER, STEP_TIME})),
+    SetMicrobatches("set_microbatches", "hyperparameter",
+                    "split the same global batch into value microbatches per step (value: count)", v.count),
     ResetLrSchedule("reset_lr_schedule", "hyperparameter",
                     "restart the recipe's LR schedule, warmup included, over the rest of the run", v.nothing,
                     needs=frozenset({LR_SCHEDULE, STEP_TIME})),
-    ChangeWarmupIters("change_warmup_iters", "hyperparameter",
-                      "set the schedule's warmup (value: batches or a Composer time)", v.batches_or_time(0),
+    ChangeWarmupIters("change_warmup_iters", "hyperparameter", "multiply the schedule's warmup (value: multiplier)",
+                      v.multiplier_of("schedule's warmup", "set_warmup_iters"),
                       needs=frozenset({LR_SCHEDULE, LR_WARMUP, STEP_TIME})),
-    ChangeEvalIters("change_eval_iters", "hyperparameter", "set the batches of every eval (value: batches)", v.count),
-    ChangeEvalInterval("change_eval_interval", "hyperparameter",
-                       "set the eval interval (value: batches or a Composer time)", v.batches_or_time(1)),
+    SetWarmupIters("set_warmup_iters", "hyperparameter",
+                   "set the schedule's warmup (value: batches or a Composer time)", v.batches_or_time(0),
+                   needs=frozenset({LR_SCHEDULE, LR_WARMUP, STEP_TIME})),
+    ChangeEvalIters("change_eval_iters", "hyperparameter", "multiply the batches of every eval (value: multiplier)",
+                    v.multiplier_of("eval batches", "set_eval_iters")),
+    SetEvalIters("set_eval_iters", "hyperparameter", "set the batches of every eval (value: batches)", v.count),
+    ChangeEvalInterval("change_eval_interval", "hyperparameter", "multiply the eval interval (value: multiplier)",
+                       v.multiplier_of("eval interval", "set_eval_interval")),
+    SetEvalInterval("set_eval_interval", "hyperparameter",
+                    "set the eval interval (value: batches or a Composer time)", v.batches_or_time(1)),
     # architecture
     StackLayers("stack_layers", "architecture", "G_stack depth growth: repeat the layer stack (value: times)",
                 v.times, args={"init": (v.one_of(*STACK_INITS), "copy"), "seed": (v.seed, 0)},
@@ -338,9 +486,15 @@ _KINDS = (
     ChangeLoraAlpha("change_lora_alpha", "lora",
                     "multiply the LoRA alpha (scaling) of the adapters (value: multiplier)", v.multiplier,
                     args=_LORA_COMMON, replay=True, lora="all"),
-    LoraRank("decrease_attn_lora_scaling", "lora", "attention adapters' rank divided by value", v.divisor,
+    ScaleLoraGroup("decrease_attn_lora_scaling", "lora",
+                   "multiply the attention adapters' scaling (value: factor in [0, 1]; 0 turns them off)",
+                   v.scaling_factor, replay=True, lora="attention"),
+    ScaleLoraGroup("decrease_vocab_lora_scaling", "lora",
+                   "multiply the embedding adapters' scaling (value: factor in [0, 1]; 0 turns them off)",
+                   v.scaling_factor, replay=True, lora="embedding"),
+    LoraRank("divide_attn_lora_rank", "lora", "attention adapters' rank divided by value", v.divisor,
              surgery=True, replay=True, lora="attention"),
-    LoraRank("decrease_vocab_lora_scaling", "lora", "embedding adapters' rank divided by value", v.divisor,
+    LoraRank("divide_vocab_lora_rank", "lora", "embedding adapters' rank divided by value", v.divisor,
              surgery=True, replay=True, lora="embedding"),
     MergeLora("merge_lora_weights", "lora",
               "merge the adapters into the base weights and re-initialise them (ReLoRA)", v.nothing,

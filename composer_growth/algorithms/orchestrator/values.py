@@ -20,6 +20,21 @@ def multiplier(value: Any, key: str) -> float:
     return float(value)
 
 
+def multiplier_of(current: str, absolute: str) -> Callable[[Any, str], float]:
+    """A multiplier of the run's ``current`` value; ``absolute`` names the op that sets it outright."""
+    def parse(value: Any, key: str) -> float:
+        check(is_number(value) and value > 0, key, value,
+              f"a number > 0 (a multiplier of the {current}: 0.5 halves, 2 doubles; {absolute} sets it outright)")
+        return float(value)
+    return parse
+
+
+def scaling_factor(value: Any, key: str) -> float:
+    check(is_number(value) and 0 <= value <= 1, key, value,
+          "a number in [0, 1] (the adapters' scaling is multiplied by it; 0 disables them)")
+    return float(value)
+
+
 def nothing(value: Any, key: str) -> None:
     check(value is None, key, value, "null (this operation takes no value)")
 
