@@ -296,3 +296,40 @@ def test_earliest_batch_never_skips_a_batch_where_the_time_is_reached():
     state.max_duration = "100tok"
     assert earliest_batch(state, Time(0.5, TimeUnit.DURATION)) is None  # tokens: asked of reached() every batch
 
+
+
+@pytest.mark.parametrize("peft", [False, True])
+def test_flops_per_batch_follow_growth(tiny_recipe, peft):
+    """The speed monitor's FLOPs come from the model's ``flops_per_batch``: after each growth it is the
+    grown model's count (functional.flops), at the batch's own length, with and without adapters."""
+    from composer.core import Callback
+    from composer.loggers import InMemoryLogger
+
+    from composer_growth.functional.flops import training_flops_per_token
+
+    seen = []
+
+    class Flops(Callback):
+        def batch_end(self, state, logger):
+            cfg = unwrap_hf(state.model).config
+            rows, length = state.batch["input_ids"].shape
+            seen.append((int(state.timestamp.batch), state.model.flops_per_batch(state.batch),
+                         rows * length * training_flops_per_token(cfg, length), cfg.num_hidden_layers,
+                         cfg.intermediate_size))
+
+    recipe = _grow_twice(tiny_recipe)
+    recipe["callbacks"] = {"speed_monitor": {"window_size": 1}}
+    if peft:
+        recipe["model"] = dict(recipe["model"], peft={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]})
+    valid = validate(recipe)
+    memory = InMemoryLogger()
+    valid.callbacks.append(Flops())
+    valid.loggers.append(memory)
+    run(valid)
+    by_batch = {b: (got, want, layers, width) for b, got, want, layers, width in seen}
+    # grown at the end of batches 4 and 8, before the speed monitor reads the FLOPs of that batch
+    assert [by_batch[b][2:] for b in (3, 4, 7, 8)] == [(2, 64), (4, 64), (4, 64), (4, 96)]
+    assert all(got == want for got, want, _, _ in by_batch.values())
+    assert by_batch[3][0] < by_batch[4][0] < by_batch[8][0]
+    logged = [v for _, v in memory.data["throughput/flops_per_sec"]]
+    assert len(logged) >= 10 and all(v > 0 for v in logged)

@@ -23,6 +23,7 @@ load, ``replay(state, saved_state)`` on every algorithm that has it.
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -97,6 +98,7 @@ def grow(state: State, op: Callable[[nn.Module], dict[str, ParamSource]],
     mapping = op(model)
     if after is not None:
         after(model, mapping)
+    forget_cached_properties(model)
     if sharded:
         _broadcast(model)
         _shard(state, model, mesh)
@@ -119,6 +121,16 @@ def grow(state: State, op: Callable[[nn.Module], dict[str, ParamSource]],
     return {"params_before": before, "params_after": count_params(model),
             "trainable_after": count_params(model, trainable_only=True),
             "seconds": time.perf_counter() - start}
+
+
+def forget_cached_properties(model: nn.Module) -> None:
+    """Drop the values a Composer model caches in ``functools.cached_property`` (llm-foundry's
+    ``n_active_params`` / ``n_total_params``, which its ``flops_per_batch`` reads): after surgery they
+    describe the old model, so the speed monitor's FLOPs and MFU would stay at the pre-growth size."""
+    for cls in type(model).__mro__:
+        for name, attr in vars(cls).items():
+            if isinstance(attr, functools.cached_property):
+                model.__dict__.pop(name, None)
 
 
 def _base_class(module: nn.Module) -> type:

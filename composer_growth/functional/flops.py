@@ -64,3 +64,10 @@ def training_flops_per_token(config: Any, seq_len: int) -> int:
     layers = int(getattr(config, family.num_layers_key))
     width = int(getattr(config, family.hidden_key))
     return 6 * matmul_params(config) + 12 * layers * int(seq_len) * width
+
+
+def batch_flops(config: Any, batch: Any) -> int:
+    """Training FLOPs of one batch of ``input_ids`` (rows x length), at its own length: what Composer's
+    speed monitor reads from a model's ``flops_per_batch`` (the same count as llm-foundry's MPT)."""
+    rows, length = batch["input_ids"].shape[:2]
+    return int(rows) * int(length) * training_flops_per_token(config, int(length))

@@ -385,13 +385,15 @@ def build_tokenizer(recipe: Recipe):
 
 
 def build_model(recipe: Recipe, tokenizer, peft: bool = True):
-    """An HF causal LM (from a config or a local path) in Composer's ``HuggingFaceModel``.
+    """An HF causal LM (from a config or a local path) in Composer's ``HuggingFaceModel`` (with
+    ``flops_per_batch``: :class:`~composer_growth.recipe.model.CausalLM`).
 
     ``peft=False`` leaves the ``model.peft`` adapters off (an algorithm adds them mid-run).
     """
     from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
-    from composer.models import HuggingFaceModel
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from composer_growth.recipe.model import CausalLM
 
     cfg = recipe.model
     if cfg.pretrained is not None:
@@ -407,7 +409,7 @@ def build_model(recipe: Recipe, tokenizer, peft: bool = True):
         from peft import LoraConfig
 
         peft_config = LoraConfig(**{"task_type": "CAUSAL_LM", **cfg.peft})
-    composer_model = HuggingFaceModel(
+    composer_model = CausalLM(
         model, tokenizer=tokenizer, use_logits=True, shift_labels=True, peft_config=peft_config,
         metrics=[LanguageCrossEntropy()], eval_metrics=[LanguageCrossEntropy(), LanguagePerplexity()],
         should_save_peft_only=False,
