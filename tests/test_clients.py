@@ -359,12 +359,15 @@ class _CountingDataset(Dataset):
         return {"input_ids": self.rows[i], "labels": self.rows[i].clone()}
 
 
-def test_context_schedule_reads_only_the_batches_it_trains(one_thread):
+def test_context_schedule_reads_only_the_batches_it_trains(one_thread, capsys):
     data = _CountingDataset()
     alg = ContextLengthSchedule(phases=[{"seq_length": 16, "duration": "2ba"}, {"seq_length": 32}], eval_batches=0,
-                                save_checkpoints=False, export_hf=False, verbose=False)
+                                save_checkpoints=False, export_hf=False, verbose=True)
     trainer = Trainer(model=_llama(), train_dataloader=DataLoader(data, batch_size=4), max_duration="3ba",
                       algorithms=[alg], device_train_microbatch_size=4, progress_bar=False, log_to_console=False)
     trainer.fit()
     assert data.reads == list(range(12))  # the rows of the 3 batches, in order, nothing else
     assert alg.state_dict()["base_len"] == LENGTH and alg.state_dict()["tokens_per_step"] == 4 * LENGTH
+    # no recipe manifest: the banner waits for the first batch, whose length gives the tokens per step
+    banners = [line for line in capsys.readouterr().out.splitlines() if line.startswith("context_length_schedule: 2 phases")]
+    assert banners == [f"context_length_schedule: 2 phases (reshape; {4 * LENGTH} tokens per step)"], banners

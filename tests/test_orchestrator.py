@@ -574,3 +574,23 @@ def test_lr_restart_in_a_composer_script_needs_a_restartable_schedule():
     assert orchestrator.fired[0]["status"] == "applied" and orchestrator.fired[0]["batch"] == 4
     # from batch 4 the schedule runs again over the 4 batches left: the lrs of batches 0-3 once more
     assert lrs[:4] == pytest.approx([0.0, 0.0, 5e-3, 1e-2]) and lrs[4:] == pytest.approx(lrs[:4])
+
+
+def test_change_lr_on_a_merge_batch_reports_the_schedule_and_the_ramp(tiny_recipe, one_thread):
+    """On the batch of a LoRA merge, lora_merge's restart ramp holds the lr at 0: the op's line reports
+    the scheduled lr it scales and the ramp's factor, not ``lr 0 -> 0``."""
+    tiny_recipe["model"]["peft"] = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    tiny_recipe["algorithms"] = {
+        "lora_merge": {"interval": "4ba", "restart_warmup": "2ba"},
+        "orchestrator": {"schedule": [{"name": "change_lr", "value": 0.5, "trigger_loss": None,
+                                       "max_wait_iters": 4, "reevaluate": False}]},
+    }
+    tiny_recipe.update(max_duration="6ba", save_interval="6ba")
+    trainer = run(validate(tiny_recipe))
+    fired, alg = _fired(trainer)
+    assert fired == [(0, 4, "timeout", "applied")]
+    merge = next(a for a in trainer.state.algorithms if type(a).__name__ == "LoraMergeRestart")
+    assert merge.merges == 1 and merge.history[0]["batch"] == 4
+    line = next(e["text"] for e in alg.run_events())
+    lr = float(line.split("scheduled lr ")[1].split(" ->")[0])
+    assert lr > 0 and line.split(" -> ")[1].startswith(f"{lr * 0.5:.3g} ") and "x0 from lora_merge now" in line, line

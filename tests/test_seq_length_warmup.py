@@ -292,8 +292,13 @@ def test_resume_mid_warmup_matches_uninterrupted(tiny_recipe, tmp_path, mode, po
     trained = {"truncate": 8 * (8 + 8 + 16 + 16 + 24 + 24 + 32 + 32), "reshape": 8 * 8 * 32 - 2 * (256 % 24)}
     assert uninterrupted["tokens_trained"] == trained[mode]
 
+    # one event line when the warmup ends (6ba: the 7th batch is the first at full length), as in the resumed run
+    warmup_events = [(e["batch"], e["name"]) for e in uninterrupted["events"]]
+    assert warmup_events == [(6, "seq_length_warmup")]
+
     _, after = resume_from(full, "ep0-ba4-rank0.pt", tmp_path)
     assert after["tokens_trained"] == uninterrupted["tokens_trained"]
+    assert after["events"] == uninterrupted["events"]
     assert after["train_loss"] == pytest.approx(uninterrupted["train_loss"], rel=1e-5)
     assert [e["loss"] for e in after["evals"]] == pytest.approx([e["loss"] for e in uninterrupted["evals"]], rel=1e-5)
 
@@ -317,6 +322,7 @@ def test_batches_pass_through_once_the_warmup_is_over():
     alg = SeqLengthWarmup(min_seq_length=8, max_seq_length=16, step_size=8, duration="2ba", preallocate=False)
     trainer, model = _fit(alg, max_duration="4ba")
     assert [n for _, n in model.seen] == [8, 8, 32, 32]
+    assert [(e["batch"], e["text"].split(" (")[0]) for e in alg.run_events()] == [(2, "over after 2 batches")]
     assert int(trainer.state.timestamp.token) == 8 * (8 + 8 + 32 + 32)
 
 

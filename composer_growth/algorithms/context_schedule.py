@@ -140,6 +140,7 @@ class ContextLengthSchedule(PhaseDatasets, SuiteAlgorithm):
         self._base_mb: int | None = None
         self._mb_phase: int | None = None  # the phase whose microbatch size was last set
         self._tokens: int | None = None  # tokens per optimizer step, all ranks
+        self._banner_due = False  # the schedule's block is printed once per fit, once tokens per step are known
         self._base_rows: int | None = None  # rows per batch of the Trainer's loader on this rank
         self._sources = Sources()
         self._phase_sources: dict[str, str] = {}
@@ -394,7 +395,9 @@ class ContextLengthSchedule(PhaseDatasets, SuiteAlgorithm):
             state.set_dataloader(self._loader, state.dataloader_label or "train")
             state.dataset_resumption["train"] = True  # positions are ours: no spinning by the Trainer
             self._sources.current = self._source_key(state, self.phase)
-        self._log_schedule(state, logger)
+        self._banner_due = True
+        if self._tokens is not None:  # else at the first batch, whose length gives the tokens per step
+            self._log_schedule(state, logger)
 
     def _before_dataloader(self, state: State, logger: Logger) -> None:
         target = self._phase_at(state)
@@ -420,6 +423,8 @@ class ContextLengthSchedule(PhaseDatasets, SuiteAlgorithm):
         if self._base_len is None and self._sources.current == BASE:
             self._base_len = full
             self._check_base_tokens()
+        if self._banner_due:
+            self._log_schedule(state, logger)
         if full < phase.seq_length:
             raise ValueError(f"ContextLengthSchedule: phase '{phase.name}' trains at {phase.seq_length} tokens but "
                              f"its batches hold {full}-token sequences; give the phase a dataset prepared at "
@@ -546,12 +551,13 @@ class ContextLengthSchedule(PhaseDatasets, SuiteAlgorithm):
     # ------------------------------------------------------------------ logging
 
     def _log_schedule(self, state: State, logger: Logger) -> None:
+        self._banner_due = False
         hf = unwrap_hf(state.model)
         targets = [p.rope(self._original, self._family, hf.config) for p in self.phases]
         params: dict[str, Any] = {"context/schedule": [p.summary() for p in self.phases],
                                   "context/num_phases": len(self.phases)}
-        lines = [f"context_length_schedule: {len(self.phases)} phases ({self.mode}; "
-                 f"{self._tokens or '?'} tokens per step)"]
+        tokens = f"{self._tokens} tokens per step" if self._tokens else "tokens per step unknown: the loader has no batch_size"
+        lines = [f"context_length_schedule: {len(self.phases)} phases ({self.mode}; {tokens})"]
         for p, t in zip(self.phases, targets):
             start = self._starts[p.index] if self._starts is not None else None
             for k, v in (("seq_length", p.seq_length), ("start", start), ("rope_type", t.rope_type),

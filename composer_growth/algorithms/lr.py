@@ -75,6 +75,18 @@ def lr_multiplier(state: State, name: str) -> float:
     return _MULTIPLIERS.get(state, {}).get(name, 1.0)
 
 
+def scheduled_lr(state: State) -> float:
+    """The first param group's lr on the recipe's schedule, before the algorithms' factors."""
+    opt = ensure_tuple(state.optimizers)[0]
+    sched, group = _scheduler_of(state, opt), opt.param_groups[0]
+    return sched.get_last_lr()[0] if sched is not None else group.get(BASE_LR_KEY, group["lr"])
+
+
+def active_multipliers(state: State) -> dict[str, float]:
+    """The algorithms' factors other than 1 on top of the scheduled lr now, by algorithm."""
+    return {name: f for name, f in sorted(_MULTIPLIERS.get(state, {}).items()) if f != 1.0}
+
+
 def scale_lr(state: State, factor: float) -> None:
     """The schedule times ``factor`` from now on: each group's lr (and ``initial_lr``, what a scheduler
     rebuilt by ``surgery.grow`` starts from), every scheduler's ``base_lrs``."""

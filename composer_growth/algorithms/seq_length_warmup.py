@@ -22,6 +22,7 @@ from composer_growth.algorithms.base import SuiteAlgorithm
 from composer_growth.algorithms.compiling import make_static, raise_recompile_limit
 from composer_growth.algorithms.order import set_batch_lengths
 from composer_growth.errors import ConfigError, check, check_flag, check_int, check_number
+from composer_growth.events import announce
 from composer_growth.functional.batch import (MODES, batch_seq_length, batch_tokens, select_rows,
                                               set_batch_sequence_length)
 from composer_growth.functional.loss import batch_loss
@@ -125,6 +126,7 @@ class SeqLengthWarmup(SuiteAlgorithm):
         self._set_microbatch: int | None = None
         self._token_excess = 0
         self._active = False
+        self.over_batch: int | None = None  # batches done when the warmup ended (announced once)
         self._preallocated = False
         self.preallocation: str | None = None  # what the pre-allocation did: done, oom, auto (skipped)
         self._matched = self._EVENTS  # narrowed to FIT_START once the warmup is over
@@ -257,6 +259,9 @@ class SeqLengthWarmup(SuiteAlgorithm):
         was_active, self._active = self._active, not self._over(state)
         if was_active and not self._active:  # the lengths stop changing: compile the full length statically
             make_static(state, f"seq_length_warmup over at {self.max_seq_length} tokens")
+        if not self._active and self.over_batch is None:  # once per run (saved), a resumed run included
+            self.over_batch = int(state.timestamp.batch)
+            announce(logger, "seq_length_warmup", self.over_batch, self._over_text())
         self.seq_len = self.length_at(state) if self._active else full
         if self.seq_len < full:  # batches at full length are not counted again
             before = batch_tokens(batch)
@@ -361,11 +366,22 @@ class SeqLengthWarmup(SuiteAlgorithm):
         else:
             self.preallocation = "done"
 
+    def _over_text(self) -> str:
+        return (f"over after {self.over_batch} batches ({self.min_seq_length} -> {self.max_seq_length} tokens); "
+                f"batches keep their full length from here")
+
+    def run_events(self) -> list[dict[str, Any]]:
+        if self.over_batch is None:
+            return []
+        return [{"batch": self.over_batch, "name": "seq_length_warmup", "text": self._over_text()}]
+
     def state_dict(self) -> dict[str, Any]:
         out = super().state_dict()  # Composer's base: {'repr': ...}
         out["seq_len"] = int(self.seq_len)
+        out["over_batch"] = self.over_batch
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.seq_len = int(state.get("seq_len", self.min_seq_length))
+        self.over_batch = state.get("over_batch")
 

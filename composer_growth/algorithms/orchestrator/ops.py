@@ -18,7 +18,8 @@ from composer.core import State, Time, TimeUnit
 from composer.utils import dist, ensure_tuple
 
 from composer_growth.algorithms.composer_hooks import interval_of
-from composer_growth.algorithms.lr import UNIT_SUFFIX, RestartableSchedule, optimizer_lrs, refresh_lr, scale_lr
+from composer_growth.algorithms.lr import (UNIT_SUFFIX, RestartableSchedule, active_multipliers, optimizer_lrs,
+                                          refresh_lr, scale_lr, scheduled_lr)
 from composer_growth.algorithms.orchestrator import values as v
 from composer_growth.algorithms.surgery import check_supported, grow
 from composer_growth.errors import ConfigError, check
@@ -112,11 +113,12 @@ class OpKind:
 
 class ChangeLr(OpKind):
     def apply(self, run: RunContext, op: Op) -> str:
-        before = optimizer_lrs(run.state)
+        before = scheduled_lr(run.state)
         scale_lr(run.state, op.value)
         run.settings["lr_multiplier"] = run.settings.get("lr_multiplier", 1.0) * op.value
-        return (f"lr {before[0]:.3g} -> {optimizer_lrs(run.state)[0]:.3g} "
-                f"(x{run.settings['lr_multiplier']:g} of the recipe's schedule)")
+        others = "".join(f"; x{f:g} from {name} now" for name, f in active_multipliers(run.state).items())
+        return (f"scheduled lr {before:.3g} -> {before * op.value:.3g} "
+                f"(x{run.settings['lr_multiplier']:g} of the recipe's schedule{others})")
 
 
 def _loader(run: RunContext) -> Any:
