@@ -215,8 +215,36 @@ def _batch_lengths(trainer) -> list[int]:
     return next(c for c in trainer.state.callbacks if isinstance(c, BatchLengths)).lengths
 
 
+class BatchFlops(Callback):
+    """At each ``BATCH_END`` (where the speed monitor reads them): the model's ``flops_per_batch``, the
+    same count from a fresh parameter count, and ours (functional.flops)."""
+
+    def __init__(self):
+        self.rows: list[tuple[int, int, int, int]] = []
+
+    def batch_end(self, state, logger) -> None:
+        from llmfoundry.models.utils.mpt_param_count import mpt_get_active_params
+
+        from composer_growth.functional.flops import batch_flops
+
+        model, batch = state.model, state.batch
+        bs, msl = batch["input_ids"].shape[:2]
+        fresh = (2 * mpt_get_active_params(model) * msl + model.get_attention_flops(msl)) * 3 * bs
+        self.rows.append((int(state.timestamp.batch), model.flops_per_batch(batch), fresh,
+                          batch_flops(model.model.config, batch)))
+
+
+def _record_flops(config) -> None:
+    from llmfoundry.registry import callbacks
+
+    if "test_batch_flops" not in callbacks.get_all():
+        callbacks.register("test_batch_flops", func=BatchFlops)
+    config["callbacks"] = {**(config.get("callbacks") or {}), "test_batch_flops": {},
+                           "speed_monitor": {"window_size": 1}}
+
+
 def test_mpt_yaml_grows_preserves_logits_and_resumes_exactly(foundry_data, tmp_path):
-    full = _train("mpt_cpu.yaml", foundry_data, tmp_path / "full", tmp_path)
+    full = _train("mpt_cpu.yaml", foundry_data, tmp_path / "full", tmp_path, edit=_record_flops)
     algs = _algorithms(full)
     assert set(algs) >= {SeqLengthWarmup, ContextLengthSchedule, StackLayers, WidenMLP}
     hf = unwrap_hf(full.state.model)
@@ -225,6 +253,11 @@ def test_mpt_yaml_grows_preserves_logits_and_resumes_exactly(foundry_data, tmp_p
     for alg in (algs[StackLayers], algs[WidenMLP]):  # the loss on the growth batch, right before and after
         assert alg.applied and abs(alg.record["loss_before"] - alg.record["loss_after"]) < 1e-5, alg.record
     assert [b.block_idx for b in hf.transformer.blocks] == [0, 1, 2, 3]
+    # FLOPs follow growth: llm-foundry's cached parameter count is dropped by each surgery
+    flops = next(c for c in full.state.callbacks if isinstance(c, BatchFlops)).rows
+    assert all(got == fresh for _, got, fresh, _ in flops), flops
+    assert flops[0][1] < flops[-1][1]
+    assert all(abs(got / ours - 1) < 0.05 for _, got, _, ours in flops), flops  # the plan's count, near enough
     # the schedule took the Trainer's save_folder: a checkpoint and an HF export per phase
     for phase in ("short", "long"):
         assert os.path.isfile(tmp_path / "full" / "checkpoints" / phase / "model.safetensors")
