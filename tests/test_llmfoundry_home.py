@@ -240,7 +240,8 @@ def _record_flops(config) -> None:
     if "test_batch_flops" not in callbacks.get_all():
         callbacks.register("test_batch_flops", func=BatchFlops)
     config["callbacks"] = {**(config.get("callbacks") or {}), "test_batch_flops": {},
-                           "speed_monitor": {"window_size": 1}}
+                           "speed_monitor": {"window_size": 1},
+                           "run_summary": {"path": os.path.join(config["variables"]["run_folder"], "summary.json")}}
 
 
 def test_mpt_yaml_grows_preserves_logits_and_resumes_exactly(foundry_data, tmp_path):
@@ -258,6 +259,10 @@ def test_mpt_yaml_grows_preserves_logits_and_resumes_exactly(foundry_data, tmp_p
     assert all(got == fresh for _, got, fresh, _ in flops), flops
     assert flops[0][1] < flops[-1][1]
     assert all(abs(got / ours - 1) < 0.05 for _, got, _, ours in flops), flops  # the plan's count, near enough
+    # run_summary comes from llm-foundry's callbacks registry (our entry point), with the growth events
+    with open(tmp_path / "full" / "summary.json") as f:
+        events = [e["name"] for e in json.load(f)["events"]]
+    assert {"stack_layers", "widen_mlp"} <= set(events), events
     # the schedule took the Trainer's save_folder: a checkpoint and an HF export per phase
     for phase in ("short", "long"):
         assert os.path.isfile(tmp_path / "full" / "checkpoints" / phase / "model.safetensors")
