@@ -131,11 +131,22 @@ def _zeroed(rel_name: str, family: Family) -> bool:
 
 def _new_block(src: nn.Module, src_names: dict[int, str], init: str, family: Family,
                made: dict[int, ParamSource]) -> nn.Module:
-    """A deep copy of ``src``; for function_preserving its residual outputs are zero. Records ``made``."""
+    """A deep copy of ``src`` with its LoRA adapters folded in; for function_preserving its residual
+    outputs are zero. Records ``made`` (a weight with an adapter folded in is fresh: no source)."""
+    from composer_growth.functional.lora import merge_lora_modules
+
     block = copy.deepcopy(src)
-    for (rel, old), new in zip(src.named_parameters(), block.parameters()):
+    merge_lora_modules(block)
+    src_params = dict(src.named_parameters())
+    for rel, new in block.named_parameters():
         if init == "random":
             continue  # fresh: no source
+        old = src_params.get(rel)
+        if old is None:  # a weight of src's adapter-wrapped layer (`<module>.base_layer.weight`), merged
+            if init == "function_preserving" and _zeroed(rel, family):
+                with torch.no_grad():
+                    new.zero_()
+            continue
         zero = init == "function_preserving" and _zeroed(rel, family)
         if zero:
             with torch.no_grad():
