@@ -31,7 +31,7 @@ from composer_growth.functional.growth import STACK_INITS, STACK_MODES, stack_la
 from composer_growth.functional.lora import add_lora, plain_linear_modules
 from composer_growth.unwrap import unwrap_hf
 
-__all__ = ["STACK_LORA_PATTERNS", "TRUNKS", "StackSpec", "stack_spec"]
+__all__ = ["STACK_LORA_PATTERNS", "TRUNKS", "StackSpec", "spec_of_value", "stack_spec"]
 
 TRUNKS = ("train", "frozen", "lora")
 STACK_LORA_PATTERNS = ("constant", "increasing")
@@ -151,7 +151,7 @@ def _wrap(model: nn.Module, hf: nn.Module, prefixes: list[str], rank: int, alpha
 def stack_spec(value: Any, key: str) -> dict[str, Any]:
     """The orchestrator's ``stack_layers`` value: ``times`` (an int, repeat mode) or a mapping of the
     :attr:`StackSpec.OPTIONS` but ``init`` and ``seed`` (the op's ``args``), checked by :class:`StackSpec`.
-    Returns the options as a mapping."""
+    Returns the value (a mapping as a plain dict)."""
     if is_int(value):
         options: dict[str, Any] = {"times": value}
     else:
@@ -166,4 +166,9 @@ def stack_spec(value: Any, key: str) -> dict[str, Any]:
         StackSpec(**options)
     except ConfigError as e:
         raise ConfigError(key if is_int(value) else f"{key}.{e.key}", e.value, e.allowed) from None
-    return options
+    return value if is_int(value) else options
+
+
+def spec_of_value(value: Any, init: str, seed: int) -> StackSpec:
+    """The :class:`StackSpec` of a value :func:`stack_spec` checked."""
+    return StackSpec(**({"times": value} if is_int(value) else value), init=init, seed=seed)
