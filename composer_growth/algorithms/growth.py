@@ -194,9 +194,12 @@ class StackLayers(_Growth):
         source_layers: source index of each new layer (``explicit``).
         num_new: layers to add (``append`` / ``prepend``).
         init: ``copy`` | ``function_preserving`` | ``random``.
-        trunk: ``train`` (every layer trains), ``frozen`` (the layers that existed before stop training)
-            or ``lora`` (they train only through LoRA adapters of rank ``lora_rank``; merge them with
-            ``composer_growth.functional.merge_lora`` before an HF export).
+        trunk: ``train`` (the layers that existed before train as they did), ``frozen`` (they stop
+            training) or ``lora`` (they train only through LoRA adapters: those that carry one keep it,
+            the others get one of rank ``lora_rank``; merge them with
+            ``composer_growth.functional.merge_lora`` before an HF export). New layers are plain copies
+            of their sources (adapters folded in) and train. Several stacks: one StackLayers each (a
+            list under ``stack_layers`` in a recipe); see :mod:`composer_growth.algorithms.stacking`.
         lora_rank, lora_alpha: the adapters of ``trunk: lora`` (alpha defaults to the rank).
         stack_lora: give the new stacks their own LoRA adapters on their linear layers (their base
             weights freeze; e.g. for ``lora_merge`` to fold in): a rank, or a list of ranks, one per

@@ -195,7 +195,9 @@ def stack_layers(model: nn.Module, mode: str = "repeat", times: int = 2,
     The first occurrence of each source keeps the original module (same parameter objects);
     every other position is a *new* block, built by ``init``:
 
-    * ``copy``: deep copy of the source (mapping scale 1.0).
+    * ``copy``: deep copy of the source (mapping scale 1.0). A source's peft LoRA adapters are folded
+      into the copy's weights (a plain block computing what the source computes; those weights have
+      no mapping entry: their optimizer state starts fresh). The same for the other inits.
     * ``function_preserving``: a copy whose residual output projections (``family.residual_out``,
       weight and bias) are zero, so the new block is the identity on the residual stream
       (scale 0.0 for those tensors). With ``repeat`` / ``append`` / ``prepend`` the grown model

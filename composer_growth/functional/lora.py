@@ -38,6 +38,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -223,7 +224,9 @@ def add_lora(model: nn.Module, modules: Iterable[str] | str, rank: int = 8, alph
     # a string target is matched against each module's full name with re.fullmatch
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
                         use_rslora=use_rslora, target_modules="|".join(re.escape(t) for t in targets))
-    inject_adapter_in_model(config, hf)
+    with warnings.catch_warnings():  # adapters added again (a second stack) are intended
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        inject_adapter_in_model(config, hf)
     bases = [f"{t}.base_layer" for t in targets]
     for name, p in hf.named_parameters():
         if id(p) not in existing:  # the new adapters
