@@ -7,7 +7,8 @@ option) and grows a model in two steps that :func:`composer_growth.algorithms.su
 :meth:`StackSpec.after` (trunk and LoRA adapters, before the optimizer is rebuilt).
 
 Stack after stack: a new stack is a plain copy of its source blocks' current function (adapters
-folded into the copied weights). The trunk is every block that existed before this growth:
+folded into the copied weights; on a peft model, a recipe's ``model.peft``, the copies keep the
+adapters instead: they are how every block trains). The trunk is every block that existed before this growth:
 
 * ``train`` leaves it as it is (what trained keeps training);
 * ``frozen`` freezes all of it, its adapters included;
@@ -29,7 +30,7 @@ from composer_growth.errors import ConfigError, check, check_int, check_number, 
 from composer_growth.families import config_get, family_of, get_path
 from composer_growth.functional.growth import STACK_INITS, STACK_MODES, stack_layers
 from composer_growth.functional.lora import add_lora, plain_linear_modules
-from composer_growth.unwrap import unwrap_hf
+from composer_growth.unwrap import peft_model, unwrap_hf
 
 __all__ = ["STACK_LORA_PATTERNS", "TRUNKS", "StackSpec", "spec_of_value", "stack_spec"]
 
@@ -72,6 +73,7 @@ class StackSpec:
         self.stack_lora_alpha = stack_lora_alpha
         self._old_layers: set[int] = set()
         self._trained: set[str] = set()
+        self._fold = True
 
     def _stack_ranks(self, stack_lora: Any, pattern: str) -> list[int] | None:
         """The adapter rank of each new stack (None: no adapters on the new stacks)."""
@@ -102,8 +104,10 @@ class StackSpec:
         layers = get_path(unwrap_hf(model), family_of(model).layers)
         self._old_layers = {id(layer) for layer in layers}
         self._trained = {name for name, p in model.named_parameters() if p.requires_grad}
+        # on a peft model (a recipe's model.peft) the adapters are how every block trains: copies keep them
+        self._fold = peft_model(model) is None
         return stack_layers(model, mode=self.mode, times=self.times, source_layers=self.source_layers,
-                            num_new=self.num_new, init=self.init, seed=self.seed)
+                            num_new=self.num_new, init=self.init, seed=self.seed, fold_adapters=self._fold)
 
     def after(self, model: nn.Module, mapping: dict[str, Any]) -> None:
         """Trunk and adapters (``surgery.grow``'s ``after``): what trains from now on."""
@@ -113,7 +117,8 @@ class StackSpec:
         old = [(prefix, layer) for prefix, layer in layers if id(layer) in self._old_layers]
         new = [(prefix, layer) for prefix, layer in layers if id(layer) not in self._old_layers]
         for _, layer in new:
-            layer.requires_grad_(True)  # a new stack trains, whatever its source did
+            if self._fold:  # a plain new stack trains, whatever its source did (peft copies: as their source)
+                layer.requires_grad_(True)
         if self.trunk == "frozen":
             for _, layer in old:
                 layer.requires_grad_(False)  # adapters the trunk holds freeze with it
