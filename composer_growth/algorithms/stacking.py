@@ -6,9 +6,10 @@ option) and grows a model in two steps that :func:`composer_growth.algorithms.su
 :meth:`StackSpec.op` (the depth op of :mod:`composer_growth.functional.growth`) and
 :meth:`StackSpec.after` (trunk and LoRA adapters, before the optimizer is rebuilt).
 
-Stack after stack: a new stack is a plain copy of its source blocks' current function (adapters
-folded into the copied weights; on a peft model, a recipe's ``model.peft``, the copies keep the
-adapters instead: they are how every block trains). The trunk is every block that existed before this growth:
+Stack after stack: a new stack is a copy of its source blocks' current function. The adapters
+stacking added (``trunk: lora``, ``stack_lora``) are folded into the copied weights; adapters of the
+run's own LoRA scheme (``model.peft``, ``lora_merge``) are copied with the block, as they are how
+every block trains. The trunk is every block that existed before this growth:
 
 * ``train`` leaves it as it is (what trained keeps training);
 * ``frozen`` freezes all of it, its adapters included;
@@ -36,6 +37,14 @@ __all__ = ["STACK_LORA_PATTERNS", "TRUNKS", "StackSpec", "spec_of_value", "stack
 
 TRUNKS = ("train", "frozen", "lora")
 STACK_LORA_PATTERNS = ("constant", "increasing")
+
+
+_ADDED = "added_by_stacking"  # marks a LoRA layer of a trunk or a new stack (``trunk: lora``, ``stack_lora``)
+
+
+def added_by_stacking(layer: nn.Module) -> bool:
+    """Whether stacking wrapped this LoRA layer (its copies fold it in), not ``model.peft`` or ``lora_merge``."""
+    return bool(getattr(layer, _ADDED, False))
 
 
 class StackSpec:
@@ -73,7 +82,7 @@ class StackSpec:
         self.stack_lora_alpha = stack_lora_alpha
         self._old_layers: set[int] = set()
         self._trained: set[str] = set()
-        self._fold = True
+        self._peft = False
 
     def _stack_ranks(self, stack_lora: Any, pattern: str) -> list[int] | None:
         """The adapter rank of each new stack (None: no adapters on the new stacks)."""
@@ -104,10 +113,9 @@ class StackSpec:
         layers = get_path(unwrap_hf(model), family_of(model).layers)
         self._old_layers = {id(layer) for layer in layers}
         self._trained = {name for name, p in model.named_parameters() if p.requires_grad}
-        # on a peft model (a recipe's model.peft) the adapters are how every block trains: copies keep them
-        self._fold = peft_model(model) is None
+        self._peft = peft_model(model) is not None
         return stack_layers(model, mode=self.mode, times=self.times, source_layers=self.source_layers,
-                            num_new=self.num_new, init=self.init, seed=self.seed, fold_adapters=self._fold)
+                            num_new=self.num_new, init=self.init, seed=self.seed, fold_adapters=added_by_stacking)
 
     def after(self, model: nn.Module, mapping: dict[str, Any]) -> None:
         """Trunk and adapters (``surgery.grow``'s ``after``): what trains from now on."""
@@ -117,8 +125,9 @@ class StackSpec:
         old = [(prefix, layer) for prefix, layer in layers if id(layer) in self._old_layers]
         new = [(prefix, layer) for prefix, layer in layers if id(layer) not in self._old_layers]
         for _, layer in new:
-            if self._fold:  # a plain new stack trains, whatever its source did (peft copies: as their source)
-                layer.requires_grad_(True)
+            if not self._peft:  # a new stack trains, whatever its source did (not weights under a kept adapter)
+                for name, p in layer.named_parameters():
+                    p.requires_grad_(".base_layer." not in name or p.requires_grad)
         if self.trunk == "frozen":
             for _, layer in old:
                 layer.requires_grad_(False)  # adapters the trunk holds freeze with it
@@ -143,6 +152,8 @@ def _wrap(model: nn.Module, hf: nn.Module, prefixes: list[str], rank: int, alpha
     """LoRA adapters on the plain linear layers of the given blocks (those with adapters keep theirs)."""
     targets = plain_linear_modules(hf, prefixes)
     add_lora(hf, targets, rank=rank, alpha=alpha)
+    for target in targets:
+        setattr(get_path(hf, target), _ADDED, True)
     # the wrapped modules' weights moved to `<module>.base_layer.*`: keep the optimizer map in step
     outer = next(name for name, m in model.named_modules() if m is hf)
     outer = f"{outer}." if outer else ""

@@ -39,7 +39,7 @@ import copy
 import math
 import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -249,12 +249,14 @@ def merge_lora(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def merge_lora_modules(module: nn.Module) -> int:
-    """:func:`merge_lora` on any module (e.g. one block): every adapter under it folded into its base
-    weight, and the plain module put back. Returns how many modules were merged."""
+def merge_lora_modules(module: nn.Module, which: Callable[[nn.Module], bool] | None = None) -> int:
+    """:func:`merge_lora` on any module (e.g. one block): every adapter-wrapped layer under it (those
+    ``which(layer)`` accepts) folded into its base weight, and the plain module put back. Returns how
+    many modules were merged."""
     from peft.tuners.lora import LoraLayer
 
-    wrapped = [(name, m) for name, m in module.named_modules() if isinstance(m, LoraLayer)]
+    wrapped = [(name, m) for name, m in module.named_modules()
+               if isinstance(m, LoraLayer) and (which is None or which(m))]
     for name, layer in wrapped:
         layer.merge()
         set_path(module, name, layer.get_base_layer())
