@@ -268,7 +268,7 @@ def plan_file(path: str, overrides: list[str] | tuple[str, ...] = ()) -> dict[st
         facts, algs = foundry_run(data)
     else:
         plan = validate(data)
-        facts, algs = facts_from_recipe(plan), list(zip(plan.recipe.algorithms, plan.algorithms))
+        facts, algs = facts_from_recipe(plan), list(zip(plan.algorithm_labels, plan.algorithms))
     return plan_run(facts, algs)
 
 

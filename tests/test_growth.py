@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -297,7 +298,6 @@ def test_earliest_batch_never_skips_a_batch_where_the_time_is_reached():
     assert earliest_batch(state, Time(0.5, TimeUnit.DURATION)) is None  # tokens: asked of reached() every batch
 
 
-
 @pytest.mark.parametrize("peft", [False, True])
 def test_flops_per_batch_follow_growth(tiny_recipe, peft):
     """The speed monitor's FLOPs come from the model's ``flops_per_batch``: after each growth it is the
@@ -333,3 +333,113 @@ def test_flops_per_batch_follow_growth(tiny_recipe, peft):
     assert by_batch[3][0] < by_batch[4][0] < by_batch[8][0]
     logged = [v for _, v in memory.data["throughput/flops_per_sec"]]
     assert len(logged) >= 10 and all(v > 0 for v in logged)
+
+
+# ---------------------------------------------------------------------------------------------- StackWise
+
+
+def _two_stacks(recipe, mode):
+    """Stack after stack over a LoRA trunk: the first new stack with its own adapters, the second plain."""
+    first = {"at": "3ba", "mode": mode, "num_new": 1, "init": "function_preserving", "trunk": "lora",
+             "lora_rank": 4, "stack_lora": 2}
+    second = {"at": "6ba", "mode": mode, "num_new": 1, "init": "function_preserving", "trunk": "lora", "lora_rank": 4}
+    recipe["algorithms"] = {"stack_layers": [first, second]}
+    recipe.update(max_duration="9ba", save_interval="3ba", eval_interval="9ba", eval_first=False)
+    return recipe
+
+
+@pytest.mark.parametrize("mode", ["append", "prepend"])
+def test_stack_after_stack_over_a_lora_trunk(tiny_recipe, tmp_path, one_thread, mode):
+    from composer.core import Callback
+
+    snapshots = {}
+
+    class Snapshot(Callback):
+        def batch_end(self, state, logger):
+            if int(state.timestamp.batch) in (3, 6):
+                hf = unwrap_hf(state.model)
+                snapshots[int(state.timestamp.batch)] = {n: p.detach().clone() for n, p in hf.named_parameters()}
+
+    recipe = _two_stacks(tiny_recipe, mode)
+    plan = validate(recipe)
+    plan.callbacks.append(Snapshot())
+    trainer = run(plan)
+    first, second = trainer.state.algorithms[:2]
+    hf = unwrap_hf(trainer.state.model)
+    assert [first.record["batch"], second.record["batch"]] == [3, 6] and hf.config.num_hidden_layers == 4
+    for alg in (first, second):  # function-preserving: the same loss on the same batch right before and after
+        assert alg.record["loss_after"] == pytest.approx(alg.record["loss_before"], abs=1e-4)
+    now = dict(hf.named_parameters())
+    # the second stack is a plain copy (adapters folded in) that trains fully; the first stack's adapters
+    # stay (rank 2), the old trunk's too (rank 4); no linear of the trunk trains but through an adapter
+    newest, middle = (0, 1) if mode == "prepend" else (3, 2)
+    assert not any("lora_" in n or "base_layer" in n for n in now if n.startswith(f"model.layers.{newest}."))
+    assert now[f"model.layers.{middle}.mlp.up_proj.lora_A.default.weight"].shape[0] == 2
+    trunk = [i for i in range(4) if i not in (newest, middle)]
+    assert all(now[f"model.layers.{i}.mlp.up_proj.lora_A.default.weight"].shape[0] == 4 for i in trunk)
+    assert all(not p.requires_grad for n, p in now.items() if "base_layer" in n)
+    # something trains after each growth: the new blocks, and every earlier adapter
+    changed = lambda batch, prefix: any(not torch.equal(now[n], snapshots[batch][n])  # noqa: E731
+                                        for n in snapshots[batch] if n.startswith(prefix) and n in now)
+    assert changed(6, f"model.layers.{newest}.") and changed(6, f"model.layers.{middle}.")
+    for i in range(4):
+        if i != newest:
+            assert changed(6, f"model.layers.{i}.") and any(
+                not torch.equal(now[n], snapshots[6][n]) for n in now if n.startswith(f"model.layers.{i}.") and "lora_B" in n)
+    # the optimizer holds exactly the trainable parameters (no frozen base weight, no moments for one)
+    opt = trainer.state.optimizers[0]
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert held == {id(p) for p in now.values() if p.requires_grad} == {id(p) for p in opt.state}
+    # exact resume between the stacks and right after the second one (two StackLayers, each its own state)
+    full = read_summary(recipe["summary_file"])
+    for i, checkpoint in enumerate(["ep0-ba3-rank0.pt", "ep0-ba6-rank0.pt"] if mode == "append" else ["ep0-ba6-rank0.pt"]):
+        resumed, after = resume_from(recipe, checkpoint, tmp_path / str(i))
+        assert [a.record["batch"] for a in resumed.state.algorithms[:2]] == [3, 6]
+        assert unwrap_hf(resumed.state.model).config.num_hidden_layers == 4
+        assert after["train_loss"] == pytest.approx(full["train_loss"], rel=1e-5)
+        assert after["last_eval_loss"] == pytest.approx(full["last_eval_loss"], rel=1e-5)
+
+
+def test_stack_list_is_validated_item_by_item_and_planned(tiny_recipe):
+    from composer_growth.plan import facts_from_recipe, plan_run
+
+    recipe = _two_stacks(tiny_recipe, "append")
+    valid = validate(recipe)
+    assert valid.algorithm_labels[:2] == ["stack_layers.0", "stack_layers.1"]
+    planned = plan_run(facts_from_recipe(valid), list(zip(valid.algorithm_labels, valid.algorithms)))
+    stacks = [(e["batch"], e["layers"]) for e in planned["events"] if e["event"] == "stack_layers"]
+    assert stacks == [(3, [2, 3]), (6, [3, 4])]
+    bad = copy.deepcopy(recipe)
+    bad["algorithms"]["stack_layers"][1]["at"] = "20ba"
+    with pytest.raises(ConfigError, match=r"^algorithms\.stack_layers\.1\.at="):
+        validate(bad)
+    bad["algorithms"]["stack_layers"][1] = {"at": "6ba", "mode": "append", "stack_lora": 0, "num_new": 1}
+    with pytest.raises(ConfigError, match=r"^algorithms\.stack_layers\.1\.stack_lora="):
+        validate(bad)
+    bad["algorithms"]["stack_layers"][1] = {"at": "6ba", "bogus": 1}
+    with pytest.raises(ConfigError, match=r"^algorithms\.stack_layers\.1\.bogus="):
+        validate(bad)
+    bad["algorithms"] = {"seq_length_warmup": [{}, {}]}
+    with pytest.raises(ConfigError, match=r"^algorithms\.seq_length_warmup=.*only for: stack_layers, widen_mlp"):
+        validate(bad)
+
+
+def test_orchestrator_stack_op_takes_the_stack_layers_options(tiny_recipe):
+    recipe = dict(tiny_recipe, max_duration="6ba", eval_first=False, save_folder=None)
+    op = {"name": "stack_layers", "trigger_loss": None, "max_wait_iters": 2, "args": {"init": "function_preserving"}}
+    schedule = [dict(op, value={"mode": "append", "num_new": 1, "trunk": "lora", "lora_rank": 4, "stack_lora": 2}),
+                dict(op, value={"mode": "prepend", "num_new": 1, "trunk": "lora"})]
+    recipe["algorithms"] = {"orchestrator": {"verbose": False, "schedule": schedule}}
+    trainer = run(validate(recipe))
+    hf = unwrap_hf(trainer.state.model)
+    now = dict(hf.named_parameters())
+    assert hf.config.num_hidden_layers == 4
+    assert not any("lora_" in n for n in now if n.startswith("model.layers.0."))  # the prepended plain copy
+    assert now["model.layers.3.mlp.up_proj.lora_A.default.weight"].shape[0] == 2  # the first, appended stack
+    assert now["model.layers.1.mlp.up_proj.lora_A.default.weight"].shape[0] == 4  # the trunk
+    schedule[1]["value"] = {"mode": "prepend", "num_new": 1, "trunk": "lora", "stack_lora": [1, 2]}
+    with pytest.raises(ConfigError, match=r"schedule\[1\]\.value\.stack_lora="):
+        validate(recipe)
+    schedule[1]["value"] = {"mode": "prepend", "seed": 3}
+    with pytest.raises(ConfigError, match=r"schedule\[1\]\.value\.seed=.*under args"):
+        validate(recipe)

@@ -115,7 +115,22 @@ def _params(trainer) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("peft", [False, True], ids=["plain", "peft"])
 @pytest.mark.parametrize("names", PAIRS, ids=["+".join(p) for p in PAIRS])
 def test_pair(names, peft, tiny_recipe, tmp_path):
-    recipe = _recipe(tiny_recipe, names, peft)
+    _check_run(_recipe(tiny_recipe, names, peft), tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["append", "prepend", "repeat"])
+def test_two_stacks_over_a_lora_trunk(mode, tiny_recipe, tmp_path):
+    """StackWise: a second StackLayers over a model whose trunk and first stack carry LoRA adapters."""
+    size = {"times": 2} if mode == "repeat" else {"num_new": 1}
+    stack = {"mode": mode, "init": "function_preserving", "trunk": "lora", "lora_rank": 4, **size}
+    recipe = copy.deepcopy(tiny_recipe)
+    recipe["algorithms"] = {"stack_layers": [dict(stack, at="3ba", stack_lora=2), dict(stack, at="5ba")]}
+    recipe.update(save_interval="1ba", eval_interval="4ba")
+    trainer = _check_run(recipe, tmp_path)
+    assert [a.record["batch"] for a in trainer.state.algorithms[1:3]] == [3, 5]
+
+
+def _check_run(recipe, tmp_path):
     plan = validate(recipe)
     watch = Watch()
     plan.callbacks.append(watch)
@@ -130,7 +145,8 @@ def test_pair(names, peft, tiny_recipe, tmp_path):
 
     # something trains after each event before the last batch (batches 0 and 1 train at LR 0: the warmup)
     events = [(e["batch"], e["name"]) for e in summary["events"]]
-    assert events or names == ("seq_length_warmup", "context_length_schedule") and not peft, names
+    quiet = set(recipe["algorithms"]) == {"seq_length_warmup", "context_length_schedule"} and "peft" not in recipe["model"]
+    assert events or quiet, recipe["algorithms"]
     for batch, name in events:
         assert batch == 8 or any(watch.trained.get(b) for b in range(max(batch, 2), 8)), (name, batch, watch.trained)
     assert any(p.requires_grad for p in trainer.state.model.parameters())
@@ -144,3 +160,4 @@ def test_pair(names, peft, tiny_recipe, tmp_path):
     for k in expected:
         torch.testing.assert_close(got[k], expected[k], rtol=0, atol=0, msg=k)
     assert again["train_loss"] == pytest.approx(summary["train_loss"], rel=1e-6)
+    return trainer

@@ -50,6 +50,12 @@ class SuiteAlgorithm(Algorithm):
     #: whether the recipe's ``model.peft`` block describes adapters this algorithm adds later
     #: (the recipe then builds the model without them)
     defers_peft: bool = False
+    #: whether a recipe may hold several of it (a list under its name)
+    repeatable: ClassVar[bool] = False
+    #: this instance's own state in the checkpoint being loaded, matched by class and position among
+    #: the algorithms of its class (Composer keys algorithm states by class name, so it hands every
+    #: instance of a class the last one's state); set before the weights load, ``None`` otherwise
+    checkpoint_state: dict[str, Any] | None = None
 
     # -- before the run ---------------------------------------------------------------------
     def validate_run(self, facts: RunFacts) -> None:

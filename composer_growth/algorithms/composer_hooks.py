@@ -55,7 +55,8 @@ def interval_of(scheduler: Any) -> Time | None:
 
 def _replay(state: State, saved: Any) -> None:
     """Call ``replay(state, saved_state)`` on every algorithm that has it, in algorithm order, with
-    the state saved for it (matched by class name and position among algorithms of that class)."""
+    the state saved for it (matched by class name and position among algorithms of that class), and
+    keep that state as the algorithm's ``checkpoint_state``."""
     if not isinstance(saved, (list, tuple)):
         return
     by_class: dict[str, list[Any]] = {}
@@ -68,6 +69,7 @@ def _replay(state: State, saved: Any) -> None:
         seen[name] = i + 1
         entries = by_class.get(name, [])
         if isinstance(alg, SuiteAlgorithm) and i < len(entries):
+            alg.checkpoint_state = entries[i]
             alg.replay(state, entries[i])
 
 

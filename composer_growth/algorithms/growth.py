@@ -20,26 +20,22 @@ from composer_growth.algorithms.base import Now, SuiteAlgorithm
 from composer_growth.algorithms.composer_hooks import install_replay_hook
 from composer_growth.algorithms.surgery import check_recipe_sharding, check_supported, grow
 from composer_growth.events import announce
-from composer_growth.errors import ConfigError, check, check_flag, check_int, check_number, is_int
-from composer_growth.families import FAMILIES, config_get, family_of, get_path
-from composer_growth.functional.growth import STACK_INITS, STACK_MODES, stack_layers, widen_mlp
+from composer_growth.errors import ConfigError, check, check_flag, check_int, check_number
+from composer_growth.families import FAMILIES, config_get, family_of
+from composer_growth.algorithms.stacking import StackSpec
+from composer_growth.functional.growth import widen_mlp
 from composer_growth.functional.batch import select_rows
-from composer_growth.functional.lora import add_lora
 from composer_growth.functional.loss import batch_mean_loss
 from composer_growth.registry import register_algorithm
 from composer_growth.runfacts import RunFacts, check_at_fit_start
 from composer_growth.timeutil import check_progress_known, earliest_batch, parse_time, reached, to_duration_fraction
 from composer_growth.unwrap import composer_model, unwrap_hf
 
-TRUNKS = ("train", "frozen", "lora")
-
-
 def _shape(model: nn.Module) -> tuple[int, int]:
     """Layer count and MLP width of a model, from its config."""
     hf = unwrap_hf(model)
     family = family_of(hf)
     return int(config_get(hf.config, family.num_layers_key)), family.intermediate_size(hf.config)
-STACK_LORA_PATTERNS = ("constant", "increasing")
 
 
 class _Growth(SuiteAlgorithm):
@@ -181,6 +177,8 @@ class _Growth(SuiteAlgorithm):
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.checkpoint_state is not None:  # this instance's own (two of a class share Composer's key)
+            state, self.checkpoint_state = self.checkpoint_state, None
         self.applied = bool(state.get("applied", False))
         self.record = {k: v for k, v in state.items() if k not in ("applied", "repr")}
 
@@ -196,9 +194,12 @@ class StackLayers(_Growth):
         source_layers: source index of each new layer (``explicit``).
         num_new: layers to add (``append`` / ``prepend``).
         init: ``copy`` | ``function_preserving`` | ``random``.
-        trunk: ``train`` (every layer trains), ``frozen`` (the layers that existed before stop training)
-            or ``lora`` (they train only through LoRA adapters of rank ``lora_rank``; merge them with
-            ``composer_growth.functional.merge_lora`` before an HF export).
+        trunk: ``train`` (the layers that existed before train as they did), ``frozen`` (they stop
+            training) or ``lora`` (they train only through LoRA adapters: those that carry one keep it,
+            the others get one of rank ``lora_rank``; merge them with
+            ``composer_growth.functional.merge_lora`` before an HF export). New layers are plain copies
+            of their sources (adapters folded in) and train. Several stacks: one StackLayers each (a
+            list under ``stack_layers`` in a recipe); see :mod:`composer_growth.algorithms.stacking`.
         lora_rank, lora_alpha: the adapters of ``trunk: lora`` (alpha defaults to the rank).
         stack_lora: give the new stacks their own LoRA adapters on their linear layers (their base
             weights freeze; e.g. for ``lora_merge`` to fold in): a rank, or a list of ranks, one per
@@ -212,6 +213,7 @@ class StackLayers(_Growth):
     """
 
     name = "stack_layers"
+    repeatable = True
 
     def __init__(self, at: Any = "0.25dur", mode: str = "repeat", times: int = 2, source_layers: list[int] | None = None,
                  num_new: int | None = None, init: str = "copy", trunk: str = "train", lora_rank: int = 8,
@@ -219,50 +221,14 @@ class StackLayers(_Growth):
                  stack_lora_pattern: str = "constant", stack_lora_alpha: float | None = None, seed: int = 0,
                  probe_loss: bool = True):
         super().__init__(at, probe_loss)
-        check(mode in STACK_MODES, "mode", mode, f"one of {', '.join(STACK_MODES)}")
-        check(init in STACK_INITS, "init", init, f"one of {', '.join(STACK_INITS)}")
-        check(trunk in TRUNKS, "trunk", trunk, f"one of {', '.join(TRUNKS)}")
-        if mode == "repeat":
-            check_int(times, "times", minimum=2)
-        if mode == "explicit":
-            check(isinstance(source_layers, list) and len(source_layers) > 0
-                  and all(is_int(i) and i >= 0 for i in source_layers),
-                  "source_layers", source_layers, "a non-empty list of layer indices >= 0")
-        if mode in ("append", "prepend"):
-            check_int(num_new, "num_new", minimum=1)
-        self.mode, self.times, self.source_layers, self.num_new = mode, times, source_layers, num_new
-        check_int(lora_rank, "lora_rank", minimum=1)
-        check_int(seed, "seed")
-        self.init, self.trunk, self.seed = init, trunk, seed
-        self.lora_rank, self.lora_alpha = lora_rank, lora_alpha
-        self.stack_lora_ranks = self._stack_ranks(stack_lora, stack_lora_pattern)
-        if stack_lora_alpha is not None:
-            check_number(stack_lora_alpha, "stack_lora_alpha", above=0, allowed="null or a number > 0")
-        self.stack_lora_alpha = stack_lora_alpha
-        self._old_layers: set[int] = set()
-
-    def _stack_ranks(self, stack_lora: Any, pattern: str) -> list[int] | None:
-        """The adapter rank of each new stack (None: no adapters on the new stacks)."""
-        check(pattern in STACK_LORA_PATTERNS, "stack_lora_pattern", pattern, f"one of {', '.join(STACK_LORA_PATTERNS)}")
-        if stack_lora is None:
-            return None
-        stacks = self.times - 1 if self.mode == "repeat" else 1
-        if isinstance(stack_lora, list):
-            check(len(stack_lora) == stacks and all(is_int(r) and r >= 1 for r in stack_lora),
-                  "stack_lora", stack_lora, f"a list of {stacks} integer ranks >= 1 (one per new stack)")
-            return list(stack_lora)
-        check_int(stack_lora, "stack_lora", minimum=1)
-        return [stack_lora * (i + 1 if pattern == "increasing" else 1) for i in range(stacks)]
+        self.spec = StackSpec(mode=mode, times=times, source_layers=source_layers, num_new=num_new, init=init,
+                              trunk=trunk, lora_rank=lora_rank, lora_alpha=lora_alpha, stack_lora=stack_lora,
+                              stack_lora_pattern=stack_lora_pattern, stack_lora_alpha=stack_lora_alpha, seed=seed)
+        self.mode, self.trunk = mode, trunk
+        self.stack_lora_ranks = self.spec.stack_lora_ranks
 
     def _check_model_config(self, config: Any) -> None:
-        family = family_of(getattr(config, "model_type", None), key="model.family")
-        n = config_get(config, family.num_layers_key)
-        for key in family.per_layer_keys:
-            check(not config_get(config, key), "model", f"{key}={config_get(config, key)!r}",
-                  f"{family.name} blocks configured per position ({key}) cannot be stacked")
-        if self.mode == "explicit":
-            bad = [i for i in self.source_layers if i >= n]
-            check(not bad, "source_layers", self.source_layers, f"indices below the model's layer count ({n})")
+        self.spec.check_model_config(config)
 
     def validate_run(self, facts: RunFacts) -> None:
         super().validate_run(facts)
@@ -272,43 +238,10 @@ class StackLayers(_Growth):
             raise ConfigError("trunk", self.trunk, "train or frozen under FSDP2 ('lora' needs DDP)")
 
     def _op(self, model: nn.Module):
-        layers = get_path(unwrap_hf(model), family_of(model).layers)
-        self._old_layers = {id(layer) for layer in layers}
-        return stack_layers(model, mode=self.mode, times=self.times, source_layers=self.source_layers,
-                            num_new=self.num_new, init=self.init, seed=self.seed)
+        return self.spec.op(model)
 
     def _after(self, model: nn.Module, mapping) -> None:
-        hf = unwrap_hf(model)
-        path = family_of(hf).layers
-        layers = [(f"{path}.{i}", layer) for i, layer in enumerate(get_path(hf, path))]
-        old = [(prefix, layer) for prefix, layer in layers if id(layer) in self._old_layers]
-        new = [prefix for prefix, layer in layers if id(layer) not in self._old_layers]
-        if self.trunk == "frozen":
-            for _, layer in old:
-                layer.requires_grad_(False)  # adapters the trunk holds freeze with it
-        elif self.trunk == "lora":
-            self._wrap(model, hf, [prefix for prefix, _ in old], self.lora_rank, self.lora_alpha, mapping)
-        if self.stack_lora_ranks is not None:
-            size = len(new) // len(self.stack_lora_ranks)
-            for i, rank in enumerate(self.stack_lora_ranks):
-                alpha = self.stack_lora_alpha if self.stack_lora_alpha is not None else rank
-                self._wrap(model, hf, new[i * size:(i + 1) * size], rank, alpha, mapping)
-
-    @staticmethod
-    def _wrap(model: nn.Module, hf: nn.Module, prefixes: list[str], rank: int, alpha: float | None, mapping) -> None:
-        """LoRA adapters on the linear layers of the given blocks (not yet wrapped ones)."""
-        from composer_growth.functional.lora import lora_target_modules
-
-        targets = [t for t in lora_target_modules(hf, "all") if any(t.startswith(p + ".") for p in prefixes)]
-        add_lora(hf, targets, rank=rank, alpha=alpha)
-        # the wrapped modules' weights moved to `<module>.base_layer.*`: keep the optimizer map in step
-        outer = next(name for name, m in model.named_modules() if m is hf)
-        outer = f"{outer}." if outer else ""
-        for target in targets:
-            for leaf in ("weight", "bias"):
-                key = f"{outer}{target}.{leaf}"
-                if key in mapping:
-                    mapping[f"{outer}{target}.base_layer.{leaf}"] = mapping.pop(key)
+        self.spec.after(model, mapping)
 
 
 @register_algorithm("widen_mlp")
@@ -324,6 +257,7 @@ class WidenMLP(_Growth):
     """
 
     name = "widen_mlp"
+    repeatable = True
 
     def __init__(self, at: Any = "0.5dur", factor: float = 2.0, noise_std: float = 0.0, seed: int = 0,
                  probe_loss: bool = True):

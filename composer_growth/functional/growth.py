@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -130,12 +130,24 @@ def _zeroed(rel_name: str, family: Family) -> bool:
 
 
 def _new_block(src: nn.Module, src_names: dict[int, str], init: str, family: Family,
-               made: dict[int, ParamSource]) -> nn.Module:
-    """A deep copy of ``src``; for function_preserving its residual outputs are zero. Records ``made``."""
+               made: dict[int, ParamSource], fold_adapters: Callable[[nn.Module], bool] | None = None) -> nn.Module:
+    """A deep copy of ``src`` (the LoRA layers ``fold_adapters`` accepts folded in); for function_preserving
+    its residual outputs are zero. Records ``made`` (a weight with an adapter folded in is fresh: no source)."""
+    from composer_growth.functional.lora import merge_lora_modules
+
     block = copy.deepcopy(src)
-    for (rel, old), new in zip(src.named_parameters(), block.parameters()):
+    if fold_adapters is not None:
+        merge_lora_modules(block, fold_adapters)
+    src_params = dict(src.named_parameters())
+    for rel, new in block.named_parameters():
         if init == "random":
             continue  # fresh: no source
+        old = src_params.get(rel)
+        if old is None:  # a weight of src's adapter-wrapped layer (`<module>.base_layer.weight`), merged
+            if init == "function_preserving" and _zeroed(rel, family):
+                with torch.no_grad():
+                    new.zero_()
+            continue
         zero = init == "function_preserving" and _zeroed(rel, family)
         if zero:
             with torch.no_grad():
@@ -171,7 +183,8 @@ def _renumber(hf: nn.Module, family: Family, sources: list[int]) -> None:
 
 def stack_layers(model: nn.Module, mode: str = "repeat", times: int = 2,
                  source_layers: Sequence[int] | None = None, num_new: int | None = None,
-                 init: str = "copy", seed: int = 0) -> dict[str, ParamSource]:
+                 init: str = "copy", seed: int = 0,
+                 fold_adapters: Callable[[nn.Module], bool] | None = None) -> dict[str, ParamSource]:
     """Grow the depth of an HF causal LM in place; return the :class:`ParamSource` mapping.
 
     Modes (the new stack, by source index; L = current depth):
@@ -184,7 +197,10 @@ def stack_layers(model: nn.Module, mode: str = "repeat", times: int = 2,
     The first occurrence of each source keeps the original module (same parameter objects);
     every other position is a *new* block, built by ``init``:
 
-    * ``copy``: deep copy of the source (mapping scale 1.0).
+    * ``copy``: deep copy of the source (mapping scale 1.0), its peft LoRA adapters included. The
+      adapter-wrapped layers that ``fold_adapters(layer)`` accepts are folded into plain layers of the
+      copy (computing what the source's do; their weights have no mapping entry: their optimizer
+      state starts fresh). The same for the other inits.
     * ``function_preserving``: a copy whose residual output projections (``family.residual_out``,
       weight and bias) are zero, so the new block is the identity on the residual stream
       (scale 0.0 for those tensors). With ``repeat`` / ``append`` / ``prepend`` the grown model
@@ -208,7 +224,7 @@ def stack_layers(model: nn.Module, mode: str = "repeat", times: int = 2,
     blocks, fresh = [], []
     for src, is_new in plan:
         if is_new:
-            blocks.append(_new_block(old_blocks[src], before, init, family, made))
+            blocks.append(_new_block(old_blocks[src], before, init, family, made, fold_adapters))
             fresh.append(blocks[-1])
         else:
             blocks.append(old_blocks[src])

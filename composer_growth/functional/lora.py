@@ -38,7 +38,8 @@ from __future__ import annotations
 import copy
 import math
 import re
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -51,7 +52,7 @@ from composer_growth.functional.sharding import add_full_, copy_full_, cpu_state
 from composer_growth.unwrap import unwrap_hf
 
 __all__ = ["LORA_GROUPS", "PRUNE_MODES", "add_lora", "lora_target_modules", "lora_targets", "merge_and_reinit_lora",
-           "lora_delta", "merge_lora", "merged_model", "merged_state_dict", "prune_optimizer_state", "resize_lora_rank",
+           "lora_delta", "merge_lora", "merge_lora_modules", "plain_linear_modules", "merged_model", "merged_state_dict", "prune_optimizer_state", "resize_lora_rank",
            "scale_lora_alpha"]
 
 LORA_GROUPS = ("attention", "mlp", "embedding", "all")
@@ -131,18 +132,32 @@ def lora_target_modules(model: nn.Module, targets: Targets) -> list[str]:
     embedding, not already wrapped in an adapter. Raises :class:`ConfigError` (naming the family and
     the candidates) when nothing matches.
     """
+    hf = unwrap_hf(model)
+    family = family_of(hf)
+    chosen = _select(_plain_candidates(hf, family), targets, hf, family, "linear or embedding module", groups_all=False)
+    return list(chosen)
+
+
+def _plain_candidates(hf: nn.Module, family: Family) -> dict[str, nn.Module]:
+    """Linear / ``Conv1D`` modules inside the blocks and the input embedding, not wrapped in an adapter."""
     from peft.tuners.lora import LoraLayer
     from transformers.pytorch_utils import Conv1D
 
-    hf = unwrap_hf(model)
-    family = family_of(hf)
     blocks = [f"{family.layers}.{i}" for i in range(len(get_path(hf, family.layers)))]
     inside = [n for n, m in hf.named_modules() if isinstance(m, LoraLayer)]  # adapters and wrapped bases
-    candidates = {n: m for n, m in hf.named_modules()
-                  if ((isinstance(m, (nn.Linear, Conv1D)) and _under(n, blocks))
-                      or (n == family.embed and isinstance(m, nn.Embedding))) and not _under(n, inside)}
-    chosen = _select(candidates, targets, hf, family, "linear or embedding module", groups_all=False)
-    return list(chosen)
+    return {n: m for n, m in hf.named_modules()
+            if ((isinstance(m, (nn.Linear, Conv1D)) and _under(n, blocks))
+                or (n == family.embed and isinstance(m, nn.Embedding))) and not _under(n, inside)}
+
+
+def plain_linear_modules(model: nn.Module, prefixes: Iterable[str]) -> list[str]:
+    """Names (from the HF model) of the linear layers under the given module prefixes (e.g. blocks) that
+    carry no adapter yet; empty when every one has one."""
+    hf = unwrap_hf(model)
+    family = family_of(hf)
+    prefixes = list(prefixes)
+    return [n for n, m in _plain_candidates(hf, family).items()
+            if not isinstance(m, nn.Embedding) and _under(n, prefixes)]
 
 
 def lora_targets(model: nn.Module, targets: Targets = "all") -> dict[str, Any]:
@@ -209,7 +224,9 @@ def add_lora(model: nn.Module, modules: Iterable[str] | str, rank: int = 8, alph
     # a string target is matched against each module's full name with re.fullmatch
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
                         use_rslora=use_rslora, target_modules="|".join(re.escape(t) for t in targets))
-    inject_adapter_in_model(config, hf)
+    with warnings.catch_warnings():  # adapters added again (a second stack) are intended
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        inject_adapter_in_model(config, hf)
     bases = [f"{t}.base_layer" for t in targets]
     for name, p in hf.named_parameters():
         if id(p) not in existing:  # the new adapters
@@ -228,13 +245,21 @@ def merge_lora(model: nn.Module) -> int:
     After this the model is a plain transformers model again (``save_pretrained`` output loads
     with ``from_pretrained``). Returns how many modules were merged.
     """
+    return merge_lora_modules(unwrap_hf(model))
+
+
+@torch.no_grad()
+def merge_lora_modules(module: nn.Module, which: Callable[[nn.Module], bool] | None = None) -> int:
+    """:func:`merge_lora` on any module (e.g. one block): every adapter-wrapped layer under it (those
+    ``which(layer)`` accepts) folded into its base weight, and the plain module put back. Returns how
+    many modules were merged."""
     from peft.tuners.lora import LoraLayer
 
-    hf = unwrap_hf(model)
-    wrapped = [(name, m) for name, m in hf.named_modules() if isinstance(m, LoraLayer)]
-    for name, module in wrapped:
-        module.merge()
-        set_path(hf, name, module.get_base_layer())
+    wrapped = [(name, m) for name, m in module.named_modules()
+               if isinstance(m, LoraLayer) and (which is None or which(m))]
+    for name, layer in wrapped:
+        layer.merge()
+        set_path(module, name, layer.get_base_layer())
     return len(wrapped)
 
 

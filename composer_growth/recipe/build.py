@@ -43,16 +43,19 @@ class ValidRecipe:
     loggers: list[Any] = field(default_factory=list)
     world_size: int = 1
     facts: RunFacts | None = None  # what the algorithms were checked against
+    algorithm_labels: list[str] = field(default_factory=list)  # recipe key of each algorithm (``stack_layers.1``)
 
     @property
     def device_train_batch_size(self) -> int:
         return self.recipe.global_train_batch_size // self.world_size
 
 
-def construct(kind: str, name: str, table: dict[str, Any], kwargs: dict[str, Any]) -> Any:
+def construct(kind: str, name: str, table: dict[str, Any], kwargs: dict[str, Any], label: str | None = None) -> Any:
+    """``table[name](**kwargs)``; an error names ``<kind>.<label>.<argument>`` (``label``: ``name``)."""
     if name not in table:
         raise ConfigError(f"{kind}.{name}", kwargs, f"unknown {kind[:-1]}; registered: {', '.join(sorted(table))}")
     ctor = table[name]
+    label = name if label is None else label
     try:
         params = inspect.signature(ctor).parameters
         accepts_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
@@ -60,18 +63,18 @@ def construct(kind: str, name: str, table: dict[str, Any], kwargs: dict[str, Any
             for arg in kwargs:
                 if arg not in params:
                     allowed = ", ".join(p for p in params if p != "self")
-                    raise ConfigError(f"{kind}.{name}.{arg}", kwargs[arg], f"unknown argument; allowed: {allowed}")
+                    raise ConfigError(f"{kind}.{label}.{arg}", kwargs[arg], f"unknown argument; allowed: {allowed}")
     except (TypeError, ValueError) as e:
         if isinstance(e, ConfigError):
             raise
     try:
         return ctor(**kwargs)
     except ConfigError as e:
-        raise ConfigError(f"{kind}.{name}.{e.key}", e.value, e.allowed) from None
+        raise ConfigError(f"{kind}.{label}.{e.key}", e.value, e.allowed) from None
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{kind}.{name}", kwargs, str(e).splitlines()[0]) from None
+        raise ConfigError(f"{kind}.{label}", kwargs, str(e).splitlines()[0]) from None
     except ImportError as e:
-        raise ConfigError(f"{kind}.{name}", kwargs, f"needs a package that is not installed: {e}") from None
+        raise ConfigError(f"{kind}.{label}", kwargs, f"needs a package that is not installed: {e}") from None
 
 
 def _check_data(recipe: Recipe, world_size: int = 1) -> None:
@@ -226,9 +229,37 @@ def _check_save_folder(recipe: Recipe) -> None:
         raise ConfigError("save_folder", folder, f"{path} is not writable")
 
 
+def algorithm_entries(recipe: Recipe) -> list[tuple[str, str, dict[str, Any]]]:
+    """``(label, registered name, options)`` of each algorithm of the recipe, in order. A list under a
+    name (an algorithm that is ``repeatable``) gives one entry per item, labelled ``name.<index>``."""
+    entries = []
+    for name, value in recipe.algorithms.items():
+        check(name in ALGORITHMS, f"algorithms.{name}", value,
+              f"unknown algorithm; registered: {', '.join(sorted(ALGORITHMS))}")
+        if isinstance(value, list):
+            alg = ALGORITHMS.get(name)
+            repeatable = isinstance(alg, type) and issubclass(alg, SuiteAlgorithm) and alg.repeatable
+            check(repeatable, f"algorithms.{name}", value,
+                  f"a mapping of options (a list only for: {', '.join(_repeatable())})")
+            check(len(value) > 0, f"algorithms.{name}", value, "a mapping of options or a non-empty list of them")
+            items = [(f"{name}.{i}", item) for i, item in enumerate(value)]
+        else:
+            items = [(name, value)]
+        for label, options in items:
+            options = {} if options is None else options  # `name:` alone switches it on with defaults
+            check(isinstance(options, dict), f"algorithms.{label}", options, "expected a mapping")
+            entries.append((label, name, options))
+    return entries
+
+
+def _repeatable() -> list[str]:
+    return sorted(n for n, a in ALGORITHMS.items() if isinstance(a, type) and issubclass(a, SuiteAlgorithm)
+                  and a.repeatable)
+
+
 def _check_files(recipe: Recipe) -> None:
     """An algorithm argument that names a .json / .yaml file (an orchestrator schedule) names one that exists."""
-    for name, kwargs in recipe.algorithms.items():
+    for name, _, kwargs in algorithm_entries(recipe):
         for arg, value in kwargs.items():
             if isinstance(value, str) and value.endswith((".json", ".yaml", ".yml")) and not os.path.isfile(value):
                 raise ConfigError(f"algorithms.{name}.{arg}", value,
@@ -285,14 +316,16 @@ def validate(data: dict[str, Any], world_size: int | None = None) -> ValidRecipe
     _check_data(recipe, world_size)
 
     _check_files(recipe)
-    algorithms = [construct("algorithms", n, ALGORITHMS, kw) for n, kw in recipe.algorithms.items()]
+    entries = algorithm_entries(recipe)
+    algorithms = [construct("algorithms", n, ALGORITHMS, kw, label=label) for label, n, kw in entries]
     callbacks = [construct("callbacks", n, CALLBACKS, kw) for n, kw in recipe.callbacks.items()]
     loggers = [construct("loggers", n, LOGGERS, kw) for n, kw in recipe.loggers.items()]
     facts = RunFacts.from_recipe(recipe, world_size)
-    for name, alg in zip(recipe.algorithms, algorithms):
-        validate_algorithm(name, alg, facts)
+    labels = [label for label, _, _ in entries]
+    for label, alg in zip(labels, algorithms):
+        validate_algorithm(label, alg, facts)
     return ValidRecipe(recipe=recipe, algorithms=algorithms, callbacks=callbacks, loggers=loggers, world_size=world_size,
-                facts=facts)
+                       facts=facts, algorithm_labels=labels)
 
 
 def validate_algorithm(name: str, algorithm: Any, facts: RunFacts) -> None:

@@ -74,7 +74,7 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    algorithms: dict[str, dict[str, Any]] = field(default_factory=dict)
+    algorithms: dict[str, Any] = field(default_factory=dict)  # name -> options, or a list of them (repeatable ones)
     callbacks: dict[str, dict[str, Any]] = field(default_factory=dict)
     loggers: dict[str, dict[str, Any]] = field(default_factory=dict)
     progress_bar: bool = True

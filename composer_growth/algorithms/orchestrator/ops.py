@@ -18,18 +18,19 @@ from composer.core import State, Time, TimeUnit
 from composer.utils import dist, ensure_tuple
 
 from composer_growth.algorithms.composer_hooks import interval_of
-from composer_growth.algorithms.lr import (UNIT_SUFFIX, RestartableSchedule, active_multipliers, optimizer_lrs,
+from composer_growth.algorithms.lr import (UNIT_SUFFIX, RestartableSchedule, active_multipliers,
                                           refresh_lr, scale_lr, scheduled_lr)
 from composer_growth.algorithms.orchestrator import values as v
+from composer_growth.algorithms.stacking import spec_of_value, stack_spec
 from composer_growth.algorithms.surgery import check_supported, grow
 from composer_growth.errors import ConfigError, check
 from composer_growth.families import family_of
-from composer_growth.functional.growth import STACK_INITS, stack_layers, widen_mlp
+from composer_growth.functional.growth import STACK_INITS, widen_mlp
 from composer_growth.functional.lora import (LORA_GROUPS, PRUNE_MODES, lora_targets, merge_and_reinit_lora,
                                              prune_optimizer_state, resize_lora_rank, scale_lora_alpha)
 from composer_growth.functional.sharding import full_state, reshard
 from composer_growth.timeutil import parse_time
-from composer_growth.unwrap import composer_model, unwrap_hf
+from composer_growth.unwrap import composer_model, peft_model, unwrap_hf
 
 if TYPE_CHECKING:
     from composer_growth.algorithms.orchestrator.schedule import Op
@@ -361,12 +362,20 @@ def _grow_line(info: dict[str, Any]) -> str:
 
 
 class StackLayers(OpKind):
+    """The ``StackLayers`` algorithm's growth (:class:`~composer_growth.algorithms.stacking.StackSpec`): value
+    ``times``, or a mapping of its options (mode, num_new, trunk, stack_lora, ...); ``init`` and ``seed`` in args."""
+
     def apply(self, run: RunContext, op: Op) -> str:
         state = run.state
         check_supported(state, "stack_layers")
+        spec = spec_of_value(op.value, op.args["init"], op.args["seed"])
+        if spec.trunk == "lora" and (state.fsdp_enabled or peft_model(state.model) is not None):
+            raise Skip("trunk 'lora' needs DDP (or one process), not FSDP, and a model without model.peft")
         before = _layers(state)
-        info = _grow(state, lambda m: stack_layers(m, mode="repeat", times=op.value, init=op.args["init"],
-                                                   seed=op.args["seed"]))
+        try:
+            info = grow(state, spec.op, spec.after)
+        except ConfigError as e:
+            raise Skip(str(e)) from None
         return f"layers {before} -> {_layers(state)}, {_grow_line(info)}"
 
 
@@ -479,8 +488,9 @@ _KINDS = (
     SetEvalInterval("set_eval_interval", "hyperparameter",
                     "set the eval interval (value: batches or a Composer time)", v.batches_or_time(1)),
     # architecture
-    StackLayers("stack_layers", "architecture", "G_stack depth growth: repeat the layer stack (value: times)",
-                v.times, args={"init": (v.one_of(*STACK_INITS), "copy"), "seed": (v.seed, 0)},
+    StackLayers("stack_layers", "architecture",
+                "depth growth (value: times, or a mapping of stack_layers options: mode, num_new, trunk, stack_lora, ...)",
+                stack_spec, args={"init": (v.one_of(*STACK_INITS), "copy"), "seed": (v.seed, 0)},
                 surgery=True, replay=True),
     WidenMlp("widen_mlp", "architecture", "Net2WiderNet MLP width growth (value: factor)", v.factor,
              args={"noise_std": (v.noise, 0.0), "seed": (v.seed, 0)}, surgery=True, replay=True),
