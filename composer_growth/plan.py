@@ -6,9 +6,12 @@ its own functions (the same ones it calls in training, on that clock instead of 
 state), through :class:`composer_growth.algorithms.base.SuiteAlgorithm`: the sequence length
 (``plan_length``), the LR factor (``plan_lr``), and growth, LoRA starts and merges and orchestrator
 timeouts (``plan_events``, on a model built on the meta device); the context schedule adds its
-phase and RoPE (``phase_index``, ``plan_rope``). The result is a timeline of segments (a new one wherever something
-changes), the events, and the training FLOPs against the same tokens without the suite's
-algorithms, on the starting model and on the final one (growth's real alternative).
+phase and RoPE (``phase_index``, ``plan_rope``) and, for a phase on its own dataset, the rows and row
+length of that phase's loader (``plan_batch``, the rows the run's loader gets). Each batch counts
+the tokens the run counts (the tokens trained), so phases and runs measured in tokens end where the
+run's do. The result is a timeline of segments (a new one wherever something changes), the events,
+and the training FLOPs against the same tokens without the suite's algorithms, on the starting
+model and on the final one (growth's real alternative).
 """
 
 from __future__ import annotations
@@ -199,9 +202,9 @@ def plan_run(facts: RunFacts, algorithms: list[tuple[str, Any]]) -> dict[str, An
                                    "seq_len": phase.seq_length, "positions": info["positions"],
                                    "lr_multiplier": phase.lr_multiplier})
                 phase_index = index
-        length, token_len = full, full
-        if schedule is not None and schedule.phases[phase_index].dataset is not None:
-            length = token_len = schedule.phases[phase_index].seq_length
+        # the loader's rows and row length: the Trainer's batches, or the phase dataset's loader
+        rows, length = (schedule.plan_batch(phase_index) if schedule is not None else None) or (gbs, full)
+        token_len = length
         for alg in lengths:
             new = alg.plan_length(clock, length)
             if new < length and alg.truncates:  # reshape keeps every token, truncate the head
@@ -209,9 +212,10 @@ def plan_run(facts: RunFacts, algorithms: list[tuple[str, Any]]) -> dict[str, An
             length = new
         for _, alg in suite:
             mult *= alg.plan_lr(clock, records[id(alg)])
-        tokens = gbs * token_len
+        tokens = rows * token_len  # what the run counts: the tokens trained (a truncated tail is not)
         fpt = flops(length)
-        row = {"batch": b, "tokens": clock.tokens, "seq_len": length, **info, "lr_multiplier": round(mult, 6),
+        row = {"batch": b, "tokens": clock.tokens, "seq_len": length, "tokens_per_step": tokens, **info,
+               "lr_multiplier": round(mult, 6),
                **{k: shape[k] for k in ("layers", "mlp_width", "params")}, "flops_per_token": fpt}
         same = segments and all(segments[-1][k] == row[k] for k in row if k not in ("batch", "tokens", "batches"))
         if same:
@@ -221,7 +225,7 @@ def plan_run(facts: RunFacts, algorithms: list[tuple[str, Any]]) -> dict[str, An
         total += tokens * fpt
         clock.batch += 1
         clock.tokens += tokens
-        clock.samples += gbs
+        clock.samples += rows  # Composer counts the loader's rows, before any cut
         # BATCH_END: growth, LoRA and orchestrator timeouts, in list order
         for _, alg in suite:
             before, fpt_before = dict(shape), flops(length)
@@ -290,7 +294,8 @@ def format_plan(result: dict[str, Any]) -> str:
             factor = seg.get("rope_factor")
             rope = f"  phase {seg['phase']}  {seg['positions']}" + (
                 f" (factor {factor:g})" if factor is not None and seg.get("rope_type") not in (None, "alibi") else "")
-        lines.append(f"  {_when(seg)}  x{seg['batches']:<6} seq {seg['seq_len']:>6}{rope}  layers {seg['layers']}  "
+        lines.append(f"  {_when(seg)}  x{seg['batches']:<6} seq {seg['seq_len']:>6}  tok/step {seg['tokens_per_step']:,}"
+                     f"{rope}  layers {seg['layers']}  "
                      f"mlp {seg['mlp_width']}  params {seg['params']:,}  {seg['flops_per_token']:.3g} FLOPs/tok  "
                      f"lr x{seg['lr_multiplier']:g}")
     lines += ["", "events:"]

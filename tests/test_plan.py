@@ -147,3 +147,77 @@ def test_plan_rejects_a_bad_recipe(tiny_data, tmp_path):
     path = _short_quickstart(tiny_data, tmp_path)
     with pytest.raises(ConfigError, match="stack_layers.at"):
         plan_file(path, ["algorithms.stack_layers.at=9ba"])
+
+
+class StepTokens(Callback):
+    """The tokens the run counts for each batch (``BATCH_END``: after the schedule took off what it cut)."""
+
+    def __init__(self):
+        self.tokens: list[int] = []
+        self.last = 0
+
+    def batch_end(self, state, logger) -> None:
+        now = int(state.timestamp.token)
+        self.tokens.append(now - self.last)
+        self.last = now
+
+
+def _context_extension_cpu(tiny_data: str, tmp_path, mode: str = "reshape") -> str:
+    """The context-extension recipe on the CPU: a tiny llama, max_duration in tokens and phases as shares of
+    them, each phase on its own small dataset (built on first use from its prepare block) with its own tokens
+    per step: 512 (tokens_per_step: 8 rows of 64 cut to 32 x 16), then 4 x 32 and 3 x 64 rows
+    (global_batch_size)."""
+    with open(os.path.join(ROOT, "yamls", "context_extension_llama.yaml")) as f:
+        recipe = yaml.safe_load(f)
+    recipe["data"] = {"path": tiny_data}
+    recipe["model"]["config"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    data64, data64b = str(tmp_path / "ctx64"), str(tmp_path / "ctx64b")
+    build = {"source": "python-source", "seq_len": 64, "max_bytes": 150_000, "val_percent": 10}
+    recipe["algorithms"]["context_length_schedule"].update(
+        tokens_per_step=512, mode=mode, eval_batches=0, save_checkpoints=False, export_hf=False, verbose=False, phases=[
+            {"name": "ctx16", "seq_length": 16, "duration": "0.5dur", "dataset": data64, "prepare": build},
+            {"name": "ctx32", "seq_length": 32, "duration": "0.25dur", "dataset": data64, "global_batch_size": 4},
+            {"name": "ctx64", "seq_length": 64, "duration": "0.25dur", "dataset": data64b, "prepare": build,
+             "global_batch_size": 3, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}])
+    recipe.update(global_train_batch_size=8, device_train_microbatch_size=8, device_eval_batch_size=8,
+                  max_duration="8192tok", eval_interval="1000ba", eval_first=False, eval_subset_num_batches=1,
+                  save_folder=None, save_interval="1000ba", progress_bar=False,
+                  summary_file=str(tmp_path / "summary.json"))
+    recipe.pop("callbacks", None)
+    path = tmp_path / "context_extension_cpu.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+# (seq_len, tokens per step) of each phase, phase-change batches, batches, tokens: reshape keeps every token
+# (4096 tokens at 512 a step, 2048 at 4 x 32, the last 2048 at 3 x 64: the run ends at the batch reaching
+# 8192); truncate trains each loader row's head (8 rows of 16, 2 of 32, 3 of 64)
+OWN_DATA = {"reshape": ([(16, 512), (32, 128), (64, 192)], [8, 24], 35, 8256),
+            "truncate": ([(16, 128), (32, 64), (64, 192)], [32, 64], 75, 8256)}
+
+
+@pytest.mark.parametrize("mode", sorted(OWN_DATA))
+def test_plan_matches_a_run_whose_phases_bring_their_own_data(mode, tiny_data, tmp_path, one_thread):
+    """Phase datasets with their own rows per step: plan's batches, tokens per step, phase changes and total
+    are the run's (phases measured in tokens end on the tokens each phase's batches hold)."""
+    from composer_growth.algorithms.context_schedule import ContextLengthSchedule
+    from composer_growth.recipe import load_recipe, run, validate
+
+    path = _context_extension_cpu(tiny_data, tmp_path, mode)
+    planned = plan_file(path)  # before the phase datasets exist: their lengths from the prepare blocks
+    per_batch = [s["tokens_per_step"] for s in planned["segments"] for _ in range(s["batches"])]
+    changes = [e["batch"] for e in planned["events"] if e["event"] == "phase"]
+    steps, expected_changes, batches, tokens = OWN_DATA[mode]
+    assert [(s["seq_len"], s["tokens_per_step"]) for s in planned["segments"]] == steps
+    assert (changes, planned["batches"], planned["tokens"]) == (expected_changes, batches, tokens)
+
+    plan = validate(load_recipe(path))
+    seen = StepTokens()
+    plan.callbacks.append(seen)
+    trainer = run(plan)
+    schedule = next(a for a in plan.algorithms if isinstance(a, ContextLengthSchedule))
+    assert [e["batch"] for e in schedule.run_events()] == changes
+    assert int(trainer.state.timestamp.batch) == planned["batches"]
+    assert seen.tokens == per_batch
+    assert int(trainer.state.timestamp.token) == planned["tokens"]

@@ -149,6 +149,7 @@ class ContextLengthSchedule(PhaseDatasets, SuiteAlgorithm):
         self._batch_cut = False
         self._changes: list[dict[str, Any]] = []  # phase changes, for the run summary
         self._tmp_tokenizer: str | None = None
+        self._data_lengths: dict[str, int] = {}  # tokens per row of each phase dataset (validate_run)
         evaluation = PhaseLengthEval(self)
         self.callbacks = (evaluation, PhaseExport(self, evaluation))
 
@@ -525,8 +526,7 @@ class ContextLengthSchedule(PhaseDatasets, SuiteAlgorithm):
         """Tokens per step from the Trainer's batches once their length is known; tokens_per_step must agree."""
         rows = self._base_rows
         if self._tokens is None:
-            self._tokens = self.tokens_per_step or (rows * self._base_len * dist.get_world_size()
-                                                    if rows and self._base_len else None)
+            self._tokens = self._step_tokens(rows, self._base_len, dist.get_world_size())
         if self.tokens_per_step and rows and self._base_len and any(p.dataset is None for p in self.phases):
             base_tokens = rows * self._base_len * dist.get_world_size()
             if base_tokens != self.tokens_per_step:

@@ -3,8 +3,8 @@
 :class:`PhaseDatasets` is the part of
 :class:`~composer_growth.algorithms.context_schedule.ContextLengthSchedule` that knows about phases
 with a ``dataset``: that each exists (or has a ``prepare`` block to build it), is long enough and
-shares the tokenizer, that its loader gets whole rows per rank at the run's tokens per step, and
-the loader source of each phase.
+shares the tokenizer, that its loader gets whole rows per rank at the run's tokens per step, the
+loader source of each phase, and (for ``composer-growth plan``) the batches that source yields.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from composer_growth.unwrap import unwrap_composer
 
 class PhaseDatasets:
     """Phase datasets of a context schedule (a base of ``ContextLengthSchedule``, which holds the state it reads:
-    ``phases``, ``_recipe``, ``tokens_per_step``, ``train_split``, ``_sources``, ``_phase_sources``, ``_tokens``)."""
+    ``phases``, ``_recipe``, ``tokens_per_step``, ``train_split``, ``_sources``, ``_phase_sources``, ``_tokens``,
+    ``_data_lengths``)."""
 
     def _uses_datasets(self) -> bool:
         return any(p.dataset is not None for p in self.phases)
@@ -88,6 +89,7 @@ class PhaseDatasets:
             for p in users:  # the prepare block asks for too short a length
                 check(clean.seq_len >= p.seq_length, f"{key}.seq_len", clean.seq_len,
                       f"sequences of {clean.seq_len} tokens, shorter than phases[{p.index}].seq_length ({p.seq_length})")
+        self._data_lengths = lengths
         self._check_batches(lengths)
 
     def _check_batches(self, lengths: dict[str, int]) -> None:
@@ -113,6 +115,11 @@ class PhaseDatasets:
                 value = p.global_batch_size or self.tokens_per_step or gbs
                 raise ConfigError(key, value, str(err)) from None
 
+    def _step_tokens(self, base_rows: int | None, base_len: int | None, world: int) -> int | None:
+        """Tokens per optimizer step, all ranks: ``tokens_per_step``, or the Trainer's batches (``base_rows``
+        rows per rank of ``base_len`` tokens); None when neither is known."""
+        return self.tokens_per_step or (base_rows * base_len * world if base_rows and base_len else None)
+
     def _loader_rows(self, phase: Phase, length: int, tokens: int | None, world: int) -> int:
         """Rows per rank of a phase loader over data of ``length`` tokens."""
         step = phase.global_batch_size * phase.seq_length if phase.global_batch_size else tokens
@@ -122,6 +129,32 @@ class PhaseDatasets:
             raise ValueError(f"{step} tokens per step do not split into whole rows of {length} tokens "
                              f"({phase.dataset}) on each of {world} ranks")
         return step // (length * world)
+
+    def plan_batch(self, index: int) -> tuple[int, int] | None:
+        """``composer-growth plan``: the rows per step (all ranks) and tokens per row that phase ``index``'s
+        loader yields before any cut, as :meth:`_source_key` builds it; None for the Trainer's own batches.
+
+        Needs :meth:`validate_run` on the run's facts first (the phase datasets' lengths and the batch)."""
+        phase = self.phases[index]
+        if phase.dataset is None:
+            return None
+        facts = self.run_facts
+        length = self._data_lengths.get(phase.dataset)
+        if length is None:  # not checked against a recipe (an llm-foundry YAML): the manifest's
+            from composer_growth.data.prepare import read_manifest
+
+            manifest = read_manifest(phase.dataset)
+            if manifest is None:
+                raise ConfigError(f"phases[{index}].dataset", phase.dataset,
+                                  "a prepared dataset (manifest.json): plan reads its sequence length")
+            length = int(manifest["seq_len"])
+        world = facts.world_size
+        tokens = self._step_tokens(facts.rows_per_device, facts.data_seq_len, world)
+        try:
+            rows = self._loader_rows(phase, length, tokens, world)
+        except ValueError as err:
+            raise ConfigError(f"phases[{index}]", phase.name, str(err)) from None
+        return rows * world, length
 
     def _prepare_datasets(self, state: State) -> None:
         """Build missing phase datasets from their prepare blocks, once per node (or once for a shared folder)."""
