@@ -421,7 +421,7 @@ def test_bad_lora_merge_recipes_fail_before_training(tiny_recipe, kwargs, peft, 
 
 @pytest.mark.parametrize("change, match", [
     ({"config": {"tie_word_embeddings": True}}, "both embeddings and head, or neither"),
-    ({"peft": {**PEFT, "modules_to_save": ["lm_head"]}}, "lm_head already trains through model.peft.modules_to_save"),
+    ({"peft": {**PEFT, "modules_to_save": ["lm_head"]}}, "lm_head already trains through a peft modules_to_save copy"),
 ])
 def test_full_rank_conflicts_fail_before_training(tiny_recipe, change, match):
     recipe = _relora(tiny_recipe, full_rank=["head"])

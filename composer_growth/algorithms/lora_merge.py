@@ -211,14 +211,7 @@ class LoraMergeRestart(SuiteAlgorithm):
 
             inject_adapter_in_model(LoraConfig(**facts.peft), model)
         lora_targets(model, self.merge_targets)
-        self.full_rank_parameters(model)
-        if self.full_rank is not None and facts.peft is not None and not self.defers_peft:
-            saved = facts.peft.get("modules_to_save") or []
-            for group in self.full_rank:
-                for path in module_group(model, group):
-                    if any(path == m or path.endswith("." + m) for m in saved):
-                        raise ConfigError("full_rank", group, f"{path} already trains through model.peft.modules_to_save "
-                                                              f"(a trainable copy); leave {group} out of one of them")
+        self.full_rank_parameters(model)  # model.peft's modules_to_save copies are on the meta model too
 
     # -- events -----------------------------------------------------------------------------
     _EVENTS = frozenset((Event.INIT, Event.FIT_START, Event.BATCH_END, Event.FIT_END))  # one hash, not 4 __eq__
