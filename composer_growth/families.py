@@ -47,6 +47,11 @@ class Family:
     layer_index_attrs: tuple[str, ...] = ("layer_idx",)  # module attributes holding the block's index
     last_layer_index_attrs: tuple[str, ...] = ()  # module attributes holding the last block's index
     per_layer_keys: tuple[str, ...] = ()  # config keys that, when set, tie blocks to their positions (no stacking)
+    # the modules outside the blocks' linear layers (ReLoRA trains them at full rank; absent ones skipped)
+    position_embed: str | None = None  # learned position table, from the causal LM
+    block_norms: tuple[str, ...] = ()  # norm modules, from a block
+    final_norm: str | None = None      # the norm after the last block, from the causal LM
+    head: str | None = None            # the output projection (LM head), from the causal LM
 
     def intermediate_size(self, config: Any) -> int:
         size = config_get(config, self.intermediate_key)
@@ -90,6 +95,7 @@ _SWIGLU = dict(
     intermediate_key="intermediate_size", attn="self_attn",
     residual_out=("self_attn.o_proj", "mlp.down_proj"), rotary="model.rotary_emb",
     max_positions_key="max_position_embeddings", rope_theta_keys=("rope_theta",), embed="model.embed_tokens",
+    block_norms=("input_layernorm", "post_attention_layernorm"), final_norm="model.norm", head="lm_head",
 )
 
 FAMILIES: dict[str, Family] = {
@@ -100,7 +106,8 @@ FAMILIES: dict[str, Family] = {
         name="gpt2", layers="transformer.h", num_layers_key="n_layer", hidden_key="n_embd", mlp="mlp",
         mlp_in=("c_fc",), mlp_out="c_proj", conv1d=True, intermediate_key="n_inner", attn="attn",
         residual_out=("attn.c_proj", "mlp.c_proj"), rotary=None, max_positions_key="n_positions",
-        embed="transformer.wte",
+        embed="transformer.wte", position_embed="transformer.wpe", block_norms=("ln_1", "ln_2"),
+        final_norm="transformer.ln_f", head="lm_head",
     ),
     "gpt_neox": Family(
         name="gpt_neox", layers="gpt_neox.layers", num_layers_key="num_hidden_layers",
@@ -108,7 +115,8 @@ FAMILIES: dict[str, Family] = {
         conv1d=False, intermediate_key="intermediate_size", attn="attention",
         residual_out=("attention.dense", "mlp.dense_4h_to_h"), rotary="gpt_neox.rotary_emb",
         max_positions_key="max_position_embeddings", rope_theta_keys=("rope_theta", "rotary_emb_base"),
-        embed="gpt_neox.embed_in",
+        embed="gpt_neox.embed_in", block_norms=("input_layernorm", "post_attention_layernorm"),
+        final_norm="gpt_neox.final_layer_norm", head="embed_out",
     ),
     # llm-foundry's MPT (``mpt_causal_lm``): ALiBi, learned positions, or RoPE (``rope_impl: hf``)
     "mpt": Family(
@@ -121,7 +129,8 @@ FAMILIES: dict[str, Family] = {
         rope_scaling_key="attn_config.rope_hf_config",
         rope_types=(("default", "no_scaling"), ("linear", "linear"), ("dynamic", "dynamic"), ("llama3", "llama3")),
         positions_bound=True, layer_index_attrs=("block_idx",), last_layer_index_attrs=("max_block_idx",),
-        per_layer_keys=("block_overrides",), embed="transformer.wte",
+        per_layer_keys=("block_overrides",), embed="transformer.wte", position_embed="transformer.wpe",
+        block_norms=("norm_1", "norm_2"), final_norm="transformer.norm_f", head="lm_head",
     ),
 }
 
@@ -182,6 +191,34 @@ def config_set(config: Any, key: str, value: Any) -> None:
         config[last] = value
     else:
         setattr(config, last, value)
+
+
+FULL_RANK_GROUPS = ("embeddings", "norms", "head")
+
+
+def module_group(model: nn.Module, group: str) -> list[str]:
+    """Names (from the HF model) of the modules of one of :data:`FULL_RANK_GROUPS` that the model has:
+    ``embeddings`` (token and learned position tables), ``norms`` (every block's norms and the final
+    norm) or ``head`` (the LM head)."""
+    hf = unwrap_hf(model)
+    family = family_of(hf)
+    if group == "embeddings":
+        paths = [family.embed, family.position_embed]
+    elif group == "norms":
+        n = len(get_path(hf, family.layers))
+        paths = [f"{family.layers}.{i}.{norm}" for i in range(n) for norm in family.block_norms] + [family.final_norm]
+    elif group == "head":
+        paths = [family.head]
+    else:
+        raise ConfigError("full_rank", group, f"a list of {', '.join(FULL_RANK_GROUPS)}")
+    return [p for p in paths if p is not None and _has_path(hf, p)]
+
+
+def _has_path(root: Any, path: str) -> bool:
+    try:
+        return isinstance(get_path(root, path), nn.Module)
+    except AttributeError:
+        return False
 
 
 def block_types(model: nn.Module) -> tuple[type, ...]:

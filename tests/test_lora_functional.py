@@ -275,3 +275,23 @@ def test_targets_resolve_by_family_and_name():
         resize_lora_rank(model, rank=2, divisor=2)
     with pytest.raises(ConfigError, match="rank=99"):
         resize_lora_rank(model, rank=99)
+
+
+def test_merged_state_dict_writes_the_trained_modules_to_save_copy(tmp_path):
+    """peft's modules_to_save trains a copy of the module: the export writes that copy under the plain name
+    (and drops the frozen original), so the reloaded model gives the trained model's logits."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = T.AutoModelForCausalLM.from_config(CONFIGS["llama"](), attn_implementation="eager").eval()
+    peft = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]))
+    hf = peft.get_base_model()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "lora_B" in name or ".modules_to_save." in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    sd = merged_state_dict(hf)
+    assert "lm_head.weight" in sd and not any("original_module" in k or "modules_to_save" in k for k in sd)
+    hf.save_pretrained(tmp_path, state_dict=sd)
+    reloaded = T.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.allclose(reloaded(ids()).logits, logits(hf), atol=1e-5)

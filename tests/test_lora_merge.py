@@ -204,6 +204,129 @@ def test_plain_trainer_logs_merges_and_exports_a_merged_model(tmp_path):
         assert torch.allclose(reloaded(x).logits, hf(x).logits, atol=1e-5)
 
 
+def _full_rank_names(hf):
+    return [n for n, _ in hf.named_parameters() if n.startswith("model.embed_tokens.") or n.startswith("lm_head.")
+            or "norm." in n]
+
+
+class MomentsAcrossMerge(Callback):
+    """At the end of each batch, before (``before``, an algorithm listed ahead of lora_merge) and after the
+    algorithms' BATCH_END (this callback): the first moments of the full-rank parameters and of the adapters."""
+
+    def __init__(self):
+        self.seen: dict[str, dict[int, dict[str, list[torch.Tensor]]]] = {"before": {}, "after": {}}
+        probe = self
+
+        class Before(Algorithm):
+            def match(self, event, state):
+                return event == Event.BATCH_END
+
+            def apply(self, event, state, logger):
+                probe._record("before", state)
+
+        self.before = Before()
+
+    def _record(self, when, state):
+        opt, hf = state.optimizers[0], unwrap_hf(state.model)
+        full = _full_rank_names(hf)
+        self.seen[when][int(state.timestamp.batch)] = {
+            kind: [opt.state[p]["exp_avg"].clone() for n, p in hf.named_parameters() if pick(n, full)]
+            for kind, pick in (("full", lambda n, f: n in f), ("lora", lambda n, f: "lora_" in n))}
+
+    def batch_end(self, state, logger):
+        self._record("after", state)
+
+
+def test_full_rank_embeddings_norms_head_train_next_to_adapters_and_export(tiny_recipe, tmp_path):
+    """Default full_rank (the reference's): with a model.peft model (peft freezes all but the adapters) the
+    embedding, norms and head train in the optimizer from the first step; merges and the moment pruning
+    leave them alone; the adapters carry model.peft.lora_dropout; the merged export gives the same logits."""
+    recipe = _relora(tiny_recipe, export_folder=str(tmp_path / "hf"))
+    recipe["model"]["peft"]["lora_dropout"] = 0.1
+    recipe.update(max_duration="6ba")
+    plan = validate(recipe)
+    moments = MomentsAcrossMerge()
+    plan.callbacks.append(moments)
+    plan.algorithms.insert(0, moments.before)
+    start = {}
+
+    class Snapshot(Callback):
+        def fit_start(self, state, logger):
+            start.update({n: p.detach().clone() for n, p in unwrap_hf(state.model).named_parameters()})
+
+    plan.callbacks.append(Snapshot())
+    trainer = run(plan)
+    hf = unwrap_hf(trainer.state.model)
+    alg = trainer.state.algorithms[1]
+    assert [h["batch"] for h in alg.history] == [3, 6]
+    names = _full_rank_names(hf)
+    assert len(names) == 1 + 2 * 2 + 1 + 1  # embedding, two norms per block, final norm, head
+    params = dict(hf.named_parameters())
+    held = {id(p) for g in trainer.state.optimizers[0].param_groups for p in g["params"]}
+    for n in names:
+        assert params[n].requires_grad and id(params[n]) in held, n
+        assert not torch.equal(params[n].detach(), start[n]), n  # trained
+    assert all(not p.requires_grad for n, p in params.items() if ".base_layer." in n)
+    for b in (3, 6):  # across each merge: the adapters' moments pruned (90%), the full-rank ones untouched
+        before, after = moments.seen["before"][b], moments.seen["after"][b]
+        assert len(before["full"]) == len(names) and all(torch.count_nonzero(m) > 0 for m in before["full"])
+        assert all(torch.equal(x, y) for x, y in zip(before["full"], after["full"]))
+        kept = sum(int(torch.count_nonzero(m)) for m in after["lora"])
+        assert kept < 0.2 * sum(int(torch.count_nonzero(m)) for m in before["lora"])
+    layers = lora_targets(hf).values()
+    assert all(layer.lora_dropout["default"].p == 0.1 for layer in layers)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, 500, (2, 16), generator=torch.Generator().manual_seed(0))
+    hf.eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, hf(ids).logits, atol=1e-5)
+    assert torch.equal(reloaded.model.embed_tokens.weight, params["model.embed_tokens.weight"].detach())
+
+
+def test_full_rank_empty_trains_only_adapters(tiny_recipe):
+    recipe = _relora(tiny_recipe, full_rank=[], interval="2ba", restart_warmup="1ba")
+    recipe.update(max_duration="3ba")
+    trainer = run(validate(recipe))
+    hf = unwrap_hf(trainer.state.model)
+    assert {n for n, p in hf.named_parameters() if p.requires_grad} == {n for n, _ in hf.named_parameters()
+                                                                       if "lora_" in n}
+
+
+def test_start_at_full_rank_subset_freezes_the_rest_and_resumes_with_dropout(tiny_recipe, tmp_path):
+    """start_at with full_rank [norms]: at the start the embedding and head freeze and leave the optimizer,
+    the norms keep training; the recipe's lora_dropout reaches the adapters added mid-run (and those the
+    resumed run replays); a run resumed from the checkpoint written right after a merge (dropout on) gives
+    the uninterrupted run's losses."""
+    full = _relora(tiny_recipe, start_at="2ba", interval="2ba", restart_warmup="1ba", full_rank=["norms"])
+    full["model"]["peft"]["lora_dropout"] = 0.2
+    trainer = run(validate(full))
+    alg = trainer.state.algorithms[0]
+    assert [h["batch"] for h in alg.history] == [4, 6, 8]
+    hf = unwrap_hf(trainer.state.model)
+    assert all(layer.lora_dropout["default"].p == 0.2 for layer in lora_targets(hf).values())
+    trainable = {n for n, p in hf.named_parameters() if p.requires_grad}
+    assert "model.norm.weight" in trainable and "model.layers.1.input_layernorm.weight" in trainable
+    assert "model.embed_tokens.weight" not in trainable and "lm_head.weight" not in trainable
+    held = {id(p) for g in trainer.state.optimizers[0].param_groups for p in g["params"]}
+    assert held == {id(p) for p in hf.parameters() if p.requires_grad}
+    uninterrupted = read_summary(full["summary_file"])
+    resumed, after = resume_from(full, "ep0-ba6-rank0.pt", tmp_path)  # saved right after the second merge
+    assert after["train_loss"] == pytest.approx(uninterrupted["train_loss"], rel=1e-6)
+    assert [e["loss"] for e in after["evals"]] == pytest.approx([e["loss"] for e in uninterrupted["evals"]], rel=1e-6)
+    assert all(layer.lora_dropout["default"].p == 0.2 for layer in lora_targets(unwrap_hf(resumed.state.model)).values())
+
+
+def test_resume_right_after_a_merge_with_full_rank_and_dropout(tiny_recipe, tmp_path):
+    full = _relora(tiny_recipe)
+    full["model"]["peft"]["lora_dropout"] = 0.1
+    run(validate(full))
+    uninterrupted = read_summary(full["summary_file"])
+    trainer, after = resume_from(full, "ep0-ba6-rank0.pt", tmp_path)  # the second merge is at batch 6
+    assert trainer.state.algorithms[0].merges == 2
+    assert after["train_loss"] == pytest.approx(uninterrupted["train_loss"], rel=1e-6)
+    assert [e["loss"] for e in after["evals"]] == pytest.approx([e["loss"] for e in uninterrupted["evals"]], rel=1e-6)
+
+
 @pytest.mark.launcher
 def test_two_ranks_hold_identical_parameters_after_merges(tiny_recipe, tmp_path):
     recipe = _relora(tiny_recipe, peft=False, start_at="2ba", interval="2ba", prune="random", ratio=0.5)
@@ -280,12 +403,34 @@ def test_lora_under_fsdp2_matches_ddp_and_resumes_after_a_merge(tiny_recipe, tmp
     ({"start_at": "2ba", "targets": ["wq"]}, False, "algorithms.lora_merge.targets"),
     ({}, False, "algorithms.lora_merge.start_at"),
     ({"seed": "x"}, True, "algorithms.lora_merge.seed"),
+    ({"full_rank": ["vocab"]}, True, "algorithms.lora_merge.full_rank"),
+    ({"full_rank": "norms"}, True, "algorithms.lora_merge.full_rank"),
+    ({"full_rank": ["head", "head"]}, True, "algorithms.lora_merge.full_rank"),
+    ({"start_at": "2ba", "targets": "embedding", "full_rank": ["embeddings"]}, False,
+     "algorithms.lora_merge.full_rank"),
+    ({"dropout": 0.1}, True, "algorithms.lora_merge.dropout"),
+    ({"start_at": "2ba", "dropout": 1.0}, False, "algorithms.lora_merge.dropout"),
 ])
 def test_bad_lora_merge_recipes_fail_before_training(tiny_recipe, kwargs, peft, key):
     recipe = _relora(tiny_recipe, peft=peft, **kwargs)
     with pytest.raises(ConfigError) as err:
         validate(recipe)
     assert str(err.value).startswith(f"{key}="), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"config": {"tie_word_embeddings": True}}, "both embeddings and head, or neither"),
+    ({"peft": {**PEFT, "modules_to_save": ["lm_head"]}}, "lm_head already trains through a peft modules_to_save copy"),
+])
+def test_full_rank_conflicts_fail_before_training(tiny_recipe, change, match):
+    recipe = _relora(tiny_recipe, full_rank=["head"])
+    model = recipe["model"]
+    model["config"] = {**model["config"], **change.get("config", {})}
+    model["peft"] = change.get("peft", model["peft"])
+    with pytest.raises(ConfigError, match=f"^algorithms.lora_merge.full_rank=.*{match}") as err:
+        validate(recipe)
+    assert "\n" not in str(err.value)
 
 
 def test_lora_merge_under_fsdp2_rejects_activation_checkpointing_before_training(tiny_recipe):

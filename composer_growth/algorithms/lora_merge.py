@@ -42,7 +42,7 @@ from composer_growth.algorithms.surgery import (check_recipe_sharding, check_sup
                                                 save_pretrained)
 from composer_growth.events import announce
 from composer_growth.errors import ConfigError, check, check_flag, check_int, check_number
-from composer_growth.families import FAMILIES, family_of
+from composer_growth.families import FAMILIES, FULL_RANK_GROUPS, family_of, get_path, module_group
 from composer_growth.functional.growth import ParamSource
 from composer_growth.functional.lora import (LORA_GROUPS, PRUNE_MODES, add_lora, lora_target_modules, lora_targets,
                                              merge_and_reinit_lora, merged_state_dict, prune_optimizer_state)
@@ -54,6 +54,12 @@ from composer_growth.unwrap import composer_model, unwrap_hf
 from composer_growth.waiting import wait_for_all
 
 __all__ = ["LoraMergeRestart"]
+
+
+def _check_full_rank(value: Any) -> None:
+    ok = value is None or (isinstance(value, (list, tuple)) and len(set(value)) == len(value)
+                           and all(isinstance(v, str) and v in FULL_RANK_GROUPS for v in value))
+    check(ok, "full_rank", value, f"null (all: the reference's) or a list of distinct {', '.join(FULL_RANK_GROUPS)}")
 
 
 def _check_targets(value: Any, key: str) -> None:
@@ -83,8 +89,14 @@ class LoraMergeRestart(SuiteAlgorithm):
         start_at: time of the full-rank warm start's end: until then every parameter trains; then
             adapters go on (through ``surgery.grow``) and the base weights of the wrapped modules
             freeze. ``None``: the model has adapters from the start (``model.peft``).
-        rank, alpha, use_rslora: the adapters added at ``start_at`` (default: the recipe's
-            ``model.peft`` ``r`` / ``lora_alpha`` / ``use_rslora``, else rank 8, alpha = rank).
+        full_rank: the parameters outside the adapters that train at full rank next to them, from
+            the first step (or on from ``start_at``): a list of ``embeddings`` | ``norms`` | ``head``
+            (module paths from the family table); ``None``: all three, as the ReLoRA reference, less
+            modules that already train through an adapter or a peft ``modules_to_save`` copy. Merges
+            and the optimizer pruning leave them alone.
+        rank, alpha, use_rslora, dropout: the adapters added at ``start_at`` (default: the recipe's
+            ``model.peft`` ``r`` / ``lora_alpha`` / ``use_rslora`` / ``lora_dropout``, else rank 8,
+            alpha = rank, no dropout).
         seed: seeds the re-initialisation of the adapters (with the merge index).
         export_folder: at the end of the run, rank 0 writes a plain HF model there with every
             adapter merged (``from_pretrained`` loads it), and the tokenizer.
@@ -93,7 +105,7 @@ class LoraMergeRestart(SuiteAlgorithm):
     def __init__(self, interval: Any = "0.25dur", targets: Any = None, prune: str = "magnitude", ratio: float = 0.9,
                  restart_warmup: Any = "0ba", start_at: Any = None, rank: int | None = None,
                  alpha: float | None = None, use_rslora: bool | None = None, seed: int = 0,
-                 export_folder: str | None = None):
+                 export_folder: str | None = None, full_rank: Any = None, dropout: float | None = None):
         self.interval: Time = parse_time(interval, "interval")
         check(self.interval.value > 0, "interval", interval, "a positive time")
         _check_targets(targets, "targets")
@@ -107,15 +119,19 @@ class LoraMergeRestart(SuiteAlgorithm):
             check_number(alpha, "alpha", above=0, allowed="null or a number > 0")
         if use_rslora is not None:
             check_flag(use_rslora, "use_rslora", allowed="null, true or false")
+        if dropout is not None:
+            check_number(dropout, "dropout", minimum=0, below=1, allowed="null or a number in [0, 1)")
+        _check_full_rank(full_rank)
         check_int(seed, "seed")
         check(export_folder is None or isinstance(export_folder, str), "export_folder", export_folder,
               "null or a folder path")
         if self.start_at is None:
-            for key, value in (("rank", rank), ("alpha", alpha), ("use_rslora", use_rslora)):
+            for key, value in (("rank", rank), ("alpha", alpha), ("use_rslora", use_rslora), ("dropout", dropout)):
                 check(value is None, key, value, "only with start_at (adapters added mid-run)")
         self.targets = targets
         self.prune, self.ratio, self.seed = prune, float(ratio), seed
-        self.rank, self.alpha, self.use_rslora = rank, alpha, use_rslora
+        self.rank, self.alpha, self.use_rslora, self.dropout = rank, alpha, use_rslora, dropout
+        self.full_rank = None if full_rank is None else list(full_rank)
         self.export_folder = export_folder
         # set by validate_run from the recipe's model.peft when start_at adds the adapters
         self.defers_peft = False
@@ -144,7 +160,7 @@ class LoraMergeRestart(SuiteAlgorithm):
     def _lora_args(self) -> dict[str, Any]:
         rank = self.rank if self.rank is not None else 8
         return {"rank": rank, "alpha": self.alpha if self.alpha is not None else rank,
-                "use_rslora": bool(self.use_rslora)}
+                "use_rslora": bool(self.use_rslora), "dropout": float(self.dropout or 0.0)}
 
     # -- validation -------------------------------------------------------------------------
     def validate_run(self, facts: RunFacts) -> None:
@@ -176,6 +192,8 @@ class LoraMergeRestart(SuiteAlgorithm):
                 self.alpha = peft.get("lora_alpha")
             if self.use_rslora is None:
                 self.use_rslora = bool(peft.get("use_rslora", False))
+            if self.dropout is None:
+                self.dropout = float(peft.get("lora_dropout", 0.0))
             self._peft_targets = peft.get("target_modules")
             _check_targets(self._peft_targets, "model.peft.target_modules")
         if facts.model_family in FAMILIES and facts.model_config is not None:
@@ -193,6 +211,7 @@ class LoraMergeRestart(SuiteAlgorithm):
 
             inject_adapter_in_model(LoraConfig(**facts.peft), model)
         lora_targets(model, self.merge_targets)
+        self.full_rank_parameters(model)  # model.peft's modules_to_save copies are on the meta model too
 
     # -- events -----------------------------------------------------------------------------
     _EVENTS = frozenset((Event.INIT, Event.FIT_START, Event.BATCH_END, Event.FIT_END))  # one hash, not 4 __eq__
@@ -206,6 +225,7 @@ class LoraMergeRestart(SuiteAlgorithm):
             family_of(model, key="lora_merge: model family")
             if self.start_at is None:
                 lora_targets(model, self.merge_targets)  # the adapters exist
+                _train_in_optimizer(state, self.full_rank_parameters(model).values())
             else:
                 lora_target_modules(model, self.add_targets)  # the modules to wrap exist
             install_replay_hook(state)
@@ -223,8 +243,46 @@ class LoraMergeRestart(SuiteAlgorithm):
         elif event is Event.FIT_END and self.export_folder is not None:
             self._export(state)
 
+    def full_rank_parameters(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+        """The parameters ``full_rank`` selects (by name, from the HF model); ``ConfigError`` where one of its
+        modules holds a LoRA adapter or a ``modules_to_save`` copy, or names one of a tied embedding and head."""
+        from peft.tuners.lora import LoraLayer
+        from peft.utils.other import ModulesToSaveWrapper
+
+        hf = unwrap_hf(model)
+        groups = list(FULL_RANK_GROUPS) if self.full_rank is None else self.full_rank
+        out: dict[str, torch.nn.Parameter] = {}
+        for group in groups:
+            for path in module_group(hf, group):
+                module = get_path(hf, path)
+                if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+                    if self.full_rank is None:
+                        continue  # the default leaves it to the adapter / the peft copy
+                    how = "a LoRA adapter" if isinstance(module, LoraLayer) else "a peft modules_to_save copy"
+                    raise ConfigError("full_rank", group, f"{path} already trains through {how}; leave {group} out")
+                for name, p in module.named_parameters(prefix=path):
+                    if all(p is not q for q in out.values()):
+                        out[name] = p
+        tied = self._tied(hf)
+        if self.full_rank is not None and tied and ("embeddings" in groups) != ("head" in groups):
+            raise ConfigError("full_rank", self.full_rank, "both embeddings and head, or neither: the model ties its "
+                                                           "input embedding to its head (tie_word_embeddings)")
+        return out
+
+    @staticmethod
+    def _tied(hf: torch.nn.Module) -> bool:
+        inp, outp = hf.get_input_embeddings(), hf.get_output_embeddings()
+        return inp is not None and outp is not None and outp.weight is inp.weight
+
     def _add_op(self, model: torch.nn.Module):
-        add_lora(unwrap_hf(model), self.add_targets, **self._lora_args())
+        hf = unwrap_hf(model)
+        add_lora(hf, self.add_targets, **self._lora_args())
+        if self.full_rank is not None:  # the groups left out of full_rank freeze with the wrapped base weights
+            keep = {id(p) for p in self.full_rank_parameters(hf).values()}
+            for group in FULL_RANK_GROUPS:
+                for path in module_group(hf, group):
+                    for p in get_path(hf, path).parameters():
+                        p.requires_grad_(id(p) in keep)
         return _trainable_mapping(model)
 
     def _start(self, state: State, logger: Logger) -> None:
@@ -349,6 +407,18 @@ def _reached_by(now, t: Time | None) -> bool:
 
 def _value_in(max_duration: Time, unit: TimeUnit) -> float:
     return float(max_duration.value) if max_duration.unit == unit else float("inf")
+
+
+def _train_in_optimizer(state: State, params) -> None:
+    """Make ``params`` train: ``requires_grad``, and in the optimizer's first param group where no group
+    holds them (before DDP wraps the model, so its hooks cover them; a resumed run does the same
+    before its optimizer state loads)."""
+    params = list(params)
+    for p in params:
+        p.requires_grad_(True)
+    for opt in state.optimizers[:1]:
+        held = {id(p) for group in opt.param_groups for p in group["params"]}
+        opt.param_groups[0]["params"].extend(p for p in params if id(p) not in held)
 
 
 def _trainable_mapping(model: torch.nn.Module) -> dict[str, ParamSource]:

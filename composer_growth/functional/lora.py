@@ -289,9 +289,10 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
     CPU (``hf.save_pretrained(folder, state_dict=merged_state_dict(hf))`` writes a plain model).
 
     Each merged weight is ``base + B @ A x scaling`` computed in float32 and cast once to the base's
-    dtype. The model is left as it is. On an FSDP2-sharded model the full weights are gathered to
+    dtype; a peft ``modules_to_save`` copy is written under the plain module's name. The model is left as it is. On an FSDP2-sharded model the full weights are gathered to
     global rank 0's CPU only and merged there (collective: every rank calls it; None on the other
-    ranks), so no device holds a full copy of the model.
+    ranks), so no device holds a full copy of the model. A peft ``modules_to_save`` copy (the trained
+    one) is written under the plain module's name.
     """
     from peft.tuners.lora import LoraLayer
 
@@ -316,8 +317,26 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
         sd[weight_key] = weight.to(dtype)
         if bias is not None:
             sd[bias_key] = bias.to(sd[bias_key].dtype)
+    sd = _saved_copies(hf, sd)
     return {key.replace(".base_layer.", "."): tensor for key, tensor in sd.items()
             if not any(part.startswith("lora_") for part in key.split("."))}
+
+
+def _saved_copies(hf: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """peft's ``modules_to_save``: the active trained copy under the plain module's name, the frozen
+    original (and other adapters' copies) dropped."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    for name, wrapper in hf.named_modules():
+        if not isinstance(wrapper, ModulesToSaveWrapper):
+            continue
+        active = f"{name}.modules_to_save.{wrapper.active_adapters[0]}."
+        inside = [k for k in sd if k.startswith(f"{name}.original_module.") or k.startswith(f"{name}.modules_to_save.")]
+        for key in inside:
+            tensor = sd.pop(key)
+            if key.startswith(active):
+                sd[f"{name}.{key[len(active):]}"] = tensor
+    return sd
 
 
 def merged_model(model: nn.Module) -> nn.Module:
