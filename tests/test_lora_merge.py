@@ -476,7 +476,9 @@ def test_stack_lora_gives_new_stacks_their_ranks_and_frozen_trunk_freezes_adapte
             assert not p.requires_grad, name
         elif name.startswith("model.layers.") and "lora_" in name:
             assert p.requires_grad, name
-        elif name.startswith("model.layers."):  # copies of peft blocks: base weights and norms frozen as in peft
+        elif name.startswith("model.layers.") and name.endswith("norm.weight"):  # lora_merge's full_rank norms
+            assert p.requires_grad, name
+        elif name.startswith("model.layers."):  # copies of peft blocks: base weights frozen as in peft
             assert not p.requires_grad, name
     assert trainer.state.algorithms[1].merges == 2
     assert StackLayers(mode="repeat", times=4, stack_lora=2, stack_lora_pattern="increasing").stack_lora_ranks == [2, 4, 6]
