@@ -1,4 +1,4 @@
-"""``composer-growth plan --suggest``: G_stack's guideline for when to grow and by how much, next to the recipe's choice.
+"""``composer-growth plan --suggest``: G_stack's guideline (when to grow, by how much) next to the recipe's choice.
 
 Du et al., 2024, "Stacking Your Transformers: A Closer Look at Model Growth for Efficient LLM
 Pre-Training" (arXiv 2405.15319), as its authors' code repository (github.com/tongxuluo/prts,

@@ -3,6 +3,8 @@ improving (checked against the recorded eval losses), resume exactly, validate, 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import yaml
 from composer.core import Callback
@@ -15,9 +17,10 @@ from composer_growth.plan import format_plan, plan_file
 from composer_growth.recipe import run, validate
 from composer_growth.unwrap import unwrap_hf
 
-from conftest import read_summary, resume_from
+from conftest import launch, launch_failure, read_summary, resume_from
 
 PLATEAU = {"window": "4ba", "min_delta": 0.05}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class EvalLosses(Callback):
@@ -188,3 +191,22 @@ def test_plan_says_on_plateau_at_the_latest_by(tiny_recipe, tmp_path):
     assert "stack_layers: layers 2 -> 4" in text
     assert "; on plateau (window 0.25dur, min_delta 0.02), at the latest by batch 10" in text
     assert "widen_mlp: on plateau (window 4ba, min_delta 0.03), not by an `at` within the run" in text
+
+
+@pytest.mark.launcher
+def test_two_ranks_grow_at_the_same_plateau_batch(plateau_recipe, tmp_path):
+    """Under composer -n 2: rank 0 judges the reduced eval loss, both ranks grow at the batch after it."""
+    plateau_recipe.update(save_folder=None)
+    plateau_recipe["algorithms"] = {"stack_layers": {"trigger_plateau": PLATEAU, "times": 2}}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(plateau_recipe))
+    proc = launch(os.path.join(ROOT, "tests", "scripts", "grow_ddp.py"), [str(path), str(tmp_path / "p{rank}.json")],
+                  tmp_path)
+    assert proc.returncode == 0, launch_failure(proc, tmp_path)
+    r0, r1 = read_summary(tmp_path / "p0.json"), read_summary(tmp_path / "p1.json")
+    assert r0["ddp"] and r0["layers"] == r1["layers"] == 4
+    assert r0["params"] == r1["params"] and r0["loss"] == r1["loss"]
+    summary = read_summary(plateau_recipe["summary_file"])
+    expected = first_plateau([(e["batch"], e["loss"]) for e in summary["evals"]], 4, 0.05)
+    assert expected is not None
+    assert [e["batch"] for e in summary["events"] if e["name"] == "stack_layers"] == [expected + 1]

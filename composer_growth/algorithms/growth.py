@@ -171,7 +171,8 @@ class _Growth(SuiteAlgorithm):
                        "seconds": float(info["seconds"])}
         if self.pending is not None:
             self.record.update(plateau_eval_batch=self.pending, plateau_improvement=self.plateau.improvement())
-        metrics = {f"growth/{self.name}/{k}": v for k, v in self.record.items() if k not in ("batch", "plateau_eval_batch")}
+        metrics = {f"growth/{self.name}/{k}": v for k, v in self.record.items()
+                   if k not in ("batch", "plateau_eval_batch")}
         if before is not None:
             metrics.update({f"growth/{self.name}/loss_before": before, f"growth/{self.name}/loss_after": after})
             self.record.update(loss_before=before, loss_after=after)
