@@ -34,6 +34,11 @@ def _plan(args: argparse.Namespace) -> int:
 
     result = plan_file(args.recipe, args.overrides)
     print(format_plan(result))
+    if args.suggest:
+        from composer_growth.suggest import format_suggestion, suggest
+
+        result["suggest"] = suggest(result)
+        print("\n" + format_suggestion(result["suggest"]))
     out = args.out or os.path.join("runs", "plan", os.path.splitext(os.path.basename(args.recipe))[0])
     write_plan(result, os.path.join(out, "plan.json"))
     print(f"\nwrote {os.path.join(out, 'plan.json')}")
@@ -89,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("overrides", nargs="*", help="key=value overrides (omegaconf dotlist)")
     q.add_argument("--out", default=None, help="folder for plan.json and plan.png (default: ./runs/plan/<recipe name>)")
     q.add_argument("--no-png", action="store_true", help="write no picture")
+    q.add_argument("--suggest", action="store_true",
+                   help="also print G_stack's guideline (when to grow, by how much) next to the recipe's choice")
 
     args = parser.parse_args(argv)
     if getattr(args, "debug", False) or os.environ.get("COMPOSER_GROWTH_DEBUG") == "1":

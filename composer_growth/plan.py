@@ -304,10 +304,13 @@ def format_plan(result: dict[str, Any]) -> str:
                 else " " * 37)
         if e["event"] == "phase":
             lines.append(head + f"phase {e['phase']}: seq {e['seq_len']}, {e['positions']}, lr x{e['lr_multiplier']:g}")
+        elif e["event"] in ("stack_layers", "widen_mlp") and "layers" not in e:  # waits on a plateau
+            lines.append(head + f"{e['event']}: {e['text']}")
         elif e["event"] in ("stack_layers", "widen_mlp"):
             lines.append(head + f"{e['event']}: layers {e['layers'][0]} -> {e['layers'][1]}, mlp {e['mlp_width'][0]} -> "
                          f"{e['mlp_width'][1]}, params {e['params'][0]:,} -> {e['params'][1]:,}, FLOPs/tok "
-                         f"{e['flops_per_token'][0]:.3g} -> {e['flops_per_token'][1]:.3g}")
+                         f"{e['flops_per_token'][0]:.3g} -> {e['flops_per_token'][1]:.3g}"
+                         + (f"; {e['text']}" if "text" in e else ""))
         elif e["event"] == "lora_start":
             lines.append(head + f"lora adapters on (rank {e['rank']}): trainable {e['trainable']:,} of {e['params'][1]:,}")
         elif e["event"] == "orchestrator":

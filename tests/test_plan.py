@@ -221,3 +221,42 @@ def test_plan_matches_a_run_whose_phases_bring_their_own_data(mode, tiny_data, t
     assert int(trainer.state.timestamp.batch) == planned["batches"]
     assert seen.tokens == per_batch
     assert int(trainer.state.timestamp.token) == planned["tokens"]
+
+
+@pytest.mark.parametrize("n, tokens, billions", [(8e9, 15e12, 6.58), (7e9, 2e12, 11.11), (13e9, 2e12, 15.84),
+                                                 (70e9, 2e12, 42.48)])
+def test_gstack_timing_reproduces_the_published_llama_table(n, tokens, billions):
+    """The table of the G_stack authors' README (Llama3-8B, Llama2-7B/13B/70B), with C = 6 N D."""
+    from composer_growth.suggest import growth_timing
+
+    assert growth_timing(n, 6 * n * tokens) / 1e9 == pytest.approx(billions, abs=0.006)
+
+
+def test_plan_suggest_prints_the_gstack_guideline_next_to_the_recipe(tiny_recipe, tmp_path, capsys):
+    import math
+
+    tiny_recipe.update(max_duration="16ba")
+    tiny_recipe["algorithms"] = {"stack_layers": {"at": "4ba", "times": 2}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe))
+    out = tmp_path / "plan"
+    assert main(["plan", str(path), "--out", str(out), "--no-png", "--suggest"]) == 0
+    text = capsys.readouterr().out
+    result = json.loads((out / "plan.json").read_text())
+    n, tokens = result["final_params"], result["tokens"]
+    flops = 6 * n * tokens
+    d = 10 ** (0.88 * math.log10(n) + 163.27 / math.log10(flops) - 5.74)
+    assert f"N = {n:,} parameters (the final model), C = 6 N D = {flops:.4g} FLOPs (D = {tokens:,} tokens)" in text
+    assert f"growth timing d: {d:.4g} tokens (past the end of the run" in text  # a tiny model: far past 16 batches
+    assert "recipe: stack_layers at batch 4 (1,024 tokens), layers 2 -> 4 (g = 2)" in text
+    assert "growth factor g = 4: layers 1 -> 4" in text
+    assert "log10(d) = 0.88 log10(N) + 163.27 / log10(C) - 5.74, growth factor g = 4" in text
+    assert result["suggest"]["d_tokens"] == pytest.approx(d)
+
+
+def test_suggested_batch_counts_the_run_s_tokens():
+    from composer_growth.suggest import _batch_at
+
+    result = {"tokens": 1000, "segments": [{"batch": 0, "tokens": 0, "batches": 4},  # 50 tokens a batch
+                                           {"batch": 4, "tokens": 200, "batches": 8}]}  # 100 a batch
+    assert [_batch_at(result, t) for t in (1, 50, 51, 200, 201, 1000, 1001)] == [1, 1, 2, 4, 5, 12, None]

@@ -1,8 +1,10 @@
 """Loss-triggered orchestration: an ordered schedule of operations, each fired by the eval loss or a timeout.
 
 A schedule is a list of operations, run in order. The next one fires when the monitored eval
-loss drops below its ``trigger_loss`` (judged right after each eval), or when its ``max_wait``
-has passed since the last operation fired (judged at the end of every batch). With
+loss drops below its ``trigger_loss`` or stops improving (``trigger_plateau``, counted from the last
+operation that fired; see :mod:`composer_growth.algorithms.plateau`), both judged right after each
+eval, or when its ``max_wait`` has passed since the last operation fired (judged at the end of every
+batch). With
 ``reevaluate`` the loss is measured again right after the operation (on the monitored
 evaluator's batches), and the next trigger is judged on it at once, so operations can cascade
 at one batch; without it the next trigger waits for the next eval.
@@ -74,7 +76,9 @@ class Orchestrator(SuiteAlgorithm):
     Args:
         schedule: a list of operations, or the path of a JSON / YAML file holding one. Each is a
             mapping: ``name`` (a key of :data:`OPS`), ``value``, ``trigger_loss`` (fire when the
-            monitored loss drops below it; null: only a timeout), ``max_wait_iters`` (batches) or
+            monitored loss drops below it; null: only a timeout), ``trigger_plateau``
+            (``{window, min_delta}``: fire when the loss improved by less than ``min_delta`` over the
+            last ``window``), ``max_wait_iters`` (batches) or
             ``max_wait`` (a Composer time: ``"2000ba"``, ``"0.1dur"``, ``"5e7tok"``) since the last
             operation fired, ``reevaluate`` (measure the loss again right after the operation and
             judge the next trigger on it) and ``args`` (the operation's other options).
@@ -112,6 +116,10 @@ class Orchestrator(SuiteAlgorithm):
     def _needing(self, need: str) -> list[Op]:
         """The ops that need ``need`` from the run (:attr:`OpKind.needs`)."""
         return [op for op in self.ops if need in op.kind.needs]
+
+    def _next_plateau(self):
+        """The plateau trigger of the next op (None: it has none, or every op fired)."""
+        return self.ops[self.next_index].trigger_plateau if self.next_index < len(self.ops) else None
 
     def _groups(self, group: str) -> list[Op]:
         return [op for op in self.ops if op.kind.group == group]
@@ -196,12 +204,13 @@ class Orchestrator(SuiteAlgorithm):
             loss, self._fresh = self._fresh, None
             if loss is not None:
                 self.last_loss = (int(state.timestamp.batch), loss)
+                self._observe(state, loss)
             self._decide(state, logger, loss)
 
     def _fit_start(self, state: State, logger: Logger) -> None:
         check_at_fit_start(self, state)
         if not any(ev.label == self.label for ev in state.evaluators) and any(
-                op.trigger_loss is not None for op in self.ops):
+                op.trigger_loss is not None or op.trigger_plateau is not None for op in self.ops):
             labels = ", ".join(ev.label for ev in state.evaluators) or "none"
             raise ConfigError("monitor", f"metrics/{self.label}/{self.metric}",
                               f"an evaluator of this Trainer (evaluators: {labels})")
@@ -308,12 +317,20 @@ class Orchestrator(SuiteAlgorithm):
         wait = self.ops[self.next_index].max_wait
         return wait is not None and self._since(state, wait.unit) >= float(wait.value)
 
+    def _observe(self, state: State, loss: float) -> None:
+        """Feed the next op's plateau the loss just measured (every rank: the loss is reduced over ranks)."""
+        plateau = self.ops[self.next_index].trigger_plateau if self.next_index < len(self.ops) else None
+        if plateau is not None:
+            plateau.observe(elapsed(state, plateau.unit), loss)
+
     def _reason(self, state: State, loss: float | None) -> str | None:
         if self.next_index >= len(self.ops):
             return None
         op = self.ops[self.next_index]
         if loss is not None and op.trigger_loss is not None and loss < op.trigger_loss:
             return "loss"
+        if loss is not None and op.trigger_plateau is not None and op.trigger_plateau.reached():
+            return "plateau"
         if self._timeout_due(state):
             return "timeout"
         return None
@@ -357,9 +374,13 @@ class Orchestrator(SuiteAlgorithm):
                   "seconds": round(seconds, 4)}
         if reason == "loss":
             record["trigger_loss"] = op.trigger_loss
+        elif reason == "plateau":
+            record.update(plateau=op.trigger_plateau.describe(), improvement=op.trigger_plateau.improvement())
         else:
             record["waited"] = f"{since:g}{UNIT_SUFFIX[wait.unit]}"
         self.fired.append(record)
+        if after is not None:  # the re-evaluated loss opens the next op's plateau window
+            self._observe(state, after)
         metrics: dict[str, Any] = {"orchestrator/op": op.name, "orchestrator/index": op.index,
                                    "orchestrator/reason": reason}
         if before is not None:
@@ -403,6 +424,7 @@ class Orchestrator(SuiteAlgorithm):
         out.update(fired=[dict(r) for r in self.fired], anchor=dict(self.anchor),
                    settings=copy.deepcopy(self.settings),
                    last_loss=list(self.last_loss) if self.last_loss else None,
+                   plateau=self._next_plateau().state_dict() if self._next_plateau() else None,
                    loader=self._rows_loader.state_dict() if self._rows_loader is not None else self._loader_state)
         return out
 
@@ -412,4 +434,6 @@ class Orchestrator(SuiteAlgorithm):
         self.settings = copy.deepcopy(state.get("settings", {}))
         last = state.get("last_loss")
         self.last_loss = (int(last[0]), float(last[1])) if last else None
+        if self._next_plateau() is not None:
+            self._next_plateau().load_state_dict(state.get("plateau"))
         self._loader_state = state.get("loader")

@@ -9,10 +9,14 @@ from composer_growth.algorithms.orchestrator.schedule import Op
 
 def plan_event(op: Op, batch: int, latest: bool = True) -> dict[str, Any]:
     """A ``composer-growth plan`` event: when ``op`` fires (``latest``: by its timeout at ``batch``)."""
-    when = f"when eval loss < {op.trigger_loss:g}" if op.trigger_loss is not None else "on its timeout"
+    whens = ([f"when eval loss < {op.trigger_loss:g}"] if op.trigger_loss is not None else []) + (
+        [f"on plateau ({op.trigger_plateau.describe()})"] if op.trigger_plateau is not None else [])
+    when = " or ".join(whens) or "on its timeout"
     by = f"at the latest by batch {batch}" if latest else "not by a timeout within the run"
     return {"event": "orchestrator", "batch": batch if latest else None, "op": op.label(),
-            "trigger_loss": op.trigger_loss, "latest_batch": batch if latest else None, "text": f"{when}, {by}"}
+            "trigger_loss": op.trigger_loss,
+            "trigger_plateau": op.trigger_plateau.describe() if op.trigger_plateau is not None else None,
+            "latest_batch": batch if latest else None, "text": f"{when}, {by}"}
 
 
 def fired_block(ops: list[Op], metric: str, r: dict[str, Any]) -> list[str]:
@@ -20,6 +24,8 @@ def fired_block(ops: list[Op], metric: str, r: dict[str, Any]) -> list[str]:
     op = ops[r["index"]]
     if r["reason"] == "loss":
         why = f"{metric} {r['loss_before']:.4f} < trigger_loss {r['trigger_loss']:g}"
+    elif r["reason"] == "plateau":
+        why = f"plateau: {metric} improved {r['improvement']:.4f} over the window ({r['plateau']})"
     else:
         why = f"timeout: {r['waited']} since the last op (max_wait {op.max_wait})"
     lines = [f"== orchestrator: schedule[{r['index']}] of {len(ops)}: {op.label()} "
@@ -39,6 +45,7 @@ def run_summary(ops: list[Op], fired: list[dict[str, Any]]) -> dict[str, Any]:
     lines = []
     for r in fired:
         why = (f"loss {r['loss_before']:.4f} < {r['trigger_loss']:g}" if r["reason"] == "loss"
+               else f"plateau: improved {r['improvement']:.4f} ({r['plateau']})" if r["reason"] == "plateau"
                else f"timeout after {r['waited']}")
         after = f", after {r['loss_after']:.4f}" if r["loss_after"] is not None else ""
         lines.append(f"  [{r['index']}] {ops[r['index']].label():<28} batch {r['batch']:<6} "

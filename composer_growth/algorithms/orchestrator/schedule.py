@@ -2,8 +2,9 @@
 
 A schedule is a list of mappings, or the path of a JSON / YAML file holding one. Each entry becomes
 an :class:`Op`: its operation kind (a name of :data:`~composer_growth.algorithms.orchestrator.ops.OPS`)
-with the value and options that kind allows, the ``trigger_loss`` it fires below, and its timeout
-(``max_wait_iters`` batches or ``max_wait`` a Composer time, else the orchestrator's ``max_wait``).
+with the value and options that kind allows, the ``trigger_loss`` it fires below, the ``trigger_plateau``
+it fires on (:class:`~composer_growth.algorithms.plateau.Plateau`), and its timeout (``max_wait_iters``
+batches or ``max_wait`` a Composer time, else the orchestrator's ``max_wait``).
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from typing import Any
 from composer.core import Time, TimeUnit
 
 from composer_growth.algorithms.orchestrator.ops import OPS, OpKind
+from composer_growth.algorithms.plateau import DEFAULT_MONITOR, Plateau, parse_monitor
 from composer_growth.errors import ConfigError, check, check_flag, is_int, is_number
 from composer_growth.timeutil import parse_time
 
-ENTRY_KEYS = ("name", "value", "trigger_loss", "max_wait_iters", "max_wait", "reevaluate", "args")
-DEFAULT_MONITOR = "metrics/eval/LanguageCrossEntropy"
+ENTRY_KEYS = ("name", "value", "trigger_loss", "trigger_plateau", "max_wait_iters", "max_wait", "reevaluate", "args")
+__all__ = ["DEFAULT_MONITOR", "ENTRY_KEYS", "Op", "load_schedule", "parse_monitor", "parse_op"]
 
 
 @dataclass
@@ -34,6 +36,7 @@ class Op:
     max_wait: Time | None
     reevaluate: bool
     args: dict[str, Any] = field(default_factory=dict)
+    trigger_plateau: Plateau | None = None  # judged while the op is the next one (its history starts then)
 
     @property
     def kind(self) -> OpKind:
@@ -90,8 +93,10 @@ def parse_op(i: int, raw: Any, max_wait: Time | None) -> Op:
         check(wait_t.value > 0, f"{key}.max_wait", wait, "a time > 0")
     else:
         wait_t = max_wait
-    check(trigger is not None or wait_t is not None, f"{key}.trigger_loss", trigger,
-          "a number, or give the op a max_wait_iters / max_wait (it could never fire)")
+    plateau = raw.get("trigger_plateau")
+    plateau = None if plateau is None else Plateau.parse(plateau, f"{key}.trigger_plateau")
+    check(trigger is not None or plateau is not None or wait_t is not None, f"{key}.trigger_loss", trigger,
+          "a number, or give the op a trigger_plateau or a max_wait_iters / max_wait (it could never fire)")
     reevaluate = raw.get("reevaluate", False)
     check_flag(reevaluate, f"{key}.reevaluate")
     given = raw.get("args") or {}
@@ -103,16 +108,4 @@ def parse_op(i: int, raw: Any, max_wait: Time | None) -> Op:
     for arg, (parse, default) in kind.args.items():
         args[arg] = parse(given[arg], f"{key}.args.{arg}") if arg in given else default
     return Op(index=i, name=name, value=value, trigger_loss=None if trigger is None else float(trigger),
-              max_wait=wait_t, reevaluate=reevaluate, args=args)
-
-
-def parse_monitor(monitor: Any) -> tuple[str, str]:
-    """``metrics/<evaluator label>/<metric>`` (as Composer logs it) or a metric name of the ``eval`` evaluator."""
-    check(isinstance(monitor, str) and monitor.strip() != "", "monitor", monitor,
-          "an eval metric, e.g. metrics/eval/LanguageCrossEntropy")
-    parts = monitor.split("/")
-    if len(parts) == 1:
-        return "eval", parts[0]
-    check(len(parts) == 3 and parts[0] == "metrics" and all(parts), "monitor", monitor,
-          "metrics/<evaluator label>/<metric name>, e.g. metrics/eval/LanguageCrossEntropy")
-    return parts[1], parts[2]
+              max_wait=wait_t, reevaluate=reevaluate, args=args, trigger_plateau=plateau)
