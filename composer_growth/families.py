@@ -47,6 +47,12 @@ class Family:
     layer_index_attrs: tuple[str, ...] = ("layer_idx",)  # module attributes holding the block's index
     last_layer_index_attrs: tuple[str, ...] = ()  # module attributes holding the last block's index
     per_layer_keys: tuple[str, ...] = ()  # config keys that, when set, tie blocks to their positions (no stacking)
+    # the family's classes may live outside transformers (llm-foundry's MPT), and transformers' own class of
+    # the same model_type reads their weights wrongly: an HF export then carries the classes' code and an
+    # ``auto_map`` (``from_pretrained(folder, trust_remote_code=True)``); ``code_editor`` ("module:function",
+    # called with the folder) makes the copied files load without their package
+    remote_code: bool = False
+    code_editor: str | None = None
 
     def intermediate_size(self, config: Any) -> int:
         size = config_get(config, self.intermediate_key)
@@ -121,7 +127,8 @@ FAMILIES: dict[str, Family] = {
         rope_scaling_key="attn_config.rope_hf_config",
         rope_types=(("default", "no_scaling"), ("linear", "linear"), ("dynamic", "dynamic"), ("llama3", "llama3")),
         positions_bound=True, layer_index_attrs=("block_idx",), last_layer_index_attrs=("max_block_idx",),
-        per_layer_keys=("block_overrides",), embed="transformer.wte",
+        per_layer_keys=("block_overrides",), embed="transformer.wte", remote_code=True,
+        code_editor="llmfoundry.utils.huggingface_hub_utils:edit_files_for_hf_compatibility",
     ),
 }
 

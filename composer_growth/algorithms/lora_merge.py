@@ -38,9 +38,9 @@ from composer.utils import dist
 from composer_growth.algorithms.base import SuiteAlgorithm
 from composer_growth.algorithms.composer_hooks import install_replay_hook
 from composer_growth.algorithms.lr import set_lr_multiplier
-from composer_growth.algorithms.surgery import (check_recipe_sharding, check_supported, grow, is_fsdp2,
-                                                save_pretrained)
+from composer_growth.algorithms.surgery import check_recipe_sharding, check_supported, grow, is_fsdp2
 from composer_growth.events import announce
+from composer_growth.export import save_pretrained
 from composer_growth.errors import ConfigError, check, check_flag, check_int, check_number
 from composer_growth.families import FAMILIES, family_of
 from composer_growth.functional.growth import ParamSource

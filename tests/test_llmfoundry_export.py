@@ -1,0 +1,83 @@
+"""HF exports of llm-foundry's MPT (phase exports, ``lora_merge`` exports, ``composer-growth export``)
+reload with ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` as the trained
+model: its own class, its grown shape, its logits.
+
+Runs in the llm-foundry environment; skipped without llm-foundry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("llmfoundry")
+
+from composer_growth import ContextLengthSchedule, LoraMergeRestart, StackLayers, WidenMLP  # noqa: E402
+
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.foundry]
+VOCAB = 128
+
+
+def _mpt(positions: str):
+    from llmfoundry.models.mpt import MPTConfig, MPTForCausalLM
+
+    attn = {"attn_impl": "torch", "alibi": positions == "alibi"}
+    config = MPTConfig(d_model=32, n_heads=2, n_layers=2, expansion_ratio=2, max_seq_len=32, vocab_size=VOCAB,
+                       attn_config=attn, learned_pos_emb=positions == "learned", no_bias=False)
+    torch.manual_seed(0)
+    return MPTForCausalLM(config)
+
+
+@torch.no_grad()
+def _logits(model, length=32):
+    ids = torch.randint(0, VOCAB, (2, length), generator=torch.Generator().manual_seed(1))
+    return model.eval()(ids).logits
+
+
+def _reload(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+
+
+def _fit(model, algorithms, batches=6):
+    from composer import Trainer
+    from composer.models import HuggingFaceModel
+    from torch.utils.data import DataLoader
+
+    ids = torch.randint(0, VOCAB, (4 * batches, 32), generator=torch.Generator().manual_seed(0))
+    loader = DataLoader([{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r} for r in ids],
+                        batch_size=4)
+    trainer = Trainer(model=HuggingFaceModel(model, use_logits=True), train_dataloader=loader,
+                      max_duration=f"{batches}ba", algorithms=algorithms, progress_bar=False, log_to_console=False,
+                      optimizers=torch.optim.AdamW(model.parameters(), lr=1e-2), seed=3)
+    trainer.fit()
+    return trainer
+
+
+@pytest.mark.parametrize("positions", ["alibi", "learned"])
+def test_mpt_phase_and_lora_merge_exports_reload_as_the_trained_model(positions, tmp_path):
+    model = _mpt(positions)
+    schedule = ContextLengthSchedule(phases=[{"name": "short", "seq_length": 16, "duration": "3ba"},
+                                             {"name": "long", "seq_length": 32}],
+                                     save_folder=str(tmp_path), save_checkpoints=False, eval_batches=0, verbose=False)
+    algorithms = [schedule, StackLayers(at="2ba", times=2), WidenMLP(at="2ba", factor=1.5),
+                  LoraMergeRestart(interval="2ba", start_at="3ba", rank=4, export_folder=str(tmp_path / "merged"))]
+    trainer = _fit(model, algorithms)
+    from composer_growth.unwrap import unwrap_hf
+
+    trained = unwrap_hf(trainer.state.model)
+    assert trained.config.n_layers == 4
+    for folder in (tmp_path / "long", tmp_path / "merged"):
+        with open(folder / "config.json") as f:
+            assert json.load(f)["auto_map"] == {"AutoConfig": "configuration_mpt.MPTConfig",
+                                                "AutoModelForCausalLM": "modeling_mpt.MPTForCausalLM"}
+        export = _reload(folder)
+        assert type(export).__name__ == "MPTForCausalLM" and "transformers_modules" in type(export).__module__
+        assert export.config.n_layers == 4 and export.config.ffn_config["ffn_hidden_size"] == 96
+        torch.testing.assert_close(_logits(export), _logits(trained), rtol=0, atol=1e-5)
+    # the short phase's export is the model of that phase: 4 blocks (grown at batch 2), no adapters yet
+    assert _reload(tmp_path / "short").config.n_layers == 4
