@@ -1,4 +1,4 @@
-"""``composer-growth prepare-data | train | validate | plan``."""
+"""``composer-growth prepare-data | train | validate | plan | export``."""
 
 from __future__ import annotations
 
@@ -90,6 +90,16 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--out", default=None, help="folder for plan.json and plan.png (default: ./runs/plan/<recipe name>)")
     q.add_argument("--no-png", action="store_true", help="write no picture")
 
+    q = sub.add_parser("export", help="a run's Composer checkpoint as a plain HF folder (adapters merged), and "
+                       "the grown model block for llm-foundry YAMLs and recipes", parents=[debug])
+    q.add_argument("checkpoint")
+    q.add_argument("out")
+    q.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle a checkpoint torch.load(weights_only=True) cannot read (only files you trust)")
+    q.add_argument("--config", default=None, help="the model's config.json, where the checkpoint records none")
+    q.add_argument("--lora-alpha", type=float, default=None,
+                   help="alpha of adapters added mid-run (lora_merge start_at, stack_lora), to merge them")
+
     args = parser.parse_args(argv)
     if getattr(args, "debug", False) or os.environ.get("COMPOSER_GROWTH_DEBUG") == "1":
         return _dispatch(args)
@@ -111,6 +121,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _prepare(args)
     if args.cmd == "plan":
         return _plan(args)
+    if args.cmd == "export":
+        from composer_growth.checkpoint_export import export_checkpoint
+
+        print(export_checkpoint(args.checkpoint, args.out, args.trust_checkpoint, args.config, args.lora_alpha))
+        return 0
     plan = _validate(args)
     if args.cmd == "validate":
         print(f"{args.recipe}: ok ({len(plan.algorithms)} algorithms, max_duration {plan.recipe.max_duration})")
