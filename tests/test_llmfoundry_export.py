@@ -43,7 +43,7 @@ def _reload(folder):
     return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
 
 
-def _fit(model, algorithms, batches=6):
+def _fit(model, algorithms, batches=6, save_folder=None):
     from composer import Trainer
     from composer.models import HuggingFaceModel
     from torch.utils.data import DataLoader
@@ -53,7 +53,8 @@ def _fit(model, algorithms, batches=6):
                         batch_size=4)
     trainer = Trainer(model=HuggingFaceModel(model, use_logits=True), train_dataloader=loader,
                       max_duration=f"{batches}ba", algorithms=algorithms, progress_bar=False, log_to_console=False,
-                      optimizers=torch.optim.AdamW(model.parameters(), lr=1e-2), seed=3)
+                      optimizers=torch.optim.AdamW(model.parameters(), lr=1e-2), seed=3,
+                      save_folder=save_folder, save_interval=f"{batches}ba")
     trainer.fit()
     return trainer
 
@@ -81,3 +82,32 @@ def test_mpt_phase_and_lora_merge_exports_reload_as_the_trained_model(positions,
         torch.testing.assert_close(_logits(export), _logits(trained), rtol=0, atol=1e-5)
     # the short phase's export is the model of that phase: 4 blocks (grown at batch 2), no adapters yet
     assert _reload(tmp_path / "short").config.n_layers == 4
+
+
+def test_mpt_checkpoint_export_and_its_grown_block(tmp_path, capsys):
+    from llmfoundry.models.mpt import MPTConfig, MPTForCausalLM
+
+    from composer_growth.cli import main
+    from composer_growth.unwrap import unwrap_hf
+
+    model = _mpt("alibi")
+    base = model.config.to_dict()
+    algorithms = [StackLayers(at="2ba", times=2), WidenMLP(at="2ba", factor=1.5),
+                  LoraMergeRestart(interval="2ba", start_at="3ba", rank=4, alpha=4.0)]
+    trainer = _fit(model, algorithms, save_folder=str(tmp_path / "ckpt"))
+    trained = unwrap_hf(trainer.state.model)
+    checkpoint = str(tmp_path / "ckpt" / "ep0-ba6-rank0.pt")
+    assert main(["export", checkpoint, str(tmp_path / "hf")]) == 2  # mid-run adapters: their alpha is asked for
+    assert "--lora-alpha" in capsys.readouterr().err
+    assert main(["export", checkpoint, str(tmp_path / "hf"), "--lora-alpha", "4"]) == 0
+    printed = capsys.readouterr().out
+    export = _reload(tmp_path / "hf")
+    torch.testing.assert_close(_logits(export), _logits(trained), rtol=0, atol=1e-5)
+    import yaml
+
+    block = yaml.safe_load(printed.split("# llm-foundry:")[1])["model"]
+    assert block["name"] == "mpt_causal_lm" and block["n_layers"] == 4
+    assert block["ffn_config"]["ffn_hidden_size"] == 96
+    fields = {k: v for k, v in block.items() if k != "name"}
+    fresh = MPTForCausalLM(MPTConfig.from_dict({**base, **fields}))
+    fresh.load_state_dict(export.state_dict(), strict=True)
