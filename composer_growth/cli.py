@@ -24,9 +24,18 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace):
+    from composer_growth.plan import is_foundry, validate_foundry
     from composer_growth.recipe import load_recipe, validate
 
-    return validate(load_recipe(args.recipe, args.overrides))
+    data = load_recipe(args.recipe, args.overrides)
+    if not is_foundry(data):
+        return validate(data)
+    if args.cmd == "train":
+        raise ConfigError("recipe", args.recipe, "one of our recipes; an llm-foundry train YAML trains with "
+                          "llm-foundry's train.py (validate and plan read it)")
+    facts, algs = validate_foundry(data)
+    print(f"{args.recipe}: ok (llm-foundry YAML, {len(algs)} algorithms, max_duration {facts.max_duration})")
+    return None
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -127,6 +136,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(export_checkpoint(args.checkpoint, args.out, args.trust_checkpoint, args.config, args.lora_alpha))
         return 0
     plan = _validate(args)
+    if plan is None:  # an llm-foundry YAML, validated
+        return 0
     if args.cmd == "validate":
         print(f"{args.recipe}: ok ({len(plan.algorithms)} algorithms, max_duration {plan.recipe.max_duration})")
         return 0

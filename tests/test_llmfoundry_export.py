@@ -111,3 +111,35 @@ def test_mpt_checkpoint_export_and_its_grown_block(tmp_path, capsys):
     fields = {k: v for k, v in block.items() if k != "name"}
     fresh = MPTForCausalLM(MPTConfig.from_dict({**base, **fields}))
     fresh.load_state_dict(export.state_dict(), strict=True)
+
+
+# -- composer-growth validate on llm-foundry YAMLs ------------------------------------------------------
+
+YAMLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "yamls", "foundry")
+
+
+@pytest.mark.parametrize("name", sorted(n for n in os.listdir(YAMLS) if n.endswith(".yaml")))
+def test_validate_passes_the_shipped_foundry_yamls(name, capsys, monkeypatch):
+    from composer_growth.cli import main
+
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(YAMLS)))
+    assert main(["validate", os.path.join("yamls", "foundry", name)]) == 0
+    assert "ok (llm-foundry YAML, 4 algorithms" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("override, message", [
+    ("algorithms.context_length_schedule.phases.1.seq_length=64",
+     r"algorithms.context_length_schedule.phases\[1\].seq_length=64: at most mpt's max_seq_len \(32\): ALiBi"),
+    ("variables.max_seq_len=16", r"phases\[1\].seq_length=32: at most mpt's max_seq_len \(16\)"),
+    ("model.peft_config.r=4", r"model.peft_config=\{'r': 4\}: llm-foundry's mpt_causal_lm ignores it: "
+                              r"lora_merge.start_at or stack_layers.stack_lora"),
+])
+def test_validate_names_the_key_of_a_bad_mpt_yaml(override, message, capsys, monkeypatch):
+    import re
+
+    from composer_growth.cli import main
+
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(YAMLS)))
+    assert main(["validate", os.path.join("yamls", "foundry", "mpt_cpu.yaml"), override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err), err
