@@ -130,6 +130,9 @@ class LoraMergeRestart(SuiteAlgorithm):
         self.start_event: dict[str, Any] | None = None
         self._ramping = False
 
+    def adds_adapters_later(self) -> bool:
+        return self.enabled and self.start_at is not None and not self.started
+
     # -- options ----------------------------------------------------------------------------
     @property
     def merge_targets(self) -> Any:
