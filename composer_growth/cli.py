@@ -1,4 +1,4 @@
-"""``composer-growth prepare-data | train | validate | plan``."""
+"""``composer-growth prepare-data | train | validate | plan | export``."""
 
 from __future__ import annotations
 
@@ -24,9 +24,18 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace):
+    from composer_growth.plan import is_foundry, validate_foundry
     from composer_growth.recipe import load_recipe, validate
 
-    return validate(load_recipe(args.recipe, args.overrides))
+    data = load_recipe(args.recipe, args.overrides)
+    if not is_foundry(data):
+        return validate(data)
+    if args.cmd == "train":
+        raise ConfigError("recipe", args.recipe, "one of our recipes; an llm-foundry train YAML trains with "
+                          "llm-foundry's train.py (validate and plan read it)")
+    facts, algs = validate_foundry(data)
+    print(f"{args.recipe}: ok (llm-foundry YAML, {len(algs)} algorithms, max_duration {facts.max_duration})")
+    return None
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -97,6 +106,16 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--suggest", action="store_true",
                    help="also print G_stack's guideline (when to grow, by how much) next to the recipe's choice")
 
+    q = sub.add_parser("export", help="a run's Composer checkpoint as a plain HF folder (adapters merged), and "
+                       "the grown model block for llm-foundry YAMLs and recipes", parents=[debug])
+    q.add_argument("checkpoint")
+    q.add_argument("out")
+    q.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle a checkpoint torch.load(weights_only=True) cannot read (only files you trust)")
+    q.add_argument("--config", default=None, help="the model's config.json, where the checkpoint records none")
+    q.add_argument("--lora-alpha", type=float, default=None,
+                   help="alpha of adapters added mid-run (lora_merge start_at, stack_lora), to merge them")
+
     args = parser.parse_args(argv)
     if getattr(args, "debug", False) or os.environ.get("COMPOSER_GROWTH_DEBUG") == "1":
         return _dispatch(args)
@@ -118,7 +137,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _prepare(args)
     if args.cmd == "plan":
         return _plan(args)
+    if args.cmd == "export":
+        from composer_growth.checkpoint_export import export_checkpoint
+
+        print(export_checkpoint(args.checkpoint, args.out, args.trust_checkpoint, args.config, args.lora_alpha))
+        return 0
     plan = _validate(args)
+    if plan is None:  # an llm-foundry YAML, validated
+        return 0
     if args.cmd == "validate":
         print(f"{args.recipe}: ok ({len(plan.algorithms)} algorithms, max_duration {plan.recipe.max_duration})")
         return 0

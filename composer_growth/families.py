@@ -52,6 +52,12 @@ class Family:
     block_norms: tuple[str, ...] = ()  # norm modules, from a block
     final_norm: str | None = None      # the norm after the last block, from the causal LM
     head: str | None = None            # the output projection (LM head), from the causal LM
+    # the family's classes may live outside transformers (llm-foundry's MPT), and transformers' own class of
+    # the same model_type reads their weights wrongly: an HF export then carries the classes' code and an
+    # ``auto_map`` (``from_pretrained(folder, trust_remote_code=True)``); ``code_editor`` ("module:function",
+    # called with the folder) makes the copied files load without their package
+    remote_code: bool = False
+    code_editor: str | None = None
 
     def intermediate_size(self, config: Any) -> int:
         size = config_get(config, self.intermediate_key)
@@ -130,7 +136,8 @@ FAMILIES: dict[str, Family] = {
         rope_types=(("default", "no_scaling"), ("linear", "linear"), ("dynamic", "dynamic"), ("llama3", "llama3")),
         positions_bound=True, layer_index_attrs=("block_idx",), last_layer_index_attrs=("max_block_idx",),
         per_layer_keys=("block_overrides",), embed="transformer.wte", position_embed="transformer.wpe",
-        block_norms=("norm_1", "norm_2"), final_norm="transformer.norm_f", head="lm_head",
+        block_norms=("norm_1", "norm_2"), final_norm="transformer.norm_f", head="lm_head", remote_code=True,
+        code_editor="llmfoundry.utils.huggingface_hub_utils:edit_files_for_hf_compatibility",
     ),
 }
 

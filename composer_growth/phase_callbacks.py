@@ -22,7 +22,8 @@ from composer.loggers import Logger
 from composer.utils import dist
 
 from composer_growth.algorithms.phases import Phase
-from composer_growth.algorithms.surgery import gather_hf_state_dict, save_pretrained
+from composer_growth.algorithms.surgery import gather_hf_state_dict
+from composer_growth.export import save_config, save_pretrained
 from composer_growth.data.phased import loader_len, sample_length
 from composer_growth.functional.batch import batch_seq_length, set_batch_sequence_length
 from composer_growth.functional.lora import base_state_dict, merged_state_dict, save_adapter
@@ -241,9 +242,9 @@ class PhaseExport(Callback):
             return
         else:
             if self.schedule.export_base_weights:
-                hf.save_pretrained(folder, state_dict=base_state_dict(hf))
+                save_pretrained(hf, folder, state_dict=base_state_dict(hf))
             else:
-                hf.config.save_pretrained(folder)
+                save_config(hf, folder)
             save_adapter(peft, os.path.join(folder, "adapter"))
             # and one plain model with every adapter folded in, which `from_pretrained` loads alone
             save_pretrained(hf, os.path.join(folder, "merged"), state_dict=merged_state_dict(hf))

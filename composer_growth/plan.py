@@ -120,7 +120,12 @@ def foundry_run(data: dict[str, Any]) -> tuple[RunFacts, list[tuple[str, Any]]]:
     check_int(max_seq_len, "max_seq_len")
     gbs = data.get("global_train_batch_size")
     check_int(gbs, "global_train_batch_size", minimum=1, allowed="a positive integer")
-    config = _foundry_config(dict(data.get("model") or {}), max_seq_len)
+    model = dict(data.get("model") or {})
+    if model.get("name") == "mpt_causal_lm" and model.get("peft_config") is not None:
+        raise ConfigError("model.peft_config", model["peft_config"], "llm-foundry's mpt_causal_lm ignores it: "
+                          "lora_merge.start_at or stack_layers.stack_lora add adapters to MPT, or use hf_causal_lm "
+                          "with peft_config")
+    config = _foundry_config(model, max_seq_len)
     if getattr(config, "vocab_size", None) is None:
         raise ConfigError("model.vocab_size", None, "needed to count parameters")
     algs = [(name, construct("algorithms", name, ALGORITHMS, dict(kw or {})))
@@ -128,6 +133,17 @@ def foundry_run(data: dict[str, Any]) -> tuple[RunFacts, list[tuple[str, Any]]]:
     facts = RunFacts(max_duration=parse_time(str(data.get("max_duration")), "max_duration"), global_batch=gbs,
                      data_seq_len=max_seq_len, model_config=config, origin="foundry",
                      source=str(data.get("run_name") or ""))
+    return facts, algs
+
+
+def validate_foundry(data: dict[str, Any]) -> tuple[RunFacts, list[tuple[str, Any]]]:
+    """:func:`foundry_run` with every algorithm of the suite checked against the run's facts, as at
+    ``Event.INIT`` (the model's config, positions, duration and batch)."""
+    from composer_growth.recipe.build import validate_algorithm
+
+    facts, algs = foundry_run(data)
+    for name, alg in _suite(algs):
+        validate_algorithm(name, alg, facts)
     return facts, algs
 
 

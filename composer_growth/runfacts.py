@@ -53,6 +53,7 @@ class RunFacts:
     peft: dict[str, Any] | None = None  # model.peft
     parallelism: dict[str, Any] = field(default_factory=dict)  # the recipe's parallelism block
     save_folder: str | None = None
+    adapters_later: bool = False  # an algorithm of the recipe adds LoRA adapters mid-run (lora_merge start_at)
 
     @property
     def has_recipe(self) -> bool:
@@ -133,6 +134,14 @@ def _recipe_model_config(model: Any, vocab_size: int | None) -> Any:
         return AutoConfig.for_model(model.family, **extra, **model.config)
     except Exception:  # noqa: BLE001 - a bad model block is the recipe checks' to report
         return None
+
+
+def peft_key(model: Any) -> str:
+    """The model's LoRA block as its run's config names it: llm-foundry's ``model.peft_config`` (its
+    ``hf_causal_lm``), our recipes' ``model.peft``."""
+    from composer_growth.unwrap import unwrap_composer
+
+    return "model.peft_config" if type(unwrap_composer(model)).__module__.startswith("llmfoundry") else "model.peft"
 
 
 def check_at_fit_start(algorithm: Any, state: State) -> None:

@@ -594,3 +594,20 @@ def test_change_lr_on_a_merge_batch_reports_the_schedule_and_the_ramp(tiny_recip
     line = next(e["text"] for e in alg.run_events())
     lr = float(line.split("scheduled lr ")[1].split(" ->")[0])
     assert lr > 0 and line.split(" -> ")[1].startswith(f"{lr * 0.5:.3g} ") and "x0 from lora_merge now" in line, line
+
+
+def test_lora_ops_beside_lora_merge_start_at_skip_before_and_act_after(tiny_recipe, one_thread):
+    """``lora_merge`` ``start_at`` adds the adapters mid-run: the orchestrator's LoRA ops are accepted (no
+    ``model.peft``), one firing before the adapters exist is skipped with a line, one after acts."""
+    tiny_recipe.update(max_duration="8ba", save_interval="8ba")
+    schedule = [{"name": "change_lora_alpha", "value": 0.5, "trigger_loss": None, "max_wait_iters": 1},
+                {"name": "change_lora_alpha", "value": 0.5, "trigger_loss": None, "max_wait_iters": 4}]
+    tiny_recipe["algorithms"] = {"lora_merge": {"interval": "4ba", "start_at": "3ba", "rank": 4, "alpha": 8.0},
+                                 "orchestrator": {"schedule": schedule}}
+    plan = validate(tiny_recipe)
+    trainer = run(plan)
+    fired, alg = _fired(trainer)
+    assert [(i, status) for i, _, _, status in fired] == [(0, "skipped"), (1, "applied")], fired
+    assert fired[0][1] < 3 <= fired[1][1]
+    assert "no LoRA adapters" in alg.fired[0]["did"]
+    assert set(_scalings(trainer, "q_proj").values()) == {(4, 1.0)}  # alpha 8 -> 4 at rank 4

@@ -50,6 +50,10 @@ class SuiteAlgorithm(Algorithm):
     #: whether the recipe's ``model.peft`` block describes adapters this algorithm adds later
     #: (the recipe then builds the model without them)
     defers_peft: bool = False
+
+    def adds_adapters_later(self) -> bool:
+        """Whether this algorithm will put LoRA adapters on the model later in the run (``lora_merge`` ``start_at``)."""
+        return False
     #: whether a recipe may hold several of it (a list under its name)
     repeatable: ClassVar[bool] = False
     #: this instance's own state in the checkpoint being loaded, matched by class and position among

@@ -258,14 +258,13 @@ class ContextLengthSchedule(PhaseDatasets, SuiteAlgorithm):
             raise ConfigError("max_duration" if max_duration.unit == TimeUnit.EPOCH else "phases", str(max_duration),
                               "in ba, tok or sp when phases switch datasets (an epoch of several datasets "
                               "is undefined)")
-        if not facts.has_recipe:
-            return
         config = facts.model_config
-        if config is not None:
+        if config is not None and facts.origin in ("recipe", "foundry"):  # at INIT from the model itself
             family = FAMILIES.get(getattr(config, "model_type", None))
             if family is not None:
                 self.check_model_config(config, family)
-        self._check_data()
+        if facts.has_recipe:
+            self._check_data()
 
     def check_model_config(self, config: Any, family: Family | None = None,
                            original: dict[str, Any] | None = None) -> list[RopeTarget]:

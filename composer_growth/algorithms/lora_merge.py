@@ -38,9 +38,9 @@ from composer.utils import dist
 from composer_growth.algorithms.base import SuiteAlgorithm
 from composer_growth.algorithms.composer_hooks import install_replay_hook
 from composer_growth.algorithms.lr import set_lr_multiplier
-from composer_growth.algorithms.surgery import (check_recipe_sharding, check_supported, grow, is_fsdp2,
-                                                save_pretrained)
+from composer_growth.algorithms.surgery import check_recipe_sharding, check_supported, grow, is_fsdp2
 from composer_growth.events import announce
+from composer_growth.export import save_pretrained
 from composer_growth.errors import ConfigError, check, check_flag, check_int, check_number
 from composer_growth.families import FAMILIES, FULL_RANK_GROUPS, family_of, get_path, module_group
 from composer_growth.functional.growth import ParamSource
@@ -145,6 +145,9 @@ class LoraMergeRestart(SuiteAlgorithm):
         self.history: list[dict[str, Any]] = []
         self.start_event: dict[str, Any] | None = None
         self._ramping = False
+
+    def adds_adapters_later(self) -> bool:
+        return self.enabled and self.start_at is not None and not self.started
 
     # -- options ----------------------------------------------------------------------------
     @property

@@ -36,6 +36,7 @@ from torch import nn
 
 from composer_growth.algorithms.compiling import compile_context, is_compiled
 from composer_growth.errors import ConfigError
+from composer_growth.export import base_class
 from composer_growth.functional.growth import ParamSource, param_names
 from composer_growth.functional.optim import transfer_optimizer_state
 from composer_growth.functional.sharding import cpu_state_dict, full, is_sharded, reshard
@@ -133,13 +134,6 @@ def forget_cached_properties(model: nn.Module) -> None:
                 model.__dict__.pop(name, None)
 
 
-def _base_class(module: nn.Module) -> type:
-    """The class a module had before ``fully_shard`` swapped in its ``FSDP<Class>`` subclass."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
-
-
 _HOOK_KEYS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks",
               "_state_dict_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks",
               "_load_state_dict_post_hooks")
@@ -159,7 +153,7 @@ def _plain_copy(module: nn.Module, params: dict[int, nn.Parameter], memo: dict[i
         return memo[id(module)]
     from torch.distributed._composable.contract import REGISTRY_KEY, STATE_KEY
 
-    cls = _base_class(module)
+    cls = base_class(module)
     new = cls.__new__(cls)
     new.__dict__.update((k, v) for k, v in module.__dict__.items() if k not in (REGISTRY_KEY, STATE_KEY))
     memo[id(module)] = new
@@ -309,12 +303,3 @@ def gather_hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
     """The full weights of the HF model inside a sharded ``model``, on global rank 0 (None on the
     other ranks). Collective: every rank calls it."""
     return cpu_state_dict(unwrap_hf(model))
-
-
-def save_pretrained(hf: nn.Module, folder: str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """``hf.save_pretrained``, naming the model's own class even where ``fully_shard`` swapped it."""
-    hf.save_pretrained(folder, state_dict=state_dict)
-    own = _base_class(hf).__name__
-    if hf.config.architectures != [own]:
-        hf.config.architectures = [own]
-        hf.config.save_pretrained(folder)

@@ -321,6 +321,7 @@ def validate(data: dict[str, Any], world_size: int | None = None) -> ValidRecipe
     callbacks = [construct("callbacks", n, CALLBACKS, kw) for n, kw in recipe.callbacks.items()]
     loggers = [construct("loggers", n, LOGGERS, kw) for n, kw in recipe.loggers.items()]
     facts = RunFacts.from_recipe(recipe, world_size)
+    facts.adapters_later = any(isinstance(a, SuiteAlgorithm) and a.adds_adapters_later() for a in algorithms)
     labels = [label for label, _, _ in entries]
     for label, alg in zip(labels, algorithms):
         validate_algorithm(label, alg, facts)

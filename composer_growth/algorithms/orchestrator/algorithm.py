@@ -45,7 +45,7 @@ from composer_growth.families import FAMILIES, family_of
 from composer_growth.functional.loss import metric_value
 from composer_growth.functional.lora import lora_targets
 from composer_growth.registry import register_algorithm
-from composer_growth.runfacts import RunFacts, check_at_fit_start
+from composer_growth.runfacts import RunFacts, check_at_fit_start, peft_key
 from composer_growth.timeutil import elapsed, parse_time
 from composer_growth.unwrap import composer_model
 
@@ -154,7 +154,7 @@ class Orchestrator(SuiteAlgorithm):
                               f"needs a model family in the table ({', '.join(sorted(FAMILIES))}), "
                               f"not {facts.model_family!r}")
         lora = self._groups("lora")
-        if lora and facts.peft is None:
+        if lora and facts.peft is None and not facts.adapters_later:
             raise ConfigError(f"schedule[{lora[0].index}].name", lora[0].name,
                               "needs a model with LoRA adapters (model.peft)")
 
@@ -169,11 +169,16 @@ class Orchestrator(SuiteAlgorithm):
         model = composer_model(state)
         for op in self._surgery():
             family_of(model, key=f"schedule[{op.index}].name={op.name!r}: model family")
-        for op in self._groups("lora"):
+        later = any(isinstance(a, SuiteAlgorithm) and a is not self and a.adds_adapters_later() for a in state.algorithms)
+        for op in self._groups("lora") if not later else ():  # adapters added later: an op firing before is skipped
             targets = op.args.get("targets", op.kind.lora)
             try:
                 lora_targets(model, targets)
             except ConfigError as e:
+                if "has no LoRA adapters" in e.allowed:
+                    raise ConfigError(f"schedule[{op.index}].name", op.name, f"needs LoRA adapters on {targets} "
+                                      f"modules; the model has none: {peft_key(model)}, lora_merge.start_at or "
+                                      "stack_layers.stack_lora add them") from None
                 raise ConfigError(f"schedule[{op.index}].name", op.name, f"needs LoRA adapters on {targets} "
                                   f"modules: {e}") from None
 

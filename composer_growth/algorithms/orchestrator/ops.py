@@ -29,6 +29,7 @@ from composer_growth.functional.growth import STACK_INITS, widen_mlp
 from composer_growth.functional.lora import (LORA_GROUPS, PRUNE_MODES, lora_targets, merge_and_reinit_lora,
                                              prune_optimizer_state, resize_lora_rank, scale_lora_alpha)
 from composer_growth.functional.sharding import full_state, reshard
+from composer_growth.runfacts import peft_key
 from composer_growth.timeutil import parse_time
 from composer_growth.unwrap import composer_model, peft_model, unwrap_hf
 
@@ -370,7 +371,7 @@ class StackLayers(OpKind):
         check_supported(state, "stack_layers")
         spec = spec_of_value(op.value, op.args["init"], op.args["seed"])
         if spec.trunk == "lora" and (state.fsdp_enabled or peft_model(state.model) is not None):
-            raise Skip("trunk 'lora' needs DDP (or one process), not FSDP, and a model without model.peft")
+            raise Skip(f"trunk 'lora' needs DDP (or one process), not FSDP, and a model without {peft_key(state.model)}")
         before = _layers(state)
         try:
             info = grow(state, spec.op, spec.after)
