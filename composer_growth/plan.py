@@ -333,6 +333,8 @@ def format_plan(result: dict[str, Any]) -> str:
             lines.append(head + f"orchestrator {e['op']}: {e['text']}")
         elif e["event"] == "lora_merge":
             lines.append(head + f"lora merge {e['merge']} (adapters restart)")
+        elif e["event"] == "seq_length_warmup":
+            lines.append(head + f"seq_length_warmup over: {e['text']}")
         else:
             lines.append(head + json.dumps(e))
     if not result["events"]:

@@ -366,6 +366,14 @@ class SeqLengthWarmup(SuiteAlgorithm):
         else:
             self.preallocation = "done"
 
+    def plan_events(self, now, batch: int, model, record: dict[str, Any]) -> list[dict[str, Any]]:
+        """``composer-growth plan``: the warmup's end, at the batch end after which batches keep their length."""
+        if record.get("over") or not self.over_at(now):
+            return []
+        record["over"] = True
+        return [{"event": "seq_length_warmup", "batch": batch,
+                 "text": f"{self.min_seq_length} -> {self.max_seq_length} tokens over {batch} batches"}]
+
     def _over_text(self) -> str:
         return (f"over after {self.over_batch} batches ({self.min_seq_length} -> {self.max_seq_length} tokens); "
                 f"batches keep their full length from here")
