@@ -78,6 +78,22 @@ def _current_test(request):
     _CURRENT["node"] = request.node
     yield
     _CURRENT.pop("node", None)
+    _end_abandoned_streaming_epochs()
+
+
+def _end_abandoned_streaming_epochs() -> None:
+    """A StreamingDataset iterated only part way (a run that stops mid-epoch, an eval subset) keeps two
+    threads polling every 7 ms until its next epoch starts; a test's datasets never start another, and
+    hundreds of such threads over a session starve the interpreter. End each one's epoch (as a new
+    ``__iter__`` would) once its test is over."""
+    import threading
+
+    from streaming import StreamingDataset
+
+    for thread in threading.enumerate():
+        owner = getattr(getattr(thread, "_target", None), "__self__", None)
+        if isinstance(owner, StreamingDataset) and hasattr(owner, "_iterator"):
+            owner._iterator.exit()
 
 
 def _require_launcher_mark() -> None:
