@@ -84,16 +84,10 @@ def _current_test(request):
 def _end_abandoned_streaming_epochs() -> None:
     """A StreamingDataset iterated only part way (a run that stops mid-epoch, an eval subset) keeps two
     threads polling every 7 ms until its next epoch starts; a test's datasets never start another, and
-    hundreds of such threads over a session starve the interpreter. End each one's epoch (as a new
-    ``__iter__`` would) once its test is over."""
-    import threading
+    hundreds of such threads over a session starve the interpreter. End their epochs once the test is over."""
+    from composer_growth.data.loaders import end_open_epochs
 
-    from streaming import StreamingDataset
-
-    for thread in threading.enumerate():
-        owner = getattr(getattr(thread, "_target", None), "__self__", None)
-        if isinstance(owner, StreamingDataset) and hasattr(owner, "_iterator"):
-            owner._iterator.exit()
+    end_open_epochs()
 
 
 def _require_launcher_mark() -> None:

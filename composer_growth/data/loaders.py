@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,23 @@ def lm_collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
 
     ids = torch.from_numpy(np.stack([sample_ids(s).astype(np.int64) for s in samples]))
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+#: the StreamingDatasets these loaders built that are still alive (see :func:`end_open_epochs`)
+_DATASETS: weakref.WeakSet = weakref.WeakSet()
+
+
+def end_open_epochs() -> int:
+    """End the epoch of every dataset built here that was iterated part way, as its next ``__iter__``
+    would: a ``StreamingDataset`` left mid-epoch keeps two threads polling every 7 ms until then
+    (a dataset a run no longer reads, or one a test is done with). Returns how many were ended."""
+    ended = 0
+    for dataset in list(_DATASETS):
+        iterator = getattr(dataset, "_iterator", None)
+        if iterator is not None and not iterator.should_exit():
+            iterator.exit()
+            ended += 1
+    return ended
 
 
 def build_lm_dataloader(path: str, split: str, device_batch_size: int, shuffle: bool = True, seed: int = 17,
@@ -45,5 +63,6 @@ def build_lm_dataloader(path: str, split: str, device_batch_size: int, shuffle: 
         batch_size=device_batch_size,
         allow_unsafe_types=False,
     )
+    _DATASETS.add(dataset)
     return DataLoader(dataset, batch_size=device_batch_size, collate_fn=lm_collate, num_workers=num_workers,
                       drop_last=drop_last, persistent_workers=num_workers > 0)
