@@ -307,3 +307,60 @@ def test_warmup_and_schedule_in_either_order_give_the_same_lengths(foundry_data,
     lengths = [_batch_lengths(t) for t in runs]
     assert lengths[0] == lengths[1] == [8, 8, 16, 32, 32, 32]
     assert int(runs[0].state.timestamp.token) == int(runs[1].state.timestamp.token)
+
+
+def _eval(tmp_path, name, models, data):
+    """llm-foundry's eval_from_yaml with the training YAML's eval loader; returns the eval loss per model."""
+    from llmfoundry.command_utils import eval_from_yaml
+
+    with open(os.path.join(YAMLS, "mpt_cpu.yaml")) as f:
+        train = yaml.safe_load(f)
+    loader = train["eval_loader"]
+    loader["dataset"].update(local=data, max_seq_len=32)
+    config = {"run_name": name, "seed": 17, "max_seq_len": 32, "device_eval_batch_size": 4, "precision": "fp32",
+              "eval_subset_num_batches": 2, "eval_loader": loader, "models": models,
+              "loggers": {"inmemory": {}}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    trainers, _ = eval_from_yaml(str(path), [])
+    return [float(_series(t, "metrics/eval/LanguageCrossEntropy")[-1]) for t in trainers]
+
+
+def _eval_each(tmp_path, models, data):  # one eval_from_yaml per model: llm-foundry consumes its loader config
+    return [loss for m in models for loss in _eval(tmp_path, m["model_name"], [m], data)]
+
+
+def test_grown_mpt_checkpoint_evaluates_in_llm_foundry_eval(foundry_data, tmp_path, capsys):
+    """A grown checkpoint that train_from_yaml wrote leaves the run two ways, both read by llm-foundry's own
+    eval: the HF folder ``composer-growth export`` writes (``hf_causal_lm``, its remote code), and the
+    Composer checkpoint itself under the grown model block that export prints. Both give the training
+    run's last eval loss on the same rows."""
+    from composer_growth.cli import main
+
+    def edit(config):
+        config["algorithms"].pop("context_length_schedule")  # the last eval then sees what eval_from_yaml sees
+        config.update(eval_interval="6ba")
+
+    full = _train("mpt_cpu.yaml", foundry_data, tmp_path / "run", tmp_path, edit=edit)
+    trained_loss = float(_series(full, "metrics/eval/LanguageCrossEntropy")[-1])
+    checkpoint = str(tmp_path / "run" / "checkpoints" / "ep0-ba6-rank0.pt")
+    capsys.readouterr()
+    assert main(["export", checkpoint, str(tmp_path / "hf")]) == 0
+    printed = capsys.readouterr().out
+    grown = yaml.safe_load(printed.split("# llm-foundry:")[1])["model"]
+    assert grown["n_layers"] == 4 and grown["ffn_config"]["ffn_hidden_size"] == 128
+
+    with open(os.path.join(YAMLS, "mpt_cpu.yaml")) as f:
+        train_model = {**yaml.safe_load(f)["model"], "max_seq_len": 32}
+    tokenizer = {"name": os.path.join(foundry_data, "tokenizer"), "kwargs": {"model_max_length": 32}}
+    hf_model = {"name": "hf_causal_lm", "pretrained_model_name_or_path": str(tmp_path / "hf"), "pretrained": True,
+                "trust_remote_code": True, "use_auth_token": False}
+    models = [{"model_name": "export", "model": hf_model, "tokenizer": tokenizer},
+              {"model_name": "checkpoint", "model": {**train_model, **grown}, "tokenizer": tokenizer,
+               "load_path": checkpoint}]
+    losses = _eval_each(tmp_path, models, foundry_data)
+    assert losses == pytest.approx([trained_loss, trained_loss], rel=0, abs=1e-5), (losses, trained_loss)
+    # the training YAML's own (pre-growth) model block cannot load it: what the printed block is for
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        _eval(tmp_path, "eval-small", [{"model_name": "small", "model": dict(train_model), "tokenizer": tokenizer,
+                                        "load_path": checkpoint}], foundry_data)
