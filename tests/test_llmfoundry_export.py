@@ -131,15 +131,19 @@ def test_validate_passes_the_shipped_foundry_yamls(name, capsys, monkeypatch):
     ("algorithms.context_length_schedule.phases.1.seq_length=64",
      r"algorithms.context_length_schedule.phases\[1\].seq_length=64: at most mpt's max_seq_len \(32\): ALiBi"),
     ("variables.max_seq_len=16", r"phases\[1\].seq_length=32: at most mpt's max_seq_len \(16\)"),
+    ("model.attn_config.alibi=false model.learned_pos_emb=true algorithms.context_length_schedule.phases.1.seq_length=64",
+     r"phases\[1\].seq_length=64: at most mpt's learned position table \(max_seq_len=32\)"),
     ("model.peft_config.r=4", r"model.peft_config=\{'r': 4\}: llm-foundry's mpt_causal_lm ignores it: "
                               r"lora_merge.start_at or stack_layers.stack_lora"),
 ])
-def test_validate_names_the_key_of_a_bad_mpt_yaml(override, message, capsys, monkeypatch):
+@pytest.mark.parametrize("command", ["validate", "plan"])
+def test_validate_and_plan_name_the_key_of_a_bad_mpt_yaml(command, override, message, capsys, monkeypatch, tmp_path):
     import re
 
     from composer_growth.cli import main
 
     monkeypatch.chdir(os.path.dirname(os.path.dirname(YAMLS)))
-    assert main(["validate", os.path.join("yamls", "foundry", "mpt_cpu.yaml"), override]) == 2
+    args = ["--out", str(tmp_path), "--no-png"] if command == "plan" else []
+    assert main([command, *args, os.path.join("yamls", "foundry", "mpt_cpu.yaml"), *override.split()]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.search(message, err), err
