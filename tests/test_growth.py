@@ -258,10 +258,25 @@ def test_widen_refuses_a_config_that_cannot_record_the_width():
 
 
 def test_direct_use_in_a_script_grows_a_plain_trainer():
-    from composer import Trainer
+    """Composer's own HuggingFaceModel, in a plain script: grown twice, and given a ``flops_per_batch`` (it
+    has none) that the speed monitor reads at the grown size after each growth."""
+    from composer import Callback, Trainer
+    from composer.callbacks import SpeedMonitor
+    from composer.loggers import InMemoryLogger
     from composer.models import HuggingFaceModel
     from transformers import GPT2Config, GPT2LMHeadModel
     from torch.utils.data import DataLoader
+
+    from composer_growth.functional.flops import batch_flops
+
+    class Flops(Callback):
+        def __init__(self):
+            self.rows = []
+
+        def batch_end(self, state, logger):
+            config = unwrap_hf(state.model).config
+            self.rows.append((state.model.flops_per_batch(state.batch), batch_flops(config, state.batch),
+                              config.n_layer))
 
     torch.manual_seed(0)
     model = HuggingFaceModel(GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64,
@@ -270,10 +285,15 @@ def test_direct_use_in_a_script_grows_a_plain_trainer():
     data = DataLoader([{"input_ids": r, "labels": r.clone()} for r in ids], batch_size=8)
     trainer = Trainer(model=model, train_dataloader=data, max_duration="6ba",
                       algorithms=[StackLayers(at="2ba", init="function_preserving"), WidenMLP(at="4ba", factor=2)],
-                      optimizers=torch.optim.AdamW(model.parameters(), lr=1e-3), progress_bar=False)
+                      optimizers=torch.optim.AdamW(model.parameters(), lr=1e-3), progress_bar=False,
+                      callbacks=[flops := Flops(), SpeedMonitor(window_size=1)], loggers=[memory := InMemoryLogger()])
     trainer.fit()
     cfg = unwrap_hf(trainer.state.model).config
     assert cfg.n_layer == 4 and cfg.n_inner == 256
+    assert [layers for _, _, layers in flops.rows] == [2, 4, 4, 4, 4, 4]
+    assert all(got == want for got, want, _ in flops.rows), flops.rows
+    assert flops.rows[0][0] < flops.rows[1][0] < flops.rows[3][0]  # stacked at 2, widened at 4
+    assert len(memory.data["throughput/flops_per_sec"]) >= 4
 
 
 def test_earliest_batch_never_skips_a_batch_where_the_time_is_reached():

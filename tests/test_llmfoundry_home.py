@@ -277,10 +277,37 @@ def test_mpt_yaml_grows_preserves_logits_and_resumes_exactly(foundry_data, tmp_p
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
+class ModelFlops(Callback):
+    """At each ``BATCH_END``: the model's ``flops_per_batch`` (None where it has none) and ours."""
+
+    def __init__(self):
+        self.rows: list[tuple[int | None, int]] = []
+
+    def batch_end(self, state, logger) -> None:
+        from composer_growth.functional.flops import batch_flops
+
+        count = getattr(state.model, "flops_per_batch", None)
+        self.rows.append((None if count is None else count(state.batch),
+                          batch_flops(unwrap_hf(state.model).config, state.batch)))
+
+
+def _record_model_flops(config) -> None:
+    from llmfoundry.registry import callbacks
+
+    if "test_model_flops" not in callbacks.get_all():
+        callbacks.register("test_model_flops", func=ModelFlops)
+    config["callbacks"] = {**(config.get("callbacks") or {}), "test_model_flops": {},
+                           "speed_monitor": {"window_size": 1}}
+
+
 def test_llama_yaml_context_schedule_with_phase_end_evals(foundry_data, tmp_path):
-    trainer = _train("llama_cpu.yaml", foundry_data, tmp_path / "llama", tmp_path)
+    trainer = _train("llama_cpu.yaml", foundry_data, tmp_path / "llama", tmp_path, edit=_record_model_flops)
     hf = unwrap_hf(trainer.state.model)
     assert hf.config.num_hidden_layers == 4 and hf.config.intermediate_size == 128
+    # llm-foundry's hf_causal_lm has no flops_per_batch: the growth algorithms give it one, at the grown size
+    flops = next(c for c in trainer.state.callbacks if isinstance(c, ModelFlops)).rows
+    assert all(got == ours for got, ours in flops), flops
+    assert flops[0][0] < flops[-1][0] and _series(trainer, "throughput/flops_per_sec")
     assert hf.config.rope_scaling["rope_type"] == "linear"
     # the schedule's own perplexity loop ran on llm-foundry's eval batches at every phase end
     with open(tmp_path / "llama" / "checkpoints" / "long" / "phase.json") as f:

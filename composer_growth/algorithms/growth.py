@@ -21,7 +21,7 @@ from torch import nn
 from composer_growth.algorithms.base import Now, SuiteAlgorithm
 from composer_growth.algorithms.composer_hooks import install_replay_hook
 from composer_growth.algorithms.plateau import DEFAULT_MONITOR, Plateau, parse_monitor
-from composer_growth.algorithms.surgery import check_recipe_sharding, check_supported, grow
+from composer_growth.algorithms.surgery import check_recipe_sharding, check_supported, ensure_flops_per_batch, grow
 from composer_growth.events import announce
 from composer_growth.errors import ConfigError, check, check_flag, check_int, check_number
 from composer_growth.families import FAMILIES, config_get, family_of
@@ -118,6 +118,7 @@ class _Growth(SuiteAlgorithm):
                 self._check_model_config(unwrap_hf(model).config)
             except ConfigError as err:
                 raise ConfigError(f"{self.name}: {err.key}", err.value, err.allowed) from None
+            ensure_flops_per_batch(model)
             install_replay_hook(state)
         elif event is Event.FIT_START:
             check_supported(state, self.name)

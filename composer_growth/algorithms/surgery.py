@@ -134,6 +134,26 @@ def forget_cached_properties(model: nn.Module) -> None:
                 model.__dict__.pop(name, None)
 
 
+class ConfigFlops:
+    """``flops_per_batch`` for a Composer model that has none (Composer's ``HuggingFaceModel``, llm-foundry's
+    ``hf_causal_lm``): the batch's training FLOPs on the model's config as it is at each call, so grown."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, batch: Any) -> int:
+        from composer_growth.functional.flops import batch_flops
+
+        return batch_flops(unwrap_hf(self.model).config, batch)
+
+
+def ensure_flops_per_batch(model: nn.Module) -> None:
+    """Give a Composer model without ``flops_per_batch`` one (:class:`ConfigFlops`); Composer's speed monitor
+    then logs FLOPs and MFU, at the grown size after each growth. A model's own count is left alone."""
+    if not hasattr(model, "flops_per_batch"):
+        model.flops_per_batch = ConfigFlops(model)
+
+
 _HOOK_KEYS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks",
               "_state_dict_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks",
               "_load_state_dict_post_hooks")
