@@ -45,7 +45,7 @@ def read_checkpoint(path: str, trust: bool = False) -> dict[str, Any]:
     if not os.path.exists(path):
         raise ConfigError("checkpoint", path, "an existing Composer checkpoint file (.pt)")
     if os.path.isdir(path):
-        raise ConfigError("checkpoint", path, "a Composer checkpoint file (.pt); sharded folders are not read")
+        return _read_sharded(path, trust)
     try:
         with torch.serialization.safe_globals(_data_globals()):
             ckpt = torch.load(path, map_location="cpu", weights_only=not trust)
@@ -56,6 +56,32 @@ def read_checkpoint(path: str, trust: bool = False) -> dict[str, Any]:
                           "other objects: pass --trust-checkpoint to unpickle it (only for files you trust)") from None
     except (RuntimeError, EOFError, ValueError) as e:
         raise ConfigError("checkpoint", path, f"a Composer checkpoint ({' '.join(str(e).split())[:120]})") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state"), dict) or "model" not in ckpt["state"]:
+        raise ConfigError("checkpoint", path, "a Composer checkpoint (a dict with state.model)")
+    return ckpt
+
+
+def _read_sharded(path: str, trust: bool) -> dict[str, Any]:
+    """A sharded checkpoint folder (torch.distributed.checkpoint, as Composer writes it under FSDP2), gathered
+    into one dict on this process. Its ``.metadata`` is a pickle, so it is read only when ``trust``."""
+    import tempfile
+
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    if not os.path.isfile(os.path.join(path, ".metadata")):
+        raise ConfigError("checkpoint", path, "a Composer checkpoint file (.pt) or a sharded checkpoint folder "
+                          "(with .metadata)")
+    if not trust:
+        raise ConfigError("checkpoint", path, "a sharded folder is read by torch.distributed.checkpoint, which "
+                          "unpickles its .metadata: pass --trust-checkpoint (only for folders you trust)")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            dcp_to_torch_save(path, os.path.join(tmp, "full.pt"))
+        except (CheckpointException, Exception) as e:  # CheckpointException is a BaseException
+            last = [line for line in str(e).splitlines() if line.strip()][-1:] or [type(e).__name__]
+            raise ConfigError("checkpoint", path, f"a readable sharded checkpoint ({last[0].strip()[:120]})") from None
+        ckpt = torch.load(os.path.join(tmp, "full.pt"), map_location="cpu", weights_only=False)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state"), dict) or "model" not in ckpt["state"]:
         raise ConfigError("checkpoint", path, "a Composer checkpoint (a dict with state.model)")
     return ckpt
@@ -86,6 +112,8 @@ def _build(meta: dict[str, Any], config_path: str | None) -> nn.Module:
         raise ConfigError("--config", None, "a config.json of the model: the checkpoint records no HF config "
                           "(state.integrations.huggingface)")
     saved = (meta.get("config") or {}).get("class")
+    if saved and saved.startswith("torch.distributed.fsdp."):  # FSDP2's per-instance subclass: built from config
+        saved = None
     cls = None
     if saved:
         try:
@@ -104,15 +132,20 @@ def _adapter_config(meta: dict[str, Any], sd: dict[str, torch.Tensor], alpha: fl
     ``start_at`` or ``stack_lora`` added) their rank from their shapes and ``alpha`` as given."""
     from peft import LoraConfig
 
+    ranks = sorted({int(v.shape[0]) for k, v in sd.items() if ".lora_A." in k})
+    targets = sorted({k.split(".lora_A.")[0].rsplit(".", 1)[-1] for k in sd if ".lora_A." in k})
+    recorded = set((meta.get("peft_config") or {}).get("content", {}).get("target_modules") or targets)
+    if len(ranks) > 1 or not set(targets) <= recorded:
+        raise ConfigError("checkpoint", f"adapters of ranks {ranks} on {targets}", "adapters of one rank and one "
+                          "alpha (a run that mixes them, e.g. model.peft with stack_lora: use lora_merge's "
+                          "export_folder or the phase export)")
     if "peft_config" in meta:
         content = {k: v for k, v in meta["peft_config"]["content"].items() if k in LoraConfig.__dataclass_fields__}
         return LoraConfig(**content)
     if alpha is None:
         raise ConfigError("--lora-alpha", None, "the alpha of the adapters the run added (lora_merge alpha, "
                           "default: its rank): the checkpoint does not record it")
-    targets = sorted({k.split(".lora_A.")[0].rsplit(".", 1)[-1] for k in sd if ".lora_A." in k})
-    rank = next(v.shape[0] for k, v in sd.items() if ".lora_A." in k)
-    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets)
+    return LoraConfig(r=ranks[0], lora_alpha=alpha, target_modules=targets)
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], config_path: str | None = None,

@@ -85,3 +85,11 @@ def test_export_errors_are_one_line(tmp_path, capsys):
     torch.save({"state": {"model": {}}, "obj": object.__new__(StackLayers)}, tmp_path / "pickled.pt")
     assert main(["export", str(tmp_path / "pickled.pt"), str(tmp_path / "out")]) == 2
     assert "--trust-checkpoint" in capsys.readouterr().err
+    # folders: one without .metadata is no sharded checkpoint; a damaged one fails in one line too
+    (tmp_path / "folder").mkdir()
+    assert main(["export", str(tmp_path / "folder"), str(tmp_path / "out"), "--trust-checkpoint"]) == 2
+    (tmp_path / "folder" / ".metadata").write_bytes(b"damaged")
+    assert main(["export", str(tmp_path / "folder"), str(tmp_path / "out"), "--trust-checkpoint"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2 and "sharded checkpoint folder (with .metadata)" in errors[0], errors
+    assert "a readable sharded checkpoint" in errors[1], errors

@@ -233,6 +233,22 @@ def test_growth_under_fsdp2_matches_ddp_and_resumes_sharded_and_full(tiny_recipe
             assert resumed["losses"] == pytest.approx(run_["losses"][-len(resumed["losses"]):], abs=1e-6)
             assert resumed["params"] == pytest.approx(run_["params"], rel=1e-6, abs=1e-6)
         assert len(results["sharded@ep0-ba6"]["losses"]) == 4 and len(results["full@ep0-ba9-rank0.pt"]["losses"]) == 1
+    # composer-growth export reads each kind of checkpoint of the grown run (sharded: with --trust-checkpoint)
+    from composer_growth.cli import main
+
+    sharded = str(tmp_path / "sharded" / "ep0-ba6")
+    assert main(["export", sharded, str(tmp_path / "hf-sharded")]) == 2
+    logits = {}
+    for kind, checkpoint, extra in [("sharded", sharded, ["--trust-checkpoint"]),
+                                    ("full", str(tmp_path / "full" / "ep0-ba6-rank0.pt"), []),
+                                    ("ddp", str(tmp_path / "ddp" / "ep0-ba6-rank0.pt"), [])]:
+        assert main(["export", checkpoint, str(tmp_path / f"hf-{kind}"), *extra]) == 0, kind
+        export = AutoModelForCausalLM.from_pretrained(tmp_path / f"hf-{kind}").eval()
+        assert export.config.num_hidden_layers == 4 and export.config.intermediate_size == 64
+        with torch.no_grad():
+            logits[kind] = export(torch.arange(1, 33)[None]).logits
+    torch.testing.assert_close(logits["sharded"], logits["full"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits["sharded"], logits["ddp"], rtol=0, atol=1e-3)
 
 
 def test_family_outside_the_table_is_named():

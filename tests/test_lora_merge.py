@@ -343,7 +343,7 @@ def test_two_ranks_hold_identical_parameters_after_merges(tiny_recipe, tmp_path)
 
 
 @pytest.mark.launcher
-def test_lora_under_fsdp2_matches_ddp_and_resumes_after_a_merge(tiny_recipe, tmp_path):
+def test_lora_under_fsdp2_matches_ddp_and_resumes_after_a_merge(tiny_recipe, tmp_path, capsys):
     """Under composer -n 2, DDP and FSDP2 (sharded checkpoints): a full-rank warm start, adapters on
     q/v at batch 2 (through surgery.grow), G_stack at batch 3 giving the new stack rank-2 adapters on its
     other linears (stack_lora), merges with magnitude pruning at batches 4, 6 and 8. FSDP2 trains what
@@ -373,6 +373,13 @@ def test_lora_under_fsdp2_matches_ddp_and_resumes_after_a_merge(tiny_recipe, tmp
         assert fsdp["params"] == pytest.approx(ddp["params"], rel=1e-3, abs=1e-3)
         assert resumed["losses"] == pytest.approx(fsdp["losses"][5:], abs=1e-6)
         assert resumed["params"] == pytest.approx(fsdp["params"], rel=1e-6, abs=1e-6)
+    # a checkpoint with adapters of two ranks (model.peft's and stack_lora's) is refused by the checkpoint
+    # export, in one line that names the in-run exports
+    from composer_growth.cli import main
+
+    assert main(["export", str(tmp_path / "ddp" / "ep0-ba5-rank0.pt"), str(tmp_path / "hf"), "--lora-alpha", "8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "adapters of ranks [2, 4]" in err and "export_folder" in err, err
     exports = {r: AutoModelForCausalLM.from_pretrained(tmp_path / r / "export").eval() for r in runs}
     ids = torch.arange(1, 33)[None]
     with torch.no_grad():
