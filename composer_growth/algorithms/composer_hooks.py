@@ -110,6 +110,32 @@ def _saved_algorithm_states(path: str) -> Any:
     return _load_state_dict_from_keys(keys={"state.algorithms"}, checkpoint_id=path).get("state", {}).get("algorithms")
 
 
+def _without_progress_bar(ignore_keys: Any) -> Any:
+    """``ignore_keys`` for Composer's sharded load that also leaves the progress bar's state out of the
+    template. Why: the template is the current state, and a fresh run's ``ProgressBarLogger`` has no bar yet
+    (``train_pbar: None``, one leaf) while the saved one had a bar (a dict of leaves), so torch's loader stops
+    with "Missing key in checkpoint state_dict: state.callbacks.ProgressBarLogger.train_pbar" on every
+    sharded resume with a progress bar. The bar's state is its display only."""
+    from composer.utils.checkpoint import glob_filter
+
+    given = glob_filter(ignore_keys) if isinstance(ignore_keys, (list, tuple)) else ignore_keys
+
+    def ignore(state_dict: dict[str, Any]) -> None:
+        if given is not None:
+            given(state_dict)
+        callbacks = (state_dict.get("state") or {}).get("callbacks")
+        if isinstance(callbacks, dict):
+            callbacks.pop("ProgressBarLogger", None)
+
+    return ignore
+
+
+def install_sharded_load_fixes() -> None:
+    """The sharded-load wrapper (:func:`_replay_before_sharded_load`) without growth: a recipe run under FSDP
+    installs it for the progress-bar fix (:func:`_without_progress_bar`)."""
+    _replay_before_sharded_load()
+
+
 def _replay_before_sharded_load() -> None:
     """Hook 2: Composer's ``checkpoint.load_sharded_checkpoint`` is wrapped (once per process).
 
@@ -133,7 +159,8 @@ def _replay_before_sharded_load() -> None:
                 raise ValueError("resuming growth from a sharded checkpoint in an object store is not supported; "
                                  "load it from a local or shared folder, or use parallelism.fsdp.state_dict_type: full")
             _replay(state, _saved_algorithm_states(path))
-        return original(*args, **kwargs)
+        bound.arguments["ignore_keys"] = _without_progress_bar(bound.arguments.get("ignore_keys"))
+        return original(*bound.args, **bound.kwargs)
 
     load_sharded_checkpoint._growth_replay = True
     checkpoint.load_sharded_checkpoint = load_sharded_checkpoint
