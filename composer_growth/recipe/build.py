@@ -493,7 +493,7 @@ def build_trainer(valid: ValidRecipe):
     evaluator = Evaluator(label="eval", dataloader=eval_loader,
                           metric_names=["LanguageCrossEntropy", "LanguagePerplexity"],
                           subset_num_batches=r.eval_subset_num_batches)
-    if "fsdp" in r.parallelism:  # a sharded resume with a progress bar (composer_hooks)
+    if (r.parallelism or {}).get("fsdp") is not None:  # a sharded resume with a progress bar (composer_hooks)
         from composer_growth.algorithms.composer_hooks import install_sharded_load_fixes
 
         install_sharded_load_fixes()
