@@ -189,7 +189,6 @@ def test_bad_growth_recipes_fail_before_training(tiny_recipe, alg, kwargs, key):
 
 @pytest.mark.parametrize("fsdp, extra, key", [
     ({"version": 2, "activation_checkpointing": True}, {}, "parallelism.fsdp.activation_checkpointing"),
-    ({"version": 2}, {"trunk": "lora"}, "algorithms.stack_layers.trunk"),
 ])
 def test_growth_under_fsdp_rejects_what_it_cannot_carry(tiny_recipe, fsdp, extra, key):
     tiny_recipe["algorithms"] = {"stack_layers": {"at": "4ba", **({"trunk": extra["trunk"]} if "trunk" in extra else {})}}
@@ -199,6 +198,30 @@ def test_growth_under_fsdp_rejects_what_it_cannot_carry(tiny_recipe, fsdp, extra
     with pytest.raises(ConfigError) as err:
         validate(tiny_recipe)
     assert str(err.value).startswith(f"{key}="), str(err.value)
+
+
+@pytest.mark.launcher
+def test_lora_trunk_under_fsdp2_matches_ddp_and_resumes(tiny_recipe, tmp_path):
+    """``trunk: lora`` under FSDP2 (sharded checkpoints) against DDP on two ranks: G_stack at batch 3 puts
+    rank-4 adapters on the old blocks' linears and freezes their base weights; both train the same
+    losses, the same adapters, and a run resumed from the sharded checkpoint after it goes on exactly."""
+    from conftest import fsdp_runs
+
+    tiny_recipe["algorithms"] = {"stack_layers": {"at": "3ba", "times": 2, "init": "function_preserving",
+                                                  "trunk": "lora", "lora_rank": 4, "probe_loss": False}}
+    tiny_recipe.update(max_duration="6ba", eval_first=False, eval_interval="6ba", save_interval="4ba",
+                       summary_file=None)
+    runs = ["ddp", "sharded", "sharded@ep0-ba4"]
+    for results in fsdp_runs(tiny_recipe, runs, tmp_path):
+        ddp, fsdp, resumed = (results[r] for r in runs)
+        assert fsdp["fsdp"] and fsdp["layers"] == resumed["layers"] == 4 and fsdp["units"] == 4 + 1
+        adapters = sorted(n for n in fsdp["shapes"] if "lora_A" in n)
+        assert adapters and all(".layers.0." in n or ".layers.1." in n for n in adapters)  # the old blocks only
+        assert fsdp["shapes"] == ddp["shapes"] == resumed["shapes"]
+        assert fsdp["losses"] == pytest.approx(ddp["losses"], abs=1e-5)
+        assert fsdp["params"] == pytest.approx(ddp["params"], rel=1e-3, abs=1e-3)
+        assert resumed["losses"] == pytest.approx(fsdp["losses"][4:], abs=1e-6)
+        assert resumed["params"] == pytest.approx(fsdp["params"], rel=1e-6, abs=1e-6)
 
 
 @pytest.mark.launcher

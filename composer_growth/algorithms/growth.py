@@ -122,8 +122,6 @@ class _Growth(SuiteAlgorithm):
             install_replay_hook(state)
         elif event is Event.FIT_START:
             check_supported(state, self.name)
-            if getattr(self, "trunk", "train") == "lora" and state.fsdp_enabled:
-                raise ValueError(f"{self.name}: trunk 'lora' needs DDP (or one process), not FSDP")
             check_at_fit_start(self, state)
             if self.plateau is not None and not any(ev.label == self.label for ev in state.evaluators):
                 labels = ", ".join(ev.label for ev in state.evaluators) or "none"
@@ -303,8 +301,6 @@ class StackLayers(_Growth):
         super().validate_run(facts)
         if facts.has_recipe and self.trunk == "lora" and facts.peft is not None:
             raise ConfigError("trunk", self.trunk, "'lora' needs a model without model.peft adapters")
-        if facts.has_recipe and self.trunk == "lora" and facts.parallelism.get("fsdp") is not None:
-            raise ConfigError("trunk", self.trunk, "train or frozen under FSDP2 ('lora' needs DDP)")
 
     def _op(self, model: nn.Module):
         return self.spec.op(model)

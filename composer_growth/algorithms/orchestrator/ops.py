@@ -370,8 +370,8 @@ class StackLayers(OpKind):
         state = run.state
         check_supported(state, "stack_layers")
         spec = spec_of_value(op.value, op.args["init"], op.args["seed"])
-        if spec.trunk == "lora" and (state.fsdp_enabled or peft_model(state.model) is not None):
-            raise Skip(f"trunk 'lora' needs DDP (or one process), not FSDP, and a model without {peft_key(state.model)}")
+        if spec.trunk == "lora" and peft_model(state.model) is not None:
+            raise Skip(f"trunk 'lora' needs a model without {peft_key(state.model)}")
         before = _layers(state)
         try:
             info = grow(state, spec.op, spec.after)
