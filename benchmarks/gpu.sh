@@ -27,6 +27,8 @@ LOGS=$WORK/logs
 mkdir -p "$OUT" "$LOGS" "$WORK/data"
 rm -f "$OUT/steps.tsv" "$OUT/smoke.json" "$OUT"/bench-*.json
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+# a temp folder of its own: StreamingDataset walks the file locks other runs left in the temp folder
+mkdir -p "$WORK/tmp" && export TMPDIR=$WORK/tmp
 START=$EPOCHREALTIME
 DEADLINE=${GPU_SH_DEADLINE:-555}  # seconds from the start by which every step has ended
 
