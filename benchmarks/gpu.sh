@@ -10,7 +10,8 @@
 #            (12 layers, 768 wide, 12 heads, MLP 3072, rows of 1024), sized to fit (GPU_SH_STEPS, GPU_SH_BATCH);
 #   report   one table, printed last: step | result | seconds | key figures (benchmarks/gpu_report.py).
 # A failing step does not stop the next; the table says which failed. $OUT (default runs/gpu-out) receives
-# table.md, results.json, smoke.json, bench-{warmup,growth,combined}.json and logs.tar.gz (every step's log).
+# table.md, results.json, steps.tsv, smoke.json, bench-{warmup,growth,combined}.json and logs.tar.gz (every
+# step's log).
 #
 #   bash benchmarks/gpu.sh                        # on the GPU machine
 #   GPU_SH_DRY_RUN=1 bash benchmarks/gpu.sh       # or `bash benchmarks/gpu.sh --cpu`: the same steps on a CPU,
@@ -119,6 +120,7 @@ step "bench combined" 95 "$PY" "$BENCH/tokens_to_loss.py" "${COMMON[@]}" --hidde
 
 # -- the table ------------------------------------------------------------------------------------------------
 tar -czf "$OUT/logs.tar.gz" -C "$WORK" logs 2>/dev/null
+rm -f "$OUT"/*.partial  # tokens_to_loss.py's results so far: $OUT keeps to the eight files above
 MODE="GPU"; [ "$DRY" = 1 ] && MODE="CPU dry run"
 "$PY" "$BENCH/gpu_report.py" "$OUT" --mode "$MODE" --smoke "$(IFS=,; echo "${SMOKE[*]}")" \
   --wall "$(now)" --steps "$STEPS" --batch "$BATCH" --seq-len "$SEQ"
