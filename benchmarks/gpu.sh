@@ -110,7 +110,7 @@ step smoke 120 "$PY" -m composer.cli.launcher -n 1 "$BENCH/gpu_smoke.py" --out "
 # -- benchmarks at the GPT-2-124M shape (tiny in a dry run) ---------------------------------------------------
 COMMON=(--device "$DEVICE" --precision "$PRECISION" --steps "$STEPS" --batch-size "$BATCH" --seq-len "$SEQ"
         --eval-interval "$EVAL_INTERVAL" --eval-batches "$EVAL_BATCHES" --lr "$LR" --data "$DATA/bench")
-step "bench warmup" 95 "$PY" "$BENCH/seq_length_warmup.py" "${WARMUP_MODEL[@]}" "${COMMON[@]}" \
+step "bench warmup" 95 "$PY" "$BENCH/seq_length_warmup.py" ${WARMUP_MODEL[@]+"${WARMUP_MODEL[@]}"} "${COMMON[@]}" \
   --min-seq-len $MIN_SEQ --step-size $SEQ_STEP --runs baseline,ours-reshape-tokens --out "$OUT/bench-warmup.json"
 step "bench growth" 100 "$PY" "$BENCH/growth.py" "${COMMON[@]}" --part all --hidden $HIDDEN --layers $LAYERS \
   --intermediate $MLP --heads $HEADS --runs scratch,gstack-fp --surgery-model $SURGERY \

@@ -15,8 +15,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = ("warmup", "growth", "lora", "orchestrator", "context")
 STEPS = ("install", "data", "smoke", *(f"smoke {s}" for s in SMOKE), "bench warmup", "bench growth", "bench combined")
 
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-import gpu_report  # noqa: E402
+
+def _load_report():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_report", os.path.join(ROOT, "benchmarks", "gpu_report.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gpu_report = _load_report()
 
 
 def table_rows(stdout: str) -> dict[str, list[str]]:
