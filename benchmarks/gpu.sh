@@ -31,15 +31,18 @@ export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 # a temp folder of its own: StreamingDataset walks the file locks other runs left in the temp folder
 mkdir -p "$WORK/tmp" && export TMPDIR=$WORK/tmp
 START=$EPOCHREALTIME
-DEADLINE=${GPU_SH_DEADLINE:-555}  # seconds from the start by which every step has ended
+# every step's time limit times SCALE; DEADLINE: seconds from the start by which every step has ended
+# (a dry run on a busy CPU is slower than the GPU run: its limits are 5 times as long)
+SCALE=${GPU_SH_LIMIT_SCALE:-1}; [ "$DRY" = 1 ] && SCALE=${GPU_SH_LIMIT_SCALE:-5}
+DEADLINE=$((${GPU_SH_DEADLINE:-555} * SCALE))
 
 now() { echo "$EPOCHREALTIME $START" | awk '{printf "%.1f", $1 - $2}'; }
 
-# step NAME LIMIT_S COMMAND...: run COMMAND in $WORK with a time limit (cut to what the deadline leaves),
+# step NAME LIMIT_S COMMAND...: run COMMAND in $WORK with a time limit (times SCALE, cut to what the deadline leaves),
 # its output in $LOGS/NAME.log; one line to $OUT/steps.tsv: name, pass / fail / timeout / skipped, seconds, note
 # (on a pass: the log's last line starting "note: "; else why)
 step() {
-  local name=$1 limit=$2; shift 2
+  local name=$1 limit=$(($2 * SCALE)); shift 2
   local left log="$LOGS/${name// /-}.log" t0 rc result note=""
   left=$(awk -v d="$DEADLINE" -v n="$(now)" 'BEGIN {printf "%d", d - n - 10}')
   [ "$left" -lt "$limit" ] && limit=$left

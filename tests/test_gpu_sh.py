@@ -48,7 +48,7 @@ def test_dry_run_passes_every_step_and_prints_the_table_last(tmp_path):
     cmd = ["bash", os.path.join(ROOT, "benchmarks", "gpu.sh")]
     if own_shm_available():  # StreamingDataset's shared-memory names cannot meet other processes'
         cmd = _own_shm(cmd)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env, cwd=ROOT)
     logs = proc.stdout[-3000:] + proc.stderr[-2000:]
     rows = table_rows(proc.stdout)
     assert tuple(rows) == STEPS, logs
