@@ -17,24 +17,32 @@ half the MLP):
 - ``combined``: the quickstart recipe's four algorithms together (half the layers and MLP, context 64;
   warmup 32 -> 64 within the first phase; stack at 30%, widen at 60%; 128 with RoPE x2 at 70%).
 
-Every ``--eval-interval`` batches and at the end, a callback evaluates the model as it stands on
-the same fixed validation rows at the full 128 tokens (plain HF forward with labels, no grad).
+``--seq-len`` scales every length with the row (the defaults are for 128 tokens: warmup from a quarter
+in steps of a quarter, context half then full). Every ``--eval-interval`` batches and at the end, a
+callback evaluates the model as it stands on the same fixed validation rows at the full length
+(plain HF forward with labels, no grad, fp32 weights).
 Tokens are ``input_ids.numel()`` at ``BATCH_START`` (after the algorithms cut the batch); FLOPs are
 ``tokens x composer_growth.functional.training_flops_per_token(config, L)`` for the model's config
 and row length at that batch (6N plus the attention term). *To target* interpolates linearly
 between the evals around the first crossing of the baseline's final eval loss; for a run that trains
 fewer FLOPs than the baseline (growth), the last column reads the baseline's eval loss at the
 run's total FLOPs (linear between the baseline's evals around it): the comparison at equal compute.
+Also per run: training seconds (evals left out; on a GPU synchronised at each batch's start and
+end), seconds per step, tokens/s, the time to the baseline's final loss and its speedup over the
+baseline (baseline's time / run's), and the peak CUDA memory allocated (None on a CPU).
 
     python benchmarks/tokens_to_loss.py --steps 100 --eval-interval 10 --eval-batches 2 --out runs/bench/tokens_to_loss.json
     python benchmarks/tokens_to_loss.py --hidden 256 --layers 4 --mlp 1024 --heads 4 --steps 200 \
         --eval-interval 10 --eval-batches 4 --out runs/bench/tokens_to_loss-256.json   # the 4.7M llama
+    python benchmarks/tokens_to_loss.py --device gpu --precision amp_bf16 --seq-len 1024 --hidden 768 --layers 12 \
+        --mlp 3072 --heads 12 --lr 6e-4 --runs baseline,combined --data ./data/bench-1024   # GPT-2-124M shape
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import sys
@@ -48,23 +56,23 @@ import torch  # noqa: E402
 from composer.core import Callback, State  # noqa: E402
 from composer.loggers import Logger  # noqa: E402
 
-from common import (build_recipe_parts, describe_device, ensure_data, fixed_eval_loader, markdown_table,  # noqa: E402
-                    time_to_loss, write_json)
+from common import (_sync, build_recipe_parts, describe_device, ensure_data, fixed_eval_loader,  # noqa: E402
+                    markdown_table, peak_memory, reset_peak_memory, time_to_loss, write_json)
 
 RUNS = ("baseline", "warmup", "context", "stack_layers", "widen_mlp", "combined")
 FINAL = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=4, max_position_embeddings=128, tie_word_embeddings=True)
-SEQ = 128
+SEQ = 128  # the default row length; --seq-len sets it
 
 
 def start_config(name: str) -> dict[str, Any]:
-    cfg = dict(FINAL)
+    cfg = dict(FINAL, max_position_embeddings=SEQ)
     if name in ("stack_layers", "combined"):
         cfg["num_hidden_layers"] = FINAL["num_hidden_layers"] // 2
     if name in ("widen_mlp", "combined"):
         cfg["intermediate_size"] = FINAL["intermediate_size"] // 2
     if name in ("context", "combined"):
-        cfg["max_position_embeddings"] = 64
+        cfg["max_position_embeddings"] = SEQ // 2
     return cfg
 
 
@@ -73,10 +81,12 @@ def make_algorithms(name: str) -> list[Any]:
     from composer_growth.algorithms.context_schedule import ContextLengthSchedule
     from composer_growth.algorithms.growth import StackLayers, WidenMLP
 
+    half, quarter = SEQ // 2, SEQ // 4
+
     def schedule():
         return ContextLengthSchedule(
-            phases=[{"name": "ctx64", "seq_length": 64, "duration": "0.7dur"},
-                    {"name": "ctx128", "seq_length": 128, "duration": "0.3dur",
+            phases=[{"name": f"ctx{half}", "seq_length": half, "duration": "0.7dur"},
+                    {"name": f"ctx{SEQ}", "seq_length": SEQ, "duration": "0.3dur",
                      "rope_scaling": {"rope_type": "linear", "factor": 2.0}}],
             mode="reshape", save_checkpoints=False, export_hf=False, eval_batches=0, verbose=False)
 
@@ -85,7 +95,7 @@ def make_algorithms(name: str) -> list[Any]:
     if name == "baseline":
         return []
     if name == "warmup":
-        return [SeqLengthWarmup(min_seq_length=32, max_seq_length=128, step_size=32, duration="0.3dur",
+        return [SeqLengthWarmup(min_seq_length=quarter, max_seq_length=SEQ, step_size=quarter, duration="0.3dur",
                                 mode="reshape")]
     if name == "context":
         return [schedule()]
@@ -93,8 +103,8 @@ def make_algorithms(name: str) -> list[Any]:
         return [stack()]
     if name == "widen_mlp":
         return [widen()]
-    return [schedule(), SeqLengthWarmup(min_seq_length=32, max_seq_length=64, step_size=32, duration="0.3dur",
-                                        mode="reshape"), stack(), widen()]
+    return [schedule(), SeqLengthWarmup(min_seq_length=quarter, max_seq_length=half, step_size=quarter,
+                                        duration="0.3dur", mode="reshape"), stack(), widen()]
 
 
 class Counter(Callback):
@@ -129,14 +139,17 @@ class Counter(Callback):
         self.tokens += n
         self.flops += n * training_flops_per_token(self._hf(state).config, length)
         self.lengths.append(length)
+        _sync()
         self._t = time.perf_counter()
 
     def batch_end(self, state: State, logger: Logger) -> None:
+        _sync()
         self.train_s += time.perf_counter() - self._t
         batch = int(state.timestamp.batch)
         done = state.max_duration is not None and state.timestamp >= state.max_duration
         if batch % self.interval == 0 or done:
-            self.evals.append({"batch": batch, "tokens": self.tokens, "flops": self.flops, "loss": self.evaluate(state),
+            self.evals.append({"batch": batch, "tokens": self.tokens, "flops": self.flops, "time_s": self.train_s,
+                               "loss": self.evaluate(state),
                                "params": sum(p.numel() for p in self._hf(state).parameters())})
 
     @torch.no_grad()
@@ -144,7 +157,8 @@ class Counter(Callback):
         hf = self._hf(state)
         was = hf.training
         hf.eval()
-        losses = [float(hf(input_ids=ids, labels=ids).loss) for ids in self.eval_rows]
+        device = next(hf.parameters()).device
+        losses = [float(hf(input_ids=ids.to(device), labels=ids.to(device)).loss) for ids in self.eval_rows]
         hf.train(was)
         return sum(losses) / len(losses)
 
@@ -169,25 +183,36 @@ def run_one(name: str, args, tokenizer, eval_rows) -> dict[str, Any]:
     reproducibility.seed_all(args.seed)
     model = build_model(recipe, tokenizer)
     counter = Counter(eval_rows, args.eval_interval)
+    reset_peak_memory(args.device)
     loader = build_lm_dataloader(args.data, "train", args.batch_size, shuffle=True, seed=args.seed)
     trainer = Trainer(model=model, train_dataloader=loader, max_duration=f"{args.steps}ba",
                       optimizers=build_optimizer(recipe, model), schedulers=build_scheduler(recipe),
-                      algorithms=make_algorithms(name), callbacks=[counter], device="cpu", precision="fp32",
+                      algorithms=make_algorithms(name), callbacks=[counter], device=args.device, precision=args.precision,
                       device_train_microbatch_size=args.batch_size, seed=args.seed, progress_bar=False,
                       log_to_console=False, python_log_level="error")
     start = time.perf_counter()
     trainer.fit()
     wall = time.perf_counter() - start
+    memory = peak_memory(args.device)
     trainer.close()
+    del trainer, model
+    gc.collect()
+    steps = len(counter.lengths)
     return {"evals": counter.evals, "tokens": counter.tokens, "flops": counter.flops, "first_ids": counter.first_ids,
-            "lengths": counter.lengths, "train_s": counter.train_s, "wall_s": wall,
+            "lengths": counter.lengths, "train_s": counter.train_s, "wall_s": wall, "peak_memory": memory,
+            "s_per_step": counter.train_s / steps if steps else None,
+            "tokens_per_s": counter.tokens / counter.train_s if counter.train_s else None,
             "params_start": counter.params_start,
             "params_end": counter.evals[-1]["params"] if counter.evals else None}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    global SEQ
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default="./data/bench-128")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--precision", choices=("fp32", "amp_bf16"), default="fp32")
+    p.add_argument("--seq-len", type=int, default=SEQ, help="row length (a multiple of 4)")
+    p.add_argument("--data", help="a prepared dataset (default: ./data/bench-<seq_len>, built if missing)")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--eval-interval", type=int, default=10)
@@ -205,25 +230,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     if args.layers % 2 or args.mlp % 2 or args.hidden % args.heads:
         p.error("--layers and --mlp must be even and --hidden a multiple of --heads (growth starts from halves)")
+    if args.seq_len % 4:
+        p.error("--seq-len: a multiple of 4 (the warmup starts from a quarter)")
+    if args.device == "gpu" and not torch.cuda.is_available():
+        p.error("--device gpu: no CUDA device here (use --device cpu)")
+    SEQ = args.seq_len
+    args.data = args.data or f"./data/bench-{SEQ}"
     FINAL.update(hidden_size=args.hidden, intermediate_size=args.mlp, num_hidden_layers=args.layers,
                  num_attention_heads=args.heads, num_key_value_heads=args.heads)
     runs = [r for r in args.runs.split(",") if r]
     assert all(r in RUNS for r in runs), runs
-    torch.set_num_threads(args.threads)
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
 
     ensure_data(args.data, SEQ, 2048, 8_000_000)
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(args.data, "tokenizer"))
     loader = fixed_eval_loader(args.data, "val", args.batch_size, args.eval_batches, SEQ)
     eval_rows = [b["input_ids"] for b in loader]
-    print(f"tokens_to_loss on {describe_device('cpu')}: {args.steps} steps of {args.batch_size} x {SEQ}; "
+    print(f"tokens_to_loss on {describe_device(args.device)}: {args.steps} steps of {args.batch_size} x {SEQ}, "
+          f"{args.precision}; "
           f"load {os.getloadavg()}", flush=True)
     results: dict[str, Any] = {}
     if args.include:
         with open(args.include) as f:
             earlier = json.load(f)
-        same = ("steps", "batch_size", "eval_interval", "eval_batches", "lr", "seed", "hidden", "layers", "mlp", "heads")
-        if any(earlier["settings"].get(k) != getattr(args, k) for k in same):
+        same = ("steps", "batch_size", "eval_interval", "eval_batches", "lr", "seed", "hidden", "layers", "mlp", "heads",
+                "seq_len", "device", "precision")
+        then = {"seq_len": 128, "device": "cpu", "precision": "fp32", **earlier["settings"]}  # files from before these
+        if any(then.get(k) != getattr(args, k) for k in same):
             p.error(f"--include {args.include}: other settings ({', '.join(same)} must match)")
         results.update(earlier["runs"])
     for name in runs:
@@ -243,8 +278,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         fl = time_to_loss(r["evals"], target, "flops") if target is not None else None
         btok = time_to_loss(base["evals"], target, "tokens") if base else None
         bfl = time_to_loss(base["evals"], target, "flops") if base else None
+        sec = time_to_loss(r["evals"], target, "time_s") if target is not None and "time_s" in r["evals"][0] else None
+        bsec = time_to_loss(base["evals"], target, "time_s") if sec is not None else None
         base_same = loss_at(base["evals"], "flops", r["flops"]) if base else None
-        r.update(tokens_to_target=tok, flops_to_target=fl, baseline_loss_at_same_flops=base_same)
+        speedup = bsec / sec if sec and bsec else None
+        mem = r.get("peak_memory")
+        r.update(tokens_to_target=tok, flops_to_target=fl, baseline_loss_at_same_flops=base_same,
+                 time_to_target_s=sec, speedup=speedup)
         rows.append({
             "run": name, "params": f"{r['params_start'] / 1e6:.2f} -> {r['params_end'] / 1e6:.2f}",
             "loss": f"{r['evals'][-1]['loss']:.4f}",
@@ -254,18 +294,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "flx": "n/a" if fl is None or not bfl else f"{fl / bfl:.2f}",
             "ttok": f"{r['tokens']:,}", "tfl": f"{r['flops']:.3e}",
             "same": "n/a" if base_same is None else f"{base_same:.4f}",
+            "step": "n/a" if r.get("s_per_step") is None else f"{r['s_per_step']:.4f}",
+            "tps": "n/a" if r.get("tokens_per_s") is None else f"{r['tokens_per_s']:,.0f}",
+            "speedup": "not reached" if speedup is None else f"{speedup:.2f}x",
+            "mem": "n/a" if mem is None else f"{mem / 2**30:.2f}",
         })
     columns = [("run", "run"), ("params", "params (M) start -> end"), ("loss", "final eval loss"),
                ("tok", "tokens to baseline's final loss"), ("tokx", "vs baseline"),
                ("fl", "training FLOPs to it"), ("flx", "vs baseline"), ("ttok", "tokens trained"),
-               ("tfl", "FLOPs trained"), ("same", "baseline's eval loss at this run's FLOPs")]
+               ("tfl", "FLOPs trained"), ("same", "baseline's eval loss at this run's FLOPs"),
+               ("step", "s/step"), ("tps", "tokens/s"), ("speedup", "speedup in time to baseline's final loss"),
+               ("mem", "peak mem GiB")]
     table = markdown_table(rows, columns)
     curve = ["| batch | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
     for i, e in enumerate(next(iter(results.values()))["evals"]):
         curve.append(f"| {e['batch']} | " + " | ".join(
             f"{r['evals'][i]['loss']:.4f}" if i < len(r["evals"]) else "" for r in results.values()) + " |")
     out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "device": describe_device("cpu"), "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+           "device": describe_device(args.device), "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
            "settings": {k: v for k, v in vars(args).items() if k != "out"}, "final_config": FINAL,
            "runs": results, "table": table, "curve": "\n".join(curve)}
     write_json(args.out, out)
