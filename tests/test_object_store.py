@@ -42,15 +42,59 @@ def _store_runs(recipes: dict, steps: list[str], store: str, workdir) -> None:
     assert (proc.returncode != 0) == killed, launch_failure(proc, workdir)
 
 
-GROWTH = {"stack_layers": {"at": "2ba", "mode": "repeat", "times": 2, "init": "function_preserving"}}
+def _event_batches(result: dict) -> list[int]:
+    """The batches of the growth, or of every merge, that the run's algorithm recorded."""
+    state = result["replayed"][0]
+    return [h["batch"] for h in state["history"]] if "history" in state else [state["batch"]]
+
+
+ALGORITHMS = {
+    "growth": {"algorithms": {"stack_layers": {"at": "2ba", "mode": "repeat", "times": 2,
+                                               "init": "function_preserving"}}},
+    "lora": {"algorithms": {"lora_merge": {"interval": "2ba", "restart_warmup": "1ba", "prune": "magnitude",
+                                           "ratio": 0.9}},
+             "peft": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
+}
+#: (recipe, checkpoint kind): FSDP2 sharded, and full checkpoints under DDP and FSDP2
+RUNS = ["growth.sharded", "growth.ddp", "lora.sharded", "lora.full"]
 
 
 @pytest.mark.launcher
-def test_grown_sharded_checkpoint_resumes_from_the_store(tiny_recipe, tmp_path, s3_store):
-    recipe = dict(tiny_recipe, save_interval="2ba", eval_interval="8ba", eval_first=False, algorithms=GROWTH)
-    recipes = {"growth": recipe}
-    _store_runs(recipes, ["growth.sharded", "growth.sharded.kill"], s3_store, tmp_path)
-    _store_runs(recipes, ["growth.sharded.resume"], s3_store, tmp_path)
+def test_killed_after_growth_or_merge_resumes_from_the_store(tiny_recipe, tmp_path, s3_store):
+    """Each run of RUNS saves to the store every 2 batches; the growth (or first merge) happens at batch 2,
+    the run is killed (SIGKILL) in batch 3, once the store holds the batch-2 checkpoint; the restart, on an
+    empty disk, finds that checkpoint through autoresume, replays the growth or merge before the weights
+    load, and trains batches 3..8 exactly as the uninterrupted run did (losses and final parameters)."""
+    recipes = {}
+    for name, extra in ALGORITHMS.items():
+        recipe = dict(tiny_recipe, save_interval="2ba", eval_interval="8ba", eval_first=False,
+                      algorithms=extra["algorithms"])
+        if "peft" in extra:
+            recipe["model"] = dict(recipe["model"], peft=extra["peft"])
+        recipes[name] = recipe
+    # every kill ends its launch: the next launch resumes that run, then starts the next one and kills it
+    launches = [RUNS + [f"{RUNS[0]}.kill"]]
+    launches += [[f"{done}.resume", f"{run_}.kill"] for done, run_ in zip(RUNS, RUNS[1:])]
+    launches.append([f"{RUNS[-1]}.resume"])
+    for steps in launches:
+        _store_runs(recipes, steps, s3_store, tmp_path)
     for rank in (0, 1):
         results = read_summary(tmp_path / f"p{rank}.json")
-        print(results)
+        for run_ in RUNS:
+            name, kind = run_.split(".")
+            full, killed, resumed = results[run_], results[f"{run_}.kill"], results[f"{run_}.resume"]
+            assert (killed["checkpoint"], killed["killed"]) == (2, 3), run_
+            ckpt = f"{name}-{kind}/ep0-ba2" + ("" if kind == "sharded" else "-rank0.pt")
+            assert killed["symlink"] == (ckpt if rank == 0 else None), run_
+            assert resumed["start"] == 2, run_
+            if kind == "sharded":  # read from the store
+                assert resumed["load_path"] == f"{s3_store}/{ckpt}", run_
+            else:  # downloaded from the store into the restart's empty working folder
+                assert resumed["load_path"].startswith(str(tmp_path / "cwd" / f"{run_}.resume")), run_
+            assert resumed["layers"] == full["layers"] == (4 if name == "growth" else 2), run_
+            assert _event_batches(resumed) == _event_batches(full) and _event_batches(full)[0] == 2, run_
+            assert sorted(resumed["losses"], key=int) == [str(b) for b in range(3, 9)], run_
+            assert [resumed["losses"][b] for b in resumed["losses"]] == pytest.approx(
+                [full["losses"][b] for b in resumed["losses"]], rel=1e-6, abs=1e-6), run_
+            assert resumed["params"].keys() == full["params"].keys(), run_
+            assert resumed["params"] == pytest.approx(full["params"], rel=1e-6, abs=1e-6), run_
