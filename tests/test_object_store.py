@@ -55,16 +55,18 @@ ALGORITHMS = {
                                            "ratio": 0.9}},
              "peft": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
 }
-#: (recipe, checkpoint kind): FSDP2 sharded, and full checkpoints under DDP and FSDP2
+#: recipe.checkpoint kind: FSDP2 sharded, and full checkpoints under DDP and FSDP2
 RUNS = ["growth.sharded", "growth.ddp", "lora.sharded", "lora.full"]
 
 
 @pytest.mark.launcher
 def test_killed_after_growth_or_merge_resumes_from_the_store(tiny_recipe, tmp_path, s3_store):
     """Each run of RUNS saves to the store every 2 batches; the growth (or first merge) happens at batch 2,
-    the run is killed (SIGKILL) in batch 3, once the store holds the batch-2 checkpoint; the restart, on an
-    empty disk, finds that checkpoint through autoresume, replays the growth or merge before the weights
-    load, and trains batches 3..8 exactly as the uninterrupted run did (losses and final parameters)."""
+    the run is killed (SIGKILL) in batch 3, once the store holds the batch-2 checkpoint; the restart, with
+    nothing of it on disk, finds that checkpoint through autoresume, replays the growth or merge before the
+    weights load, and trains batches 3..8 exactly as the uninterrupted run did (losses and final
+    parameters). Restarted once more from the same working folder, the DDP run finds the store's newest
+    checkpoint (batch 8), not the copy of batch 2 that its resume downloaded there."""
     recipes = {}
     for name, extra in ALGORITHMS.items():
         recipe = dict(tiny_recipe, save_interval="2ba", eval_interval="8ba", eval_first=False,
@@ -73,9 +75,11 @@ def test_killed_after_growth_or_merge_resumes_from_the_store(tiny_recipe, tmp_pa
             recipe["model"] = dict(recipe["model"], peft=extra["peft"])
         recipes[name] = recipe
     # every kill ends its launch: the next launch resumes that run, then starts the next one and kills it
-    launches = [RUNS + [f"{RUNS[0]}.kill"]]
-    launches += [[f"{done}.resume", f"{run_}.kill"] for done, run_ in zip(RUNS, RUNS[1:])]
-    launches.append([f"{RUNS[-1]}.resume"])
+    launches = [RUNS + [f"{RUNS[0]}.kill"],
+                ["growth.sharded.resume", "growth.ddp.kill"],
+                ["growth.ddp.resume", "growth.ddp.restart", "lora.sharded.kill"],
+                ["lora.sharded.resume", "lora.full.kill"],
+                ["lora.full.resume"]]
     for steps in launches:
         _store_runs(recipes, steps, s3_store, tmp_path)
     for rank in (0, 1):
@@ -89,8 +93,8 @@ def test_killed_after_growth_or_merge_resumes_from_the_store(tiny_recipe, tmp_pa
             assert resumed["start"] == 2, run_
             if kind == "sharded":  # read from the store
                 assert resumed["load_path"] == f"{s3_store}/{ckpt}", run_
-            else:  # downloaded from the store into the restart's empty working folder
-                assert resumed["load_path"].startswith(str(tmp_path / "cwd" / f"{run_}.resume")), run_
+            else:  # downloaded from the store into the run's working folder
+                assert resumed["load_path"] == str(tmp_path / "cwd" / run_ / f"s3:/ckpt/{name}-{kind}/latest-rank0.pt")
             assert resumed["layers"] == full["layers"] == (4 if name == "growth" else 2), run_
             assert _event_batches(resumed) == _event_batches(full) and _event_batches(full)[0] == 2, run_
             assert sorted(resumed["losses"], key=int) == [str(b) for b in range(3, 9)], run_
@@ -98,3 +102,6 @@ def test_killed_after_growth_or_merge_resumes_from_the_store(tiny_recipe, tmp_pa
                 [full["losses"][b] for b in resumed["losses"]], rel=1e-6, abs=1e-6), run_
             assert resumed["params"].keys() == full["params"].keys(), run_
             assert resumed["params"] == pytest.approx(full["params"], rel=1e-6, abs=1e-6), run_
+        restarted = results["growth.ddp.restart"]
+        assert (restarted["start"], restarted["losses"]) == (8, {})
+        assert restarted["params"] == pytest.approx(results["growth.ddp"]["params"], rel=1e-6, abs=1e-6)
