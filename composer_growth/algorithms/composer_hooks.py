@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import tempfile
 import weakref
 from typing import Any
 
@@ -96,18 +97,36 @@ def install_replay_hook(state: State) -> None:
     _replay_before_sharded_load()
 
 
-def _saved_algorithm_states(path: str) -> Any:
+def _saved_algorithm_states(path: str, object_store: Any = None, device_mesh: Any = None) -> Any:
     """The ``algorithms`` entry of a sharded (torch.distributed.checkpoint) Composer checkpoint, read
-    alone (collective: every rank reads it).
+    alone (collective: every rank reads it). ``path`` is a folder, or with ``object_store`` (a remote
+    ``save_folder`` or ``load_path``) the checkpoint's name in that store.
 
     torch's ``_load_state_dict_from_keys`` is private too: it reads some keys of a distributed
-    checkpoint without a template of the whole state, which the public ``dcp.load`` needs.
+    checkpoint without a template of the whole state, which the public ``dcp.load`` needs. From a store,
+    Composer's own reader of sharded checkpoints (``DistCPObjectStoreReader``) downloads the ``.metadata``
+    and the shard file that holds the algorithm states, once per node, as Composer's load does.
     """
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
-    if os.path.islink(path):
-        path = os.path.join(os.path.dirname(path), os.readlink(path))
-    return _load_state_dict_from_keys(keys={"state.algorithms"}, checkpoint_id=path).get("state", {}).get("algorithms")
+    keys = {"state.algorithms"}
+    if object_store is None:
+        if os.path.islink(path):
+            path = os.path.join(os.path.dirname(path), os.readlink(path))
+        return _load_state_dict_from_keys(keys=keys, checkpoint_id=path).get("state", {}).get("algorithms")
+    from composer.utils import dist
+    from composer.utils.checkpoint import DistCPObjectStoreReader
+    from composer.utils.file_helpers import extract_path_from_symlink
+
+    if path.endswith(".symlink"):
+        path = extract_path_from_symlink(path, object_store=object_store)
+    with tempfile.TemporaryDirectory() as tmp:
+        node_folder = dist.all_gather_object(tmp)[dist.get_global_rank() - dist.get_local_rank()]
+        reader = DistCPObjectStoreReader(source_path=path, destination_path=os.path.join(node_folder, "algorithms"),
+                                         object_store=object_store, device_mesh=device_mesh)
+        saved = _load_state_dict_from_keys(keys=keys, storage_reader=reader)
+        dist.barrier()  # the node's local rank 0 keeps its folder until every rank there has read it
+    return saved.get("state", {}).get("algorithms")
 
 
 def _without_progress_bar(ignore_keys: Any) -> Any:
@@ -155,10 +174,7 @@ def _replay_before_sharded_load() -> None:
         bound = inspect.signature(original).bind(*args, **kwargs)
         state, path = bound.arguments["state"], bound.arguments["source_path"]
         if state in _REPLAYING:
-            if bound.arguments.get("object_store") is not None:
-                raise ValueError("resuming growth from a sharded checkpoint in an object store is not supported; "
-                                 "load it from a local or shared folder, or use parallelism.fsdp.state_dict_type: full")
-            _replay(state, _saved_algorithm_states(path))
+            _replay(state, _saved_algorithm_states(path, bound.arguments.get("object_store"), state.device_mesh))
         bound.arguments["ignore_keys"] = _without_progress_bar(bound.arguments.get("ignore_keys"))
         return original(*bound.args, **bound.kwargs)
 

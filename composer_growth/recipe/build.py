@@ -547,14 +547,17 @@ def build_trainer(valid: ValidRecipe):
 def resume_path(recipe: Recipe) -> str | None:
     """With ``autoresume`` and a local ``save_folder``: the newest readable checkpoint there, which
     every rank loads (damaged newer ones set aside, each with one line); None when there is none
-    (the run starts afresh, from ``load_path`` if given). A remote folder keeps Composer's autoresume."""
+    (the run starts afresh, from ``load_path`` if given). A remote folder keeps Composer's autoresume
+    (without the copy of the store's latest that an earlier restart downloaded)."""
     from composer.utils import format_name_with_dist
 
-    from composer_growth.recipe.checkpoints import CheckpointError, choose_resume, readable_or_why
+    from composer_growth.recipe.checkpoints import CheckpointError, choose_resume, drop_stale_download, readable_or_why
 
     found = None
     if recipe.autoresume and recipe.save_folder is not None and "://" not in recipe.save_folder:
         found = choose_resume(format_name_with_dist(recipe.save_folder, recipe.run_name))
+    elif recipe.autoresume and recipe.save_folder is not None:
+        drop_stale_download(recipe.save_folder, recipe.run_name)
     if found is None and recipe.load_path is not None and os.path.exists(recipe.load_path):
         why = readable_or_why(recipe.load_path)
         if why is not None:

@@ -12,8 +12,9 @@ inside the file); a sharded checkpoint's ``.metadata`` must unpickle and every b
 must lie inside an existing file. Every rank checks, and a checkpoint counts as good only where all
 ranks found it good; rank 0's choice is broadcast.
 
-A remote ``save_folder`` (an object store URI) keeps Composer's own autoresume: the folder view
-here (:func:`list_checkpoints`, :func:`why_unreadable`) is where a listing of the store would plug in.
+A remote ``save_folder`` (an object store URI) keeps Composer's own autoresume, minus the stale local
+copy it would load instead of the store's latest (:func:`drop_stale_download`): the folder view here
+(:func:`list_checkpoints`, :func:`why_unreadable`) is where a listing of the store would plug in.
 """
 
 from __future__ import annotations
@@ -187,6 +188,23 @@ def choose_resume(folder: str) -> str | None:
             _set_aside(checkpoint)
     dist.barrier()
     return chosen.path
+
+
+def drop_stale_download(save_folder: str, run_name: str | None) -> None:
+    """Before Composer's autoresume from a remote ``save_folder``: remove the copy of the store's latest
+    checkpoint that an earlier restart downloaded (collective).
+
+    Composer reads the URI as a local path (``./s3:/bucket/run/latest-rank0.pt`` under the working
+    folder), downloads the store's latest full checkpoint there, and on a later restart loads that copy,
+    when it exists, without asking the store: a run stopped twice would resume from the first stop's
+    checkpoint. Without the copy, every restart downloads the store's latest.
+    """
+    from composer.utils import dist, format_name_with_dist
+
+    path = os.path.abspath(os.path.join(format_name_with_dist(save_folder, run_name), "latest-rank0.pt"))
+    if dist.get_local_rank() == 0 and os.path.isfile(path):
+        os.remove(path)
+    dist.barrier()
 
 
 def disk_full(save_folder: str | None, run_name: str | None, error: BaseException) -> OSError | None:
