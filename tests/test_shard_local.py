@@ -62,3 +62,17 @@ def test_shard_local_growth_matches_gathered_and_resumes(tiny_recipe, tmp_path):
         for param, moments in new["state"].items():
             for key, moment in moments.items():
                 torch.testing.assert_close(resumed["state"][param][key], moment, rtol=0, atol=1e-6)
+
+
+def test_bad_fsdp_growth_path_fails_before_training(tiny_recipe, monkeypatch):
+    from composer_growth.errors import ConfigError
+    from composer_growth.recipe import validate
+
+    monkeypatch.setenv("COMPOSER_GROWTH_FSDP_PATH", "local")
+    tiny_recipe["algorithms"] = {"widen_mlp": {"at": "4ba"}}
+    tiny_recipe["parallelism"] = {"fsdp": {"version": 2}}
+    with pytest.raises(ConfigError) as err:
+        validate(tiny_recipe)
+    assert str(err.value) == "COMPOSER_GROWTH_FSDP_PATH='local': one of shard-local, gathered"
+    monkeypatch.setenv("COMPOSER_GROWTH_FSDP_PATH", "gathered")
+    validate(tiny_recipe)

@@ -74,7 +74,6 @@ def check_recipe_sharding(parallelism: dict[str, Any], name: str) -> None:
     fsdp = parallelism.get("fsdp")
     if not isinstance(fsdp, dict):
         return
-    path_setting()  # COMPOSER_GROWTH_FSDP_PATH
     if fsdp.get("version", 1) != 2:
         raise ConfigError("parallelism.fsdp.version", fsdp.get("version", 1),
                           f"2 for {name} (growth runs under FSDP2 or DDP, not FSDP1)")
