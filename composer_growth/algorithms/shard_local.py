@@ -156,7 +156,8 @@ def relink(model: nn.Module) -> None:
         state = module._get_fsdp_state()
         state._is_root = None
         state._state_ctx = FSDPStateContext()
-        for param in state._fsdp_param_group.fsdp_params if state._fsdp_param_group else ():
+        groups = getattr(state, "_fsdp_param_groups", None) or [state._fsdp_param_group]  # newer torch: a list
+        for param in (p for group in groups if group is not None for p in group.fsdp_params):
             if hasattr(param, "_unsharded_param"):
                 param._unsharded_param.requires_grad_(param.sharded_param.requires_grad)
 
