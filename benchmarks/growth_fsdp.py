@@ -9,7 +9,7 @@ batches by ``--op stack`` (``StackLayers(mode="repeat", times=2, init="function_
 seconds and path, the resident set size before, at its peak during, and after the surgery (CPU; sampled
 every ms by a thread) or CUDA ``memory_allocated`` / ``max_memory_allocated``; the bound a sharded growth
 should stay under, (grown parameters + optimizer state) / world size + one block, in bytes; and the
-largest difference between the run's per-batch training losses and the first run's.
+largest difference between the run's per-batch training losses and the first (and second) run's.
 
     composer -n 2 benchmarks/growth_fsdp.py --device cpu --tiny        # a llama of about 10M parameters
     MALLOC_MMAP_THRESHOLD_=131072 composer -n 4 benchmarks/growth_fsdp.py --device cpu --deep --runs gathered,shard-local
@@ -163,8 +163,9 @@ def main() -> None:
     world = dist.get_world_size()
     mb = lambda x: f"{x / 2**20:,.0f}" if x is not None else "n/a"  # noqa: E731
     table = []
+    diff = lambda row, run: max(abs(a - b) for a, b in zip(row["losses"], next(  # noqa: E731
+        r for r in gathered if r["run"] == run and r["rank"] == row["rank"])["losses"]))
     for row in gathered:
-        ref = next(r for r in gathered if r["run"] == args.runs[0] and r["rank"] == row["rank"])
         extra = row["peak"] - row["before"] if row["peak"] and row["before"] else None
         row["bound"] = (row["param_bytes"] + row["state_bytes"]) / world + row["block_bytes"]
         table.append({"run": row["run"], "path": row["path"], "rank": row["rank"], "seconds": f"{row['seconds']:.3f}",
@@ -172,13 +173,13 @@ def main() -> None:
                       "before": mb(row["before"]), "peak": mb(row["peak"]), "after": mb(row["after"]),
                       "peak_extra": mb(extra), "bound": mb(row["bound"]),
                       "ratio": f"{extra / row['bound']:.2f}" if extra is not None else "n/a",
-                      "loss_diff": f"{max(abs(a - b) for a, b in zip(row['losses'], ref['losses'])):.1e}"})
+                      **{f"diff_{run}": f"{diff(row, run):.1e}" for run in args.runs[:2]}})
     unit = "MiB (CUDA allocated)" if args.device == "gpu" else "MiB (RSS)"
     print(markdown_table(table, [("run", "run"), ("path", "path"), ("rank", "rank"), ("seconds", "surgery s"),
                                  ("params", "params"), ("before", f"before, {unit}"), ("peak", "peak during"),
                                  ("after", "after"), ("peak_extra", "peak - before"),
                                  ("bound", "(grown model + opt state) / world + block"), ("ratio", "extra / bound"),
-                                 ("loss_diff", f"max loss diff vs {args.runs[0]}")]))
+                                 *[(f"diff_{run}", f"max loss diff vs {run}") for run in args.runs[:2]]]))
     write_json(args.out, {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                           "device": describe_device(args.device), "world_size": world,
                           "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),

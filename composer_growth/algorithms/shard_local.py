@@ -39,7 +39,7 @@ from composer_growth.families import config_set, family_of, get_path, set_path
 from composer_growth.functional.growth import (STACK_INITS, ParamSource, _add_noise, _collect_mapping, _renumber,
                                                _stack_plan, _unit_dims, _zeroed, projection_like, unit_index,
                                                widen_sizes)
-from composer_growth.functional.sharding import full, is_sharded
+from composer_growth.functional.sharding import full, is_sharded, shard_of
 from composer_growth.unwrap import peft_model, unwrap_hf
 
 __all__ = ["PATH_ENV", "PATHS", "ShardSource", "Units", "choose_path", "path_setting", "plain_copy", "relink",
@@ -218,7 +218,7 @@ class ShardSource(ParamSource):
             return old
         if not is_sharded(old) or self.index is None:
             return super().apply(old, power)
-        from torch.distributed.tensor import DTensor, distribute_tensor
+        from torch.distributed.tensor import DTensor
 
         (placement,) = old.placements
         if self.dim != placement.dim:
@@ -228,8 +228,7 @@ class ShardSource(ParamSource):
             stride = torch.empty(shape, device="meta").stride()
             return DTensor.from_local(local, old.device_mesh, old.placements, run_check=False,
                                       shape=torch.Size(shape), stride=stride)
-        return distribute_tensor(super().apply(old.full_tensor(), power), old.device_mesh, old.placements,
-                                 src_data_rank=None)
+        return shard_of(super().apply(old.full_tensor(), power), old)
 
 
 def _fill(param: torch.Tensor, value: torch.Tensor) -> None:

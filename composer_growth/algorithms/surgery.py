@@ -43,7 +43,7 @@ from composer_growth.algorithms.shard_local import Units, choose_path, path_sett
 from composer_growth.errors import ConfigError
 from composer_growth.functional.growth import ParamSource, param_names
 from composer_growth.functional.optim import transfer_optimizer_state
-from composer_growth.functional.sharding import cpu_state_dict, full, is_sharded, reshard
+from composer_growth.functional.sharding import cpu_state_dict, full, is_sharded, reshard, shard_of
 from composer_growth.unwrap import composer_model, unwrap_hf
 
 log = logging.getLogger(__name__)
@@ -218,15 +218,14 @@ def _shard(state: State, model: nn.Module, mesh: Any) -> None:
 
 
 def _shard_optimizer_state(opt: torch.optim.Optimizer) -> None:
-    """Shard the full state tensors of an optimizer over sharded parameters like the parameters."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
+    """Shard the full state tensors of an optimizer over sharded parameters like the parameters (each rank
+    keeps a copy of its part only, and the full tensors are freed)."""
     for p, st in opt.state.items():
-        if not isinstance(p, DTensor):
+        if not is_sharded(p):
             continue
         for key, value in st.items():
-            if torch.is_tensor(value) and not isinstance(value, DTensor) and value.shape == p.shape:
-                st[key] = distribute_tensor(value.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+            if torch.is_tensor(value) and not is_sharded(value) and value.shape == p.shape:
+                st[key] = shard_of(value, p)
 
 
 @torch.no_grad()

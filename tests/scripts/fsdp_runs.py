@@ -9,8 +9,8 @@ checkpoints, growth on gathered tensors: ``COMPOSER_GROWTH_FSDP_PATH=gathered``)
 to half its size (the restart must fall back to CKPT).
 Each run saves (and exports, for algorithms with an ``export_folder``) under ``<OUT's folder>/<RUN>``;
 per run the JSON holds the per-batch training losses and sequence lengths, the trained tokens, the
-layer count, the FSDP unit count, a checksum and the shape of every full parameter and the states
-of the algorithms that replay; rank 0 saves every full parameter and its optimizer state tensors at the
+layer count, the FSDP unit count, a checksum and the shape of every full parameter, the states
+of the algorithms that replay and how much more memory a rank holds for an optimizer state tensor than its part; rank 0 saves every full parameter and its optimizer state tensors at the
 end of each run to ``<OUT's folder>/<RUN>.pt``.
 """
 
@@ -56,6 +56,17 @@ def save_tensors(trainer, path):
         torch.save(out, path)
 
 
+def state_storage(trainer):
+    """The largest ratio, over the optimizer's state tensors, of the memory a rank holds for one to its part of it."""
+    ratios = [1.0]
+    for st in trainer.state.optimizers[0].state.values():
+        for v in st.values():
+            local = v.to_local() if hasattr(v, "to_local") else v
+            if torch.is_tensor(v) and local.numel():
+                ratios.append(local.untyped_storage().nbytes() / (local.numel() * local.element_size()))
+    return max(ratios)
+
+
 def train(recipe, tensors):
     plan = validate(recipe)
     record = Record()
@@ -71,7 +82,8 @@ def train(recipe, tensors):
            "layers": unwrap_hf(model).config.num_hidden_layers, "params": sums, "shapes": shapes,
            "fsdp": trainer.state.fsdp_enabled,
            "units": sum(isinstance(m, FSDPModule) for m in model.modules()),
-           "replayed": [a.state_dict() for a in trainer.state.algorithms if hasattr(a, "replay")]}
+           "replayed": [a.state_dict() for a in trainer.state.algorithms if hasattr(a, "replay")],
+           "state_storage": state_storage(trainer)}
     save_tensors(trainer, tensors)
     trainer.close()
     return out
