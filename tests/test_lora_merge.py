@@ -366,6 +366,8 @@ def test_lora_under_fsdp2_matches_ddp_and_resumes_after_a_merge(tiny_recipe, tmp
         merges = [[h["batch"] for h in next(a for a in run_["replayed"] if "history" in a)["history"]]
                   for run_ in (ddp, fsdp, resumed)]
         assert merges == [[4, 6, 8]] * 3
+        # stack_lora on a peft model: not shard-local, the growth ran on gathered tensors
+        assert [next(a["path"] for a in r["replayed"] if "path" in a) for r in (ddp, fsdp)] == ["unsharded", "gathered"]
         assert fsdp["layers"] == resumed["layers"] == 4
         assert any("layers.3.mlp.up_proj.lora_A" in n for n in fsdp["params"])
         assert fsdp["params"].keys() == ddp["params"].keys() == resumed["params"].keys()

@@ -10,6 +10,7 @@ the growth resumes with the same recipe: the growth is replayed before the weigh
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ from torch import nn
 from composer_growth.algorithms.base import Now, SuiteAlgorithm
 from composer_growth.algorithms.composer_hooks import install_replay_hook
 from composer_growth.algorithms.plateau import DEFAULT_MONITOR, Plateau, parse_monitor
+from composer_growth.algorithms.shard_local import widen_local
 from composer_growth.algorithms.surgery import check_recipe_sharding, check_supported, ensure_flops_per_batch, grow
 from composer_growth.events import announce
 from composer_growth.errors import ConfigError, check, check_flag, check_int, check_number
@@ -71,6 +73,11 @@ class _Growth(SuiteAlgorithm):
 
     def _after(self, model: nn.Module, mapping) -> None:
         """Runs after the op, before the optimizer is rebuilt."""
+
+    @property
+    def _local(self):
+        """The op on each rank's own shards under FSDP2 (``surgery.grow``'s ``local``), or None."""
+        return None
 
     def _check_model_config(self, config: Any) -> None:
         """Reject arguments the model cannot take (from its config), before training."""
@@ -161,17 +168,17 @@ class _Growth(SuiteAlgorithm):
     def _fire(self, state: State, logger: Logger) -> None:
         before = self._probe(state)
         shape_before = _shape(composer_model(state))
-        info = grow(state, self._op, self._after)
+        info = grow(state, self._op, self._after, self._local)
         after = self._probe(state)
         shape_after = _shape(composer_model(state))
         self.applied = True
         self.record = {"batch": int(state.timestamp.batch), "params_before": info["params_before"],
                        "params_after": info["params_after"], "trainable_after": info["trainable_after"],
-                       "seconds": float(info["seconds"])}
+                       "seconds": float(info["seconds"]), "path": info["path"]}
         if self.pending is not None:
             self.record.update(plateau_eval_batch=self.pending, plateau_improvement=self.plateau.improvement())
         metrics = {f"growth/{self.name}/{k}": v for k, v in self.record.items()
-                   if k not in ("batch", "plateau_eval_batch")}
+                   if k not in ("batch", "plateau_eval_batch", "path")}
         if before is not None:
             metrics.update({f"growth/{self.name}/loss_before": before, f"growth/{self.name}/loss_after": after})
             self.record.update(loss_before=before, loss_after=after)
@@ -180,6 +187,8 @@ class _Growth(SuiteAlgorithm):
         self._batch = None
         text = (f"layers {shape_before[0]} -> {shape_after[0]}, MLP width {shape_before[1]} -> {shape_after[1]}, "
                 f"params {info['params_before']:,} -> {info['params_after']:,}, {info['seconds']:.2f} s")
+        if info["path"] != "unsharded":
+            text += f" ({info['path']})"
         if before is not None:
             text += f", loss {before:.4f} -> {after:.4f}"
         if self.pending is not None:
@@ -225,7 +234,7 @@ class _Growth(SuiteAlgorithm):
     def replay(self, state: State, saved: dict[str, Any]) -> None:
         """Called before a checkpoint's weights load: redo the recorded growth."""
         if saved.get("applied") and not self.applied:
-            grow(state, self._op, self._after)
+            grow(state, self._op, self._after, self._local)
             self.applied = True
 
     def state_dict(self) -> dict[str, Any]:
@@ -308,6 +317,10 @@ class StackLayers(_Growth):
     def _after(self, model: nn.Module, mapping) -> None:
         self.spec.after(model, mapping)
 
+    @property
+    def _local(self):
+        return self.spec.local
+
 
 @register_algorithm("widen_mlp")
 class WidenMLP(_Growth):
@@ -342,3 +355,7 @@ class WidenMLP(_Growth):
 
     def _op(self, model: nn.Module):
         return widen_mlp(model, self.factor, noise_std=self.noise_std, seed=self.seed)
+
+    @property
+    def _local(self):
+        return functools.partial(widen_local, factor=self.factor, noise_std=self.noise_std, seed=self.seed)

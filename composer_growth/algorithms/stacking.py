@@ -110,12 +110,29 @@ class StackSpec:
 
     def op(self, model: nn.Module):
         """Grow the depth (``surgery.grow``'s op); remembers the trunk for :meth:`after`."""
+        self._remember(model)
+        return stack_layers(model, mode=self.mode, times=self.times, source_layers=self.source_layers,
+                            num_new=self.num_new, init=self.init, seed=self.seed, fold_adapters=added_by_stacking)
+
+    @property
+    def local(self):
+        """The op on each rank's shards under FSDP2 (``surgery.grow``'s ``local``); None where adapters are added."""
+        if self.trunk == "lora" or self.stack_lora_ranks is not None:
+            return None
+        return self._local
+
+    def _local(self, model: nn.Module, units: Any):
+        from composer_growth.algorithms.shard_local import stack_local
+
+        self._remember(model)
+        return stack_local(model, units, mode=self.mode, times=self.times, source_layers=self.source_layers,
+                           num_new=self.num_new, init=self.init, seed=self.seed)
+
+    def _remember(self, model: nn.Module) -> None:
         layers = get_path(unwrap_hf(model), family_of(model).layers)
         self._old_layers = {id(layer) for layer in layers}
         self._trained = {name for name, p in model.named_parameters() if p.requires_grad}
         self._peft = peft_model(model) is not None
-        return stack_layers(model, mode=self.mode, times=self.times, source_layers=self.source_layers,
-                            num_new=self.num_new, init=self.init, seed=self.seed, fold_adapters=added_by_stacking)
 
     def after(self, model: nn.Module, mapping: dict[str, Any]) -> None:
         """Trunk and adapters (``surgery.grow``'s ``after``): what trains from now on."""

@@ -6,12 +6,16 @@ state carried by parameter name), the schedulers (bound to the new optimizers at
 progress), the DDP wrapper and the compiled forward. The grad scaler keeps its scale (its
 per-optimizer state is rebuilt every step).
 
-Under FSDP2 (Composer's ``FSDP2Config``) the op runs on a full, unsharded copy: every rank
-gathers the full parameters and optimizer state, copies the module tree without FSDP2 (each module
+Under FSDP2 (Composer's ``FSDP2Config``) a growth with a shard-local form (``stack_layers``,
+``widen_mlp``, given as ``local``) runs on each rank's own shards
+(:mod:`composer_growth.algorithms.shard_local`): new blocks become new FSDP2 units, the optimizer state
+is carried shard for shard. Where it cannot (LoRA adapters, HSDP meshes, ``trunk: lora``,
+``stack_lora``, or ``COMPOSER_GROWTH_FSDP_PATH=gathered``), the op runs on a full, unsharded copy: every
+rank gathers the full parameters and optimizer state, copies the module tree without FSDP2 (each module
 of its own class again, LoRA adapters and a peft wrapper included) around them, grows it with the
 same op, shards it again on the same device mesh as Composer did (one unit per block, the model
 under the ``ComposerModel`` as root) and carries the optimizer state by name as under DDP, then
-shards that too. Peak memory during the growth is one full copy of the model and its optimizer
+shards that too. Peak memory during that gathered growth is one full copy of the model and its optimizer
 state per rank.
 
 Resuming: Composer loads a checkpoint's model weights before any algorithm's state, so an
@@ -24,8 +28,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -35,12 +39,14 @@ from composer.utils import dist
 from torch import nn
 
 from composer_growth.algorithms.compiling import compile_context, is_compiled
+from composer_growth.algorithms.shard_local import Units, choose_path, path_setting, plain_copy, relink
 from composer_growth.errors import ConfigError
-from composer_growth.export import base_class
 from composer_growth.functional.growth import ParamSource, param_names
 from composer_growth.functional.optim import transfer_optimizer_state
-from composer_growth.functional.sharding import cpu_state_dict, full, is_sharded, reshard
+from composer_growth.functional.sharding import cpu_state_dict, full, is_sharded, reshard, shard_of
 from composer_growth.unwrap import composer_model, unwrap_hf
+
+log = logging.getLogger(__name__)
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
@@ -60,6 +66,7 @@ def check_supported(state: State, name: str) -> None:
     if is_fsdp2(state):
         if state.fsdp_config.activation_checkpointing or state.fsdp_config.activation_cpu_offload:
             raise ValueError(f"{name}: growth under FSDP2 does not support activation checkpointing or offload")
+        path_setting()  # COMPOSER_GROWTH_FSDP_PATH: checked before training
 
 
 def check_recipe_sharding(parallelism: dict[str, Any], name: str) -> None:
@@ -76,36 +83,44 @@ def check_recipe_sharding(parallelism: dict[str, Any], name: str) -> None:
 
 
 def grow(state: State, op: Callable[[nn.Module], dict[str, ParamSource]],
-         after: Callable[[nn.Module, dict[str, ParamSource]], None] | None = None) -> dict[str, Any]:
+         after: Callable[[nn.Module, dict[str, ParamSource]], None] | None = None,
+         local: Callable[[nn.Module, Units], dict[str, ParamSource]] | None = None) -> dict[str, Any]:
     """Apply ``op`` to the model and rebuild optimizers, schedulers, DDP / FSDP2 and compile around it.
 
     ``after(model, mapping)`` runs once the op is done and before the optimizer is rebuilt
-    (e.g. to freeze parameters). Returns timing and parameter counts. Under FSDP2 every rank runs
-    ``op`` on its own full copy; the result is then rank 0's, as a DDP wrapper built over it would
-    broadcast (Composer seeds each rank differently, and peft draws new adapters from the global RNG),
-    and each rank keeps its shard of it.
+    (e.g. to freeze parameters). ``local(model, units)``: the same op on each rank's own shards under
+    FSDP2 (:mod:`composer_growth.algorithms.shard_local`), run where it can (``path`` of the result:
+    ``shard-local``). Otherwise under FSDP2 (``gathered``) every rank runs ``op`` on its own full copy;
+    the result is then rank 0's, as a DDP wrapper built over it would broadcast (Composer seeds each
+    rank differently, and peft draws new adapters from the global RNG), and each rank keeps its shard
+    of it. Returns timing, parameter counts and the path (``unsharded`` without FSDP2).
     """
     start = time.perf_counter()
     model = composer_model(state)
     ddp = state.model if isinstance(state.model, nn.parallel.DistributedDataParallel) else None
     compiled = is_compiled(state)
     context = compile_context(state.model.forward) if compiled else None  # the Trainer's compile_config
-    sharded = is_fsdp2(state)
+    path, reason = choose_path(model, local) if is_fsdp2(state) else ("unsharded", "")
     old_optimizers = list(state.optimizers)
-    if sharded:
+    if path == "gathered":
+        log.info("growth under FSDP2 on gathered tensors: %s", reason)
         mesh, old_optimizers = _unshard(model, old_optimizers)
+    elif path == "shard-local":
+        reshard(model)
     before = count_params(model)
     names = param_names(model)
-    mapping = op(model)
+    mapping = local(model, Units(state, model)) if path == "shard-local" else op(model)
     if after is not None:
         after(model, mapping)
     forget_cached_properties(model)
-    if sharded:
+    if path == "gathered":
         _broadcast(model)
         _shard(state, model, mesh)
+    elif path == "shard-local":
+        relink(model)
     new_optimizers = [transfer_optimizer_state(opt, names, model, mapping) for opt in old_optimizers]
     for opt in new_optimizers:
-        if sharded:
+        if path == "gathered":
             _shard_optimizer_state(opt)
         init_missing_state(opt)
     state.schedulers = [_rebind_scheduler(s, state.optimizers, new_optimizers) for s in state.schedulers]
@@ -121,7 +136,7 @@ def grow(state: State, op: Callable[[nn.Module], dict[str, ParamSource]],
     dist.barrier()
     return {"params_before": before, "params_after": count_params(model),
             "trainable_after": count_params(model, trainable_only=True),
-            "seconds": time.perf_counter() - start}
+            "seconds": time.perf_counter() - start, "path": path}
 
 
 def forget_cached_properties(model: nn.Module) -> None:
@@ -154,40 +169,6 @@ def ensure_flops_per_batch(model: nn.Module) -> None:
         model.flops_per_batch = ConfigFlops(model)
 
 
-_HOOK_KEYS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks",
-              "_state_dict_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks",
-              "_load_state_dict_post_hooks")
-
-
-def _from_fsdp(hook: Any) -> bool:
-    fn = getattr(hook, "hook", hook)  # load-state-dict pre-hooks come wrapped
-    return (getattr(fn, "__module__", None) or "").startswith("torch.distributed.fsdp")
-
-
-def _plain_copy(module: nn.Module, params: dict[int, nn.Parameter], memo: dict[int, nn.Module]) -> nn.Module:
-    """A copy of the module tree without FSDP2: every module of its class before ``fully_shard``, holding
-    ``params[id(p)]`` for each of its (sharded) parameters ``p``, its buffers, its other attributes (the
-    same objects) and its hooks; what FSDP2 added (hooks, its state) is left out. A module met twice
-    (shared) is copied once."""
-    if id(module) in memo:
-        return memo[id(module)]
-    from torch.distributed._composable.contract import REGISTRY_KEY, STATE_KEY
-
-    cls = base_class(module)
-    new = cls.__new__(cls)
-    new.__dict__.update((k, v) for k, v in module.__dict__.items() if k not in (REGISTRY_KEY, STATE_KEY))
-    memo[id(module)] = new
-    new.__dict__.update(
-        _parameters={k: None if p is None else params[id(p)] for k, p in module._parameters.items()},
-        _buffers=dict(module._buffers), _non_persistent_buffers_set=set(module._non_persistent_buffers_set),
-        _modules={k: None if m is None else _plain_copy(m, params, memo) for k, m in module._modules.items()})
-    for key, hooks in module.__dict__.items():
-        if key.startswith("_") and "hooks" in key and isinstance(hooks, dict):
-            kept = ((k, h) for k, h in hooks.items() if key not in _HOOK_KEYS or not _from_fsdp(h))
-            new.__dict__[key] = OrderedDict(kept) if isinstance(hooks, OrderedDict) else dict(kept)
-    return new
-
-
 def _unshard(model: nn.Module, optimizers: list[torch.optim.Optimizer]):
     """Replace the sharded model under ``model`` (its direct child holding the HF model, e.g. a peft
     wrapper) by a plain copy holding the gathered parameters; return the device mesh and optimizers
@@ -204,7 +185,7 @@ def _unshard(model: nn.Module, optimizers: list[torch.optim.Optimizer]):
     mesh = next(p.device_mesh for p in sharded.parameters() if is_sharded(p))
     old_names = {id(p): name for name, p in model.named_parameters()}
     params = {id(p): nn.Parameter(full(p.detach()), requires_grad=p.requires_grad) for p in sharded.parameters()}
-    setattr(model, child, _plain_copy(sharded, params, {}))
+    setattr(model, child, plain_copy(sharded, params, {}))
     new_params = dict(model.named_parameters())
     plain_optimizers = []
     for opt in optimizers:
@@ -237,15 +218,14 @@ def _shard(state: State, model: nn.Module, mesh: Any) -> None:
 
 
 def _shard_optimizer_state(opt: torch.optim.Optimizer) -> None:
-    """Shard the full state tensors of an optimizer over sharded parameters like the parameters."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
+    """Shard the full state tensors of an optimizer over sharded parameters like the parameters (each rank
+    keeps a copy of its part only, and the full tensors are freed)."""
     for p, st in opt.state.items():
-        if not isinstance(p, DTensor):
+        if not is_sharded(p):
             continue
         for key, value in st.items():
-            if torch.is_tensor(value) and not isinstance(value, DTensor) and value.shape == p.shape:
-                st[key] = distribute_tensor(value.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+            if torch.is_tensor(value) and not is_sharded(value) and value.shape == p.shape:
+                st[key] = shard_of(value, p)
 
 
 @torch.no_grad()

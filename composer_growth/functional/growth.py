@@ -267,7 +267,12 @@ def _grow_projection(family: Family, old: nn.Module, names: dict[int, str], inde
         old_p = getattr(old, key)
         params[key] = nn.Parameter(src.apply(old_p.detach()), requires_grad=old_p.requires_grad)
         made[id(params[key])] = src
-    module = _projection(family, params["weight"], params.get("bias"))
+    return projection_like(family, old, params["weight"], params.get("bias"))
+
+
+def projection_like(family: Family, old: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """A projection of ``old``'s kind around the given tensors, with ``old``'s plain attributes and mode."""
+    module = _projection(family, weight, bias)
     for attr, value in vars(old).items():  # plain attributes the model set (MPT's _is_residual, block_idx)
         if attr not in vars(module):
             setattr(module, attr, value)
@@ -326,6 +331,23 @@ def _add_noise(weight: torch.Tensor, dim: int, start: int, std: float, gen: torc
         rows.add_(noise.to(device=rows.device, dtype=rows.dtype))
 
 
+def widen_sizes(hf: nn.Module, factor: float, noise_std: float, seed: int) -> tuple[int, int]:
+    """The MLP width before and after ``widen_mlp(factor)``; checks the arguments."""
+    check_number(factor, "factor", above=1)
+    n = family_of(hf).intermediate_size(hf.config)
+    m = round(n * factor)
+    check(m > n, "factor", factor, f"large enough to add a unit to intermediate size {n}")
+    check_number(noise_std, "noise_std", minimum=0)
+    check_int(seed, "seed", allowed="an int")
+    return n, m
+
+
+def unit_index(n: int, m: int, pick: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's unit index (``0..n-1``, then ``m - n`` draws from ``pick``) and output scale (1 / count)."""
+    index = torch.cat([torch.arange(n), torch.randint(0, n, (m - n,), generator=pick)])
+    return index, 1.0 / torch.bincount(index, minlength=n).to(torch.float32)[index]
+
+
 def widen_mlp(model: nn.Module, factor: float, noise_std: float = 0.0, seed: int = 0) -> dict[str, ParamSource]:
     """Net2WiderNet on every MLP, in place; return the :class:`ParamSource` mapping.
 
@@ -354,21 +376,14 @@ def widen_mlp(model: nn.Module, factor: float, noise_std: float = 0.0, seed: int
     """
     hf = unwrap_hf(model)
     family = family_of(hf)
-    check_number(factor, "factor", above=1)
-    n = family.intermediate_size(hf.config)
-    m = round(n * factor)
-    check(m > n, "factor", factor, f"large enough to add a unit to intermediate size {n}")
-    check_number(noise_std, "noise_std", minimum=0)
-    check_int(seed, "seed", allowed="an int")
-
+    n, m = widen_sizes(hf, factor, noise_std, seed)
     in_dim, out_dim = _unit_dims(family)
     pick, noise = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
     before = {id(p): name for p, name in param_names(model).items()}
     made: dict[int, ParamSource] = {}
     for block in get_path(hf, family.layers):
         mlp = get_path(block, family.mlp)
-        index = torch.cat([torch.arange(n), torch.randint(0, n, (m - n,), generator=pick)])
-        scale = 1.0 / torch.bincount(index, minlength=n).to(torch.float32)[index]
+        index, scale = unit_index(n, m, pick)
         for name in (n for n in family.mlp_in if hasattr(mlp, n)):  # e.g. MPT's mptmlp has no gate_proj
             proj = _widen(family, mlp, name, before, index, in_dim, None, made)
             if noise_std > 0:

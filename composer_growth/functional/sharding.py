@@ -18,7 +18,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-__all__ = ["add_full_", "copy_full_", "cpu_state_dict", "full", "full_state", "is_sharded", "reshard"]
+__all__ = ["add_full_", "copy_full_", "cpu_state_dict", "full", "full_state", "is_sharded", "reshard", "shard_of"]
 
 #: dtypes whose sums are computed in float32 and rounded once (a small delta would round away)
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -43,6 +43,17 @@ def _like(value: torch.Tensor, dst: torch.Tensor, dtype: torch.dtype | None = No
     from torch.distributed.tensor import distribute_tensor
 
     return distribute_tensor(value, dst.device_mesh, dst.placements, src_data_rank=None)  # no communication
+
+
+def shard_of(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``value`` (the whole tensor, the same on every rank) placed as the ``DTensor`` ``like`` is, holding a copy
+    of this rank's part only: ``distribute_tensor`` keeps a view of the whole tensor, and so all its memory."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    value = value.to(like.device)
+    local = distribute_tensor(value, like.device_mesh, like.placements, src_data_rank=None).to_local().clone()
+    return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False, shape=value.shape,
+                              stride=value.stride())
 
 
 def copy_full_(dst: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

@@ -130,6 +130,9 @@ def _check_fsdp(recipe: Recipe) -> None:
     if version == 2:
         check(recipe.device_train_microbatch_size != "auto", "device_train_microbatch_size", "auto",
               "a positive integer under FSDP2 (Composer has no auto microbatching there)")
+        from composer_growth.algorithms.shard_local import path_setting
+
+        path_setting()  # COMPOSER_GROWTH_FSDP_PATH: how growth runs under FSDP2
 
 
 def parallelism_config(recipe: Recipe) -> dict[str, Any] | None:

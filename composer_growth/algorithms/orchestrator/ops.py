@@ -21,6 +21,7 @@ from composer_growth.algorithms.composer_hooks import interval_of
 from composer_growth.algorithms.lr import (UNIT_SUFFIX, RestartableSchedule, active_multipliers,
                                           refresh_lr, scale_lr, scheduled_lr)
 from composer_growth.algorithms.orchestrator import values as v
+from composer_growth.algorithms.shard_local import widen_local
 from composer_growth.algorithms.stacking import spec_of_value, stack_spec
 from composer_growth.algorithms.surgery import check_supported, grow
 from composer_growth.errors import ConfigError, check
@@ -349,17 +350,18 @@ def _layers(state: State) -> int:
     return getattr(hf.config, family_of(hf).num_layers_key)
 
 
-def _grow(state: State, op: Callable[[Any], Any]) -> dict[str, Any]:
+def _grow(state: State, op: Callable[[Any], Any], local: Callable[..., Any] | None = None) -> dict[str, Any]:
     """``surgery.grow``; an op that refuses the model as it is now (it checks before it changes anything) is skipped."""
     try:
-        return grow(state, op)
+        return grow(state, op, local=local)
     except ConfigError as e:
         raise Skip(str(e)) from None
 
 
 def _grow_line(info: dict[str, Any]) -> str:
+    path = "" if info["path"] == "unsharded" else f", {info['path']}"
     return (f"params {info['params_before']:,} -> {info['params_after']:,} "
-            f"({info['seconds']:.2f} s, optimizer state carried)")
+            f"({info['seconds']:.2f} s{path}, optimizer state carried)")
 
 
 class StackLayers(OpKind):
@@ -374,7 +376,7 @@ class StackLayers(OpKind):
             raise Skip(f"trunk 'lora' needs a model without {peft_key(state.model)}")
         before = _layers(state)
         try:
-            info = grow(state, spec.op, spec.after)
+            info = grow(state, spec.op, spec.after, spec.local)
         except ConfigError as e:
             raise Skip(str(e)) from None
         return f"layers {before} -> {_layers(state)}, {_grow_line(info)}"
@@ -387,7 +389,9 @@ class WidenMlp(OpKind):
         hf = unwrap_hf(state.model)
         family = family_of(hf)
         before = family.intermediate_size(hf.config)
-        info = _grow(state, lambda m: widen_mlp(m, op.value, noise_std=op.args["noise_std"], seed=op.args["seed"]))
+        args = {"noise_std": op.args["noise_std"], "seed": op.args["seed"]}
+        info = _grow(state, lambda m: widen_mlp(m, op.value, **args),
+                     lambda m, units: widen_local(m, units, op.value, **args))
         return f"MLP width {before} -> {family.intermediate_size(hf.config)}, {_grow_line(info)}"
 
 
