@@ -10,8 +10,8 @@ credentials come from the environment: ``S3_ENDPOINT_URL``, ``AWS_*``). STEP, ru
   of the first batch at which an algorithm recorded an event (a growth, a merge) is in the store and its
   ``latest`` symlink there points at it, every rank sends itself SIGKILL, one batch later;
 * ``NAME.KIND.resume``: that run again (``autoresume``); only the store holds its checkpoints;
-* ``NAME.KIND.restart``: the same again, after a resume: the run has finished, and the working folder
-  holds the copy of a checkpoint that the resume downloaded.
+* ``NAME.KIND.restart``: after a resume that finished, the run again, 2 batches longer: the working
+  folder holds the copy of the checkpoint that the resume downloaded.
 
 Every step of ``NAME.KIND`` with the store runs in one working folder of its own, which no other run uses.
 
@@ -145,6 +145,8 @@ def main(argv: list[str]) -> None:
             callbacks.append(QuickSymlink())
             if action == ["kill"]:
                 callbacks.append(KillAfterEvent(out, step, recipe["save_folder"]))
+            if action == ["restart"]:
+                recipe["max_duration"] = f"{int(recipe['max_duration'].removesuffix('ba')) + 2}ba"
         else:
             recipe["save_folder"] = None
         write(out, step, train(recipe, callbacks))
