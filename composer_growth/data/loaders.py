@@ -64,5 +64,8 @@ def build_lm_dataloader(path: str, split: str, device_batch_size: int, shuffle: 
         allow_unsafe_types=False,
     )
     _DATASETS.add(dataset)
+    # its own generator: each new iterator draws its base seed from it, not from torch's global RNG, so
+    # a resumed run (new iterators) leaves the global stream, and with it dropout's masks, as it was
+    generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=device_batch_size, collate_fn=lm_collate, num_workers=num_workers,
-                      drop_last=drop_last, persistent_workers=num_workers > 0)
+                      drop_last=drop_last, persistent_workers=num_workers > 0, generator=generator)
