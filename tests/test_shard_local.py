@@ -42,6 +42,7 @@ def test_shard_local_growth_matches_gathered_and_resumes(tiny_recipe, tmp_path):
         assert local["layers"] == 8 and local["units"] == 8 + 1  # one FSDP unit per block, and the root
         assert local["shapes"] == gathered["shapes"]
         assert gathered["state_storage"] == local["state_storage"] == 1.0  # each rank holds its shards only
+        assert gathered["frozen_with_grad"] == local["frozen_with_grad"] == 0  # the frozen trunk drops its grads
         assert local["losses"] == pytest.approx(gathered["losses"], abs=1e-6)
         for name in ("sharded@ep0-ba3", "sharded@ep0-ba6"):
             resumed = results[rank][name]

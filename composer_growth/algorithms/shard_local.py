@@ -146,20 +146,16 @@ class Units:
 
 def relink(model: nn.Module) -> None:
     """Make FSDP2 initialise the tree again at the next forward (root, states, streams), so the new units
-    join it; a parameter frozen or unfrozen since its unit last gathered it gets that flag when gathered."""
+    join it. (A parameter frozen since its unit last gathered it is gathered frozen: FSDP2 copies the flag
+    at every gather.)"""
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPStateContext
 
     for module in model.modules():
-        if not isinstance(module, FSDPModule):
-            continue
-        state = module._get_fsdp_state()
-        state._is_root = None
-        state._state_ctx = FSDPStateContext()
-        groups = getattr(state, "_fsdp_param_groups", None) or [state._fsdp_param_group]  # newer torch: a list
-        for param in (p for group in groups if group is not None for p in group.fsdp_params):
-            if hasattr(param, "_unsharded_param"):
-                param._unsharded_param.requires_grad_(param.sharded_param.requires_grad)
+        if isinstance(module, FSDPModule):
+            state = module._get_fsdp_state()
+            state._is_root = None
+            state._state_ctx = FSDPStateContext()
 
 
 # ------------------------------------------------------------------------------------- which path

@@ -118,6 +118,8 @@ def grow(state: State, op: Callable[[nn.Module], dict[str, ParamSource]],
         _shard(state, model, mesh)
     elif path == "shard-local":
         relink(model)
+        for p in model.parameters():  # as the gathered path's fresh parameters: no gradient (a trunk frozen
+            p.grad = None             # now would keep its last one for the rest of the run)
     new_optimizers = [transfer_optimizer_state(opt, names, model, mapping) for opt in old_optimizers]
     for opt in new_optimizers:
         if path == "gathered":

@@ -10,8 +10,9 @@ to half its size (the restart must fall back to CKPT).
 Each run saves (and exports, for algorithms with an ``export_folder``) under ``<OUT's folder>/<RUN>``;
 per run the JSON holds the per-batch training losses and sequence lengths, the trained tokens, the
 layer count, the FSDP unit count, a checksum and the shape of every full parameter, the states
-of the algorithms that replay and how much more memory a rank holds for an optimizer state tensor than its part; rank 0 saves every full parameter and its optimizer state tensors at the
-end of each run to ``<OUT's folder>/<RUN>.pt``.
+of the algorithms that replay, how much more memory a rank holds for an optimizer state tensor
+than its part of it, and how many frozen parameters hold a gradient; rank 0 saves every full parameter and its optimizer state tensors at the end
+of each run to ``<OUT's folder>/<RUN>.pt``.
 """
 
 import copy
@@ -83,7 +84,8 @@ def train(recipe, tensors):
            "fsdp": trainer.state.fsdp_enabled,
            "units": sum(isinstance(m, FSDPModule) for m in model.modules()),
            "replayed": [a.state_dict() for a in trainer.state.algorithms if hasattr(a, "replay")],
-           "state_storage": state_storage(trainer)}
+           "state_storage": state_storage(trainer),
+           "frozen_with_grad": sum(not p.requires_grad and p.grad is not None for p in model.parameters())}
     save_tensors(trainer, tensors)
     trainer.close()
     return out
