@@ -22,7 +22,6 @@ algorithms that replay. A killed step adds the batch of its checkpoint and the s
 """
 
 import copy
-import gc
 import json
 import os
 import signal
@@ -135,10 +134,6 @@ def main(argv: list[str]) -> None:
     recipes, out, store = yaml.safe_load(open(argv[0])), os.path.abspath(argv[1]), argv[2]
     work = os.path.dirname(out)
     for step in argv[3:]:
-        # the previous step's StreamingDatasets release their shared memory now, on every rank: a rank
-        # that still held it would pick another shared-memory prefix than its local leader
-        gc.collect()
-        dist.barrier()
         name, kind, *action = step.split(".")
         recipe = with_kind(recipes[name], kind)
         folder = os.path.join(work, "cwd", f"{name}.{kind}")
