@@ -65,13 +65,18 @@ RUNS = ["growth.sharded", "growth.ddp", "lora.sharded", "lora.full"]
 
 
 @pytest.mark.launcher
-def test_killed_after_growth_or_merge_resumes_from_the_store(tiny_recipe, tmp_path, s3_store):
+def test_killed_after_growth_or_merge_resumes_from_the_store(tiny_recipe, tmp_path, s3_store, monkeypatch):
     """Each run of RUNS saves to the store every 2 batches; the growth (or first merge) happens at batch 2,
     the run is killed (SIGKILL) in batch 3, once the store holds the batch-2 checkpoint; the restart, with
     nothing of it on disk, finds that checkpoint through autoresume, replays the growth or merge before the
     weights load, and trains batches 3..8 exactly as the uninterrupted run did (losses and final
     parameters). Restarted once more from the same working folder (2 batches longer), the DDP run finds the
     store's latest checkpoint (batch 8), not the copy of batch 2 that its resume downloaded there."""
+    # StreamingDataset picks its shared-memory prefix past every prefix with a file lock in the temp folder;
+    # each rank looks for itself, so other processes' locks coming and going in a shared /tmp could make
+    # the two ranks pick different prefixes
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
     recipes = {}
     for name, extra in ALGORITHMS.items():
         recipe = dict(tiny_recipe, save_interval="2ba", eval_interval="8ba", eval_first=False,

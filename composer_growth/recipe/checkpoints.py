@@ -202,8 +202,11 @@ def drop_stale_download(save_folder: str, run_name: str | None) -> None:
     from composer.utils import dist, format_name_with_dist
 
     path = os.path.abspath(os.path.join(format_name_with_dist(save_folder, run_name), "latest-rank0.pt"))
-    if dist.get_local_rank() == 0 and os.path.isfile(path):
-        os.remove(path)
+    if dist.get_local_rank() == 0:
+        try:
+            os.remove(path)
+        except FileNotFoundError:  # none, or another node's rank removed it from a shared folder
+            pass
     dist.barrier()
 
 

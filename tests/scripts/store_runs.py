@@ -4,12 +4,22 @@
     store_runs.py RECIPES OUT STORE STEP [STEP ...]
 
 Composer's uploaders run in spawned processes, and each of them imports this file first: it imports
-nothing heavy itself.
+nothing heavy itself. A rank that fails (or that the launcher ends with SIGTERM) ends those processes
+with it: they would outlive it and keep the launcher's output open.
 """
 
+import signal
 import sys
 
 if __name__ == "__main__":
+    import psutil
+
     from store_steps import main
 
-    main(sys.argv[1:])
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    try:
+        main(sys.argv[1:])
+    except BaseException:
+        for child in psutil.Process().children(recursive=True):
+            child.kill()
+        raise
