@@ -68,33 +68,42 @@ def start_config(name: str) -> dict[str, Any]:
     return cfg
 
 
-def make_algorithms(name: str) -> list[Any]:
-    from composer_growth import SeqLengthWarmup
+def context_schedule() -> Any:
+    """The quickstart's schedule: 64 tokens (model context 64) for 70% of the run, then 128 with linear RoPE x2.
+    Its evaluation at the phase's length is off (``eval_labels=()``): every eval here is at the full 128."""
     from composer_growth.algorithms.context_schedule import ContextLengthSchedule
-    from composer_growth.algorithms.growth import StackLayers, WidenMLP
 
-    def schedule():
-        return ContextLengthSchedule(
-            phases=[{"name": "ctx64", "seq_length": 64, "duration": "0.7dur"},
-                    {"name": "ctx128", "seq_length": 128, "duration": "0.3dur",
-                     "rope_scaling": {"rope_type": "linear", "factor": 2.0}}],
-            mode="reshape", save_checkpoints=False, export_hf=False, eval_batches=0, verbose=False)
+    return ContextLengthSchedule(
+        phases=[{"name": "ctx64", "seq_length": 64, "duration": "0.7dur"},
+                {"name": "ctx128", "seq_length": 128, "duration": "0.3dur",
+                 "rope_scaling": {"rope_type": "linear", "factor": 2.0}}],
+        mode="reshape", save_checkpoints=False, export_hf=False, eval_batches=0, eval_labels=(), verbose=False)
+
+
+def seq_warmup(max_length: int) -> Any:
+    """``SeqLengthWarmup`` 32 -> ``max_length`` (steps of 32) over the first 30%, reshape."""
+    from composer_growth import SeqLengthWarmup
+
+    return SeqLengthWarmup(min_seq_length=32, max_seq_length=max_length, step_size=32, duration="0.3dur",
+                           mode="reshape")
+
+
+def make_algorithms(name: str) -> list[Any]:
+    from composer_growth.algorithms.growth import StackLayers, WidenMLP
 
     stack = lambda: StackLayers(at="0.3dur", mode="repeat", times=2, init="function_preserving")  # noqa: E731
     widen = lambda: WidenMLP(at="0.6dur", factor=2.0, noise_std=0.001)  # noqa: E731
     if name == "baseline":
         return []
     if name == "warmup":
-        return [SeqLengthWarmup(min_seq_length=32, max_seq_length=128, step_size=32, duration="0.3dur",
-                                mode="reshape")]
+        return [seq_warmup(SEQ)]
     if name == "context":
-        return [schedule()]
+        return [context_schedule()]
     if name == "stack_layers":
         return [stack()]
     if name == "widen_mlp":
         return [widen()]
-    return [schedule(), SeqLengthWarmup(min_seq_length=32, max_seq_length=64, step_size=32, duration="0.3dur",
-                                        mode="reshape"), stack(), widen()]
+    return [context_schedule(), seq_warmup(64), stack(), widen()]
 
 
 class Counter(Callback):
@@ -158,31 +167,49 @@ def loss_at(evals: list[dict[str, float]], key: str, value: float) -> float | No
     return None
 
 
-def run_one(name: str, args, tokenizer, eval_rows) -> dict[str, Any]:
+def fit(args, tokenizer, config: dict[str, Any], algorithms: list[Any], counter: Counter,
+        eval_loader: Any = None) -> float:
+    """Train ``config`` (seeded by ``args.seed``: init, data order) for ``args.steps`` batches with a real
+    Composer ``Trainer``, ``algorithms`` and ``counter``; with ``eval_loader``, the Trainer also evaluates it
+    (label ``eval``) every ``args.eval_interval`` batches. Returns the wall seconds of ``fit``."""
     from composer import Trainer
+    from composer.core import Evaluator
     from composer.utils import reproducibility
 
     from composer_growth.data.loaders import build_lm_dataloader
     from composer_growth.recipe.build import build_model, build_optimizer, build_scheduler
 
-    recipe = build_recipe_parts("llama", start_config(name), args.lr, t_warmup="0.05dur")
+    recipe = build_recipe_parts("llama", config, args.lr, t_warmup="0.05dur")
     reproducibility.seed_all(args.seed)
     model = build_model(recipe, tokenizer)
-    counter = Counter(eval_rows, args.eval_interval)
     loader = build_lm_dataloader(args.data, "train", args.batch_size, shuffle=True, seed=args.seed)
+    evals = {} if eval_loader is None else dict(
+        eval_dataloader=Evaluator(label="eval", dataloader=eval_loader, metric_names=["LanguageCrossEntropy"]),
+        eval_interval=f"{args.eval_interval}ba")
     trainer = Trainer(model=model, train_dataloader=loader, max_duration=f"{args.steps}ba",
                       optimizers=build_optimizer(recipe, model), schedulers=build_scheduler(recipe),
-                      algorithms=make_algorithms(name), callbacks=[counter], device="cpu", precision="fp32",
+                      algorithms=algorithms, callbacks=[counter], device="cpu", precision="fp32",
                       device_train_microbatch_size=args.batch_size, seed=args.seed, progress_bar=False,
-                      log_to_console=False, python_log_level="error")
+                      log_to_console=False, python_log_level="error", **evals)
     start = time.perf_counter()
     trainer.fit()
     wall = time.perf_counter() - start
     trainer.close()
+    return wall
+
+
+def counted(counter: Counter, wall: float) -> dict[str, Any]:
+    """What ``counter`` recorded over one run, as the results JSON holds it."""
     return {"evals": counter.evals, "tokens": counter.tokens, "flops": counter.flops, "first_ids": counter.first_ids,
             "lengths": counter.lengths, "train_s": counter.train_s, "wall_s": wall,
             "params_start": counter.params_start,
             "params_end": counter.evals[-1]["params"] if counter.evals else None}
+
+
+def run_one(name: str, args, tokenizer, eval_rows) -> dict[str, Any]:
+    counter = Counter(eval_rows, args.eval_interval)
+    wall = fit(args, tokenizer, start_config(name), make_algorithms(name), counter)
+    return counted(counter, wall)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
