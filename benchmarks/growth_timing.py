@@ -271,13 +271,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     guide = guide_time(args, sum(p.numel() for p in final.parameters()))
     settings = {k: getattr(args, k) for k in SAME}
     runs: dict[str, dict[str, Any]] = {}
+    before = 0.0  # wall seconds of the invocations that wrote the included file
     if args.include:
         with open(args.include) as f:
             earlier = json.load(f)
         diff = {k: (v, earlier["settings"].get(k)) for k, v in settings.items() if earlier["settings"].get(k) != v}
         if diff:
             raise SystemExit(f"--include {args.include}: settings differ (now, then): {diff}")
-        runs = earlier["runs"]
+        runs, before = earlier["runs"], earlier.get("wall_s", 0.0)
     names = run_names(args)
     print(f"growth_timing on {describe_device('cpu')}: {len(names)} variants x seeds {args.seeds}, {args.steps} steps "
           f"of {args.batch_size} x {ttl.SEQ}; guide {guide}; load {os.getloadavg()}", flush=True)
@@ -287,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "device": describe_device("cpu"), "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
                "settings": settings, "seeds": args.seeds, "names": names, "final_config": ttl.FINAL, "guide": guide,
-               "complete": complete, "wall_s": time.perf_counter() - start, "runs": runs}
+               "complete": complete, "wall_s": before + time.perf_counter() - start, "runs": runs}
         out.update(summarize(runs, names, args.seeds))
         write_json(args.out, out)
         return out
