@@ -28,7 +28,7 @@ seed's ``baseline``: FLOPs and tokens to its final eval loss (linear between eva
 as a ratio to the baseline's own; and the eval loss at the run's end minus the baseline's eval loss at
 the same FLOPs. The results file is rewritten after every run; ``--resume`` continues it.
 
-    python benchmarks/growth_timing.py --seeds 1,2,3 --steps 200 --threshold 6.45 --out runs/bench/growth_timing.json
+    python benchmarks/growth_timing.py --seeds 1,2,3 --steps 200 --threshold 6.0 --out runs/bench/growth_timing.json
 """
 
 from __future__ import annotations
@@ -191,8 +191,8 @@ def summarize(runs: dict[str, dict[str, Any]], names: list[str], seeds: list[int
         c = [per[name][str(s)] for s in mine]
         finals = [x["final"] for x in c]
         growth = [runs[name][str(s)].get("growth") for s in mine]
-        rows.append({"run": name, "seeds": len(mine),
-                     "final": spread(finals, "{:.4f}") + (f", std {statistics.stdev(finals):.4f}" if len(c) > 1 else ""),
+        std = f", std {statistics.stdev(finals):.4f}" if len(c) > 1 else ""
+        rows.append({"run": name, "seeds": len(mine), "final": spread(finals, "{:.4f}") + std,
                      "fl": spread([x["flops_ratio"] for x in c]), "tok": spread([x["tokens_ratio"] for x in c]),
                      "trained": spread([x["flops_trained"] for x in c]),
                      "gap": spread([x["gap_at_same_flops"] for x in c], "{:+.4f}"),
@@ -247,7 +247,7 @@ def parse(argv: list[str] | None):
     if "baseline" not in args.variants:
         p.error("--variants: every comparison is with the baseline; include it")
     if "loss" in args.variants and not args.threshold:
-        p.error("--threshold: the loss variant needs one (e.g. 6.45, picked from a pilot run)")
+        p.error("--threshold: the loss variant needs one (e.g. 6.0, picked from a pilot run)")
     if args.layers % 2 or args.hidden % args.heads or not all(0 < f < 1 for f in args.fixed):
         p.error("--layers must be even, --hidden a multiple of --heads, --fixed shares in (0, 1)")
     if args.resume and args.include is None and os.path.exists(args.out):

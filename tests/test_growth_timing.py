@@ -14,7 +14,7 @@ def data_128(tmp_path_factory) -> str:
     from composer_growth.data import prepare_dataset
 
     out = str(tmp_path_factory.mktemp("data") / "bench-128")
-    prepare_dataset(out, source="python-source", seq_len=128, vocab_size=512, max_bytes=300_000, val_percent=10)
+    prepare_dataset(out, source="python-source", seq_len=128, vocab_size=512, max_bytes=150_000, val_percent=10)
     return out
 
 
