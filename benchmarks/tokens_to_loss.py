@@ -76,35 +76,44 @@ def start_config(name: str) -> dict[str, Any]:
     return cfg
 
 
-def make_algorithms(name: str) -> list[Any]:
-    from composer_growth import SeqLengthWarmup
+def context_schedule() -> Any:
+    """The quickstart's schedule: half the row (model context half) for 70% of the run, then the full row with
+    linear RoPE x2. Its evaluation at the phase's length is off (``eval_labels=()``): every eval is at full length."""
     from composer_growth.algorithms.context_schedule import ContextLengthSchedule
+
+    half = SEQ // 2
+    return ContextLengthSchedule(
+        phases=[{"name": f"ctx{half}", "seq_length": half, "duration": "0.7dur"},
+                {"name": f"ctx{SEQ}", "seq_length": SEQ, "duration": "0.3dur",
+                 "rope_scaling": {"rope_type": "linear", "factor": 2.0}}],
+        mode="reshape", save_checkpoints=False, export_hf=False, eval_batches=0, eval_labels=(), verbose=False)
+
+
+def seq_warmup(max_length: int) -> Any:
+    """``SeqLengthWarmup`` a quarter of the row -> ``max_length`` (steps of a quarter) over the first 30%, reshape."""
+    from composer_growth import SeqLengthWarmup
+
+    quarter = SEQ // 4
+    return SeqLengthWarmup(min_seq_length=quarter, max_seq_length=max_length, step_size=quarter, duration="0.3dur",
+                           mode="reshape")
+
+
+def make_algorithms(name: str) -> list[Any]:
     from composer_growth.algorithms.growth import StackLayers, WidenMLP
-
-    half, quarter = SEQ // 2, SEQ // 4
-
-    def schedule():
-        return ContextLengthSchedule(
-            phases=[{"name": f"ctx{half}", "seq_length": half, "duration": "0.7dur"},
-                    {"name": f"ctx{SEQ}", "seq_length": SEQ, "duration": "0.3dur",
-                     "rope_scaling": {"rope_type": "linear", "factor": 2.0}}],
-            mode="reshape", save_checkpoints=False, export_hf=False, eval_batches=0, verbose=False)
 
     stack = lambda: StackLayers(at="0.3dur", mode="repeat", times=2, init="function_preserving")  # noqa: E731
     widen = lambda: WidenMLP(at="0.6dur", factor=2.0, noise_std=0.001)  # noqa: E731
     if name == "baseline":
         return []
     if name == "warmup":
-        return [SeqLengthWarmup(min_seq_length=quarter, max_seq_length=SEQ, step_size=quarter, duration="0.3dur",
-                                mode="reshape")]
+        return [seq_warmup(SEQ)]
     if name == "context":
-        return [schedule()]
+        return [context_schedule()]
     if name == "stack_layers":
         return [stack()]
     if name == "widen_mlp":
         return [widen()]
-    return [schedule(), SeqLengthWarmup(min_seq_length=quarter, max_seq_length=half, step_size=quarter,
-                                        duration="0.3dur", mode="reshape"), stack(), widen()]
+    return [context_schedule(), seq_warmup(SEQ // 2), stack(), widen()]
 
 
 class Counter(Callback):
@@ -172,24 +181,31 @@ def loss_at(evals: list[dict[str, float]], key: str, value: float) -> float | No
     return None
 
 
-def run_one(name: str, args, tokenizer, eval_rows) -> dict[str, Any]:
+def fit(args, tokenizer, config: dict[str, Any], algorithms: list[Any], counter: Counter,
+        eval_loader: Any = None) -> float:
+    """Train ``config`` (seeded by ``args.seed``: init, data order) for ``args.steps`` batches with a real
+    Composer ``Trainer``, ``algorithms`` and ``counter``; with ``eval_loader``, the Trainer also evaluates it
+    (label ``eval``) every ``args.eval_interval`` batches. Returns the wall seconds of ``fit``."""
     from composer import Trainer
+    from composer.core import Evaluator
     from composer.utils import reproducibility
 
     from composer_growth.data.loaders import build_lm_dataloader
     from composer_growth.recipe.build import build_model, build_optimizer, build_scheduler
 
-    recipe = build_recipe_parts("llama", start_config(name), args.lr, t_warmup="0.05dur")
+    recipe = build_recipe_parts("llama", config, args.lr, t_warmup="0.05dur")
     reproducibility.seed_all(args.seed)
     model = build_model(recipe, tokenizer)
-    counter = Counter(eval_rows, args.eval_interval)
     reset_peak_memory(args.device)
     loader = build_lm_dataloader(args.data, "train", args.batch_size, shuffle=True, seed=args.seed)
+    evals = {} if eval_loader is None else dict(
+        eval_dataloader=Evaluator(label="eval", dataloader=eval_loader, metric_names=["LanguageCrossEntropy"]),
+        eval_interval=f"{args.eval_interval}ba")
     trainer = Trainer(model=model, train_dataloader=loader, max_duration=f"{args.steps}ba",
                       optimizers=build_optimizer(recipe, model), schedulers=build_scheduler(recipe),
-                      algorithms=make_algorithms(name), callbacks=[counter], device=args.device, precision=args.precision,
+                      algorithms=algorithms, callbacks=[counter], device=args.device, precision=args.precision,
                       device_train_microbatch_size=args.batch_size, seed=args.seed, progress_bar=False,
-                      log_to_console=False, python_log_level="error")
+                      log_to_console=False, python_log_level="error", **evals)
     start = time.perf_counter()
     trainer.fit()
     wall = time.perf_counter() - start
@@ -197,13 +213,24 @@ def run_one(name: str, args, tokenizer, eval_rows) -> dict[str, Any]:
     trainer.close()
     del trainer, model
     gc.collect()
+    return {"wall_s": wall, "peak_memory": memory}
+
+
+def counted(counter: Counter, fitted: dict[str, Any]) -> dict[str, Any]:
+    """What ``counter`` recorded over one run (and ``fit``'s wall time and peak memory), as the results JSON
+    holds it."""
     steps = len(counter.lengths)
     return {"evals": counter.evals, "tokens": counter.tokens, "flops": counter.flops, "first_ids": counter.first_ids,
-            "lengths": counter.lengths, "train_s": counter.train_s, "wall_s": wall, "peak_memory": memory,
+            "lengths": counter.lengths, "train_s": counter.train_s, **fitted,
             "s_per_step": counter.train_s / steps if steps else None,
             "tokens_per_s": counter.tokens / counter.train_s if counter.train_s else None,
             "params_start": counter.params_start,
             "params_end": counter.evals[-1]["params"] if counter.evals else None}
+
+
+def run_one(name: str, args, tokenizer, eval_rows) -> dict[str, Any]:
+    counter = Counter(eval_rows, args.eval_interval)
+    return counted(counter, fit(args, tokenizer, start_config(name), make_algorithms(name), counter))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
