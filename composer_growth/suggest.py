@@ -60,7 +60,7 @@ def format_suggestion(s: dict[str, Any]) -> str:
              f"  N = {s['n_params']:,} parameters (the final model), C = 6 N D = {s['flops']:.4g} FLOPs "
              f"(D = {s['tokens']:,} tokens)"]
     where = (f"batch {s['d_batch']:,}" if s["d_batch"] is not None
-             else f"past the end of the run ({s['tokens']:,} tokens)")
+             else f"past the end of the run, which trains {s['tokens']:,} tokens")
     lines.append(f"  growth timing d: {s['d_tokens']:.4g} tokens ({where})")
     if not s["recipe"]:
         lines.append("  recipe: no stack_layers growth (the guideline is about depth stacking)")

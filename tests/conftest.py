@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -97,6 +100,17 @@ def _require_launcher_mark() -> None:
                              "(the fast loop, pytest -m 'not launcher', skips those)")
 
 
+@contextlib.contextmanager
+def _fresh_tmpdir():
+    """The environment for a launch, with a TMPDIR of its own (removed after): StreamingDataset keeps
+    its file locks there, and stale ones left by other processes must not meet this run's."""
+    path = tempfile.mkdtemp(prefix="cg-")
+    try:
+        yield {**os.environ, "TMPDIR": path}
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _own_shm(cmd: list[str]) -> list[str]:
     """``cmd`` in a mount namespace with an empty /dev/shm of its own."""
     import shlex
@@ -121,7 +135,8 @@ def launch(script: str, args: list[str], workdir, own_shm: bool = False):
            "--stderr", str(workdir / "err{rank}.txt"), script, *args]
     if own_shm and own_shm_available():
         cmd = _own_shm(cmd)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(workdir), env=dict(os.environ))
+    with _fresh_tmpdir() as env:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(workdir), env=env)
 
 
 def launch_nodes(script: str, args: list[str], workdirs: list, timeout: int = 600) -> list:
@@ -137,13 +152,14 @@ def launch_nodes(script: str, args: list[str], workdirs: list, timeout: int = 60
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     procs = []
-    for rank, workdir in enumerate(workdirs):
-        cmd = ["composer", "-n", "1", "--world_size", str(len(workdirs)), "--node_rank", str(rank),
-               "--master_addr", "127.0.0.1", "--master_port", str(port), script, *args]
-        procs.append(subprocess.Popen(_own_shm(cmd), cwd=str(workdir), env=dict(os.environ),
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    for proc in procs:
-        proc.out, proc.err = proc.communicate(timeout=timeout)
+    with contextlib.ExitStack() as stack:
+        for rank, workdir in enumerate(workdirs):
+            cmd = ["composer", "-n", "1", "--world_size", str(len(workdirs)), "--node_rank", str(rank),
+                   "--master_addr", "127.0.0.1", "--master_port", str(port), script, *args]
+            procs.append(subprocess.Popen(_own_shm(cmd), cwd=str(workdir), env=stack.enter_context(_fresh_tmpdir()),
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        for proc in procs:
+            proc.out, proc.err = proc.communicate(timeout=timeout)
     return procs
 
 

@@ -33,12 +33,11 @@ import torch
 from composer.utils import dist
 from torch import nn
 
-from composer_growth.errors import check, check_int
+from composer_growth.errors import check
 from composer_growth.export import base_class
 from composer_growth.families import config_set, family_of, get_path, set_path
-from composer_growth.functional.growth import (STACK_INITS, ParamSource, _add_noise, _collect_mapping, _renumber,
-                                               _stack_plan, _unit_dims, _zeroed, projection_like, unit_index,
-                                               widen_sizes)
+from composer_growth.functional.growth import (ParamSource, _add_noise, _collect_mapping, _renumber, _unit_dims,
+                                               _zeroed, projection_like, stack_start, unit_index, widen_sizes)
 from composer_growth.functional.sharding import full, is_sharded, shard_of
 from composer_growth.unwrap import peft_model, unwrap_hf
 
@@ -249,12 +248,7 @@ def stack_local(model: nn.Module, units: Units, mode: str = "repeat", times: int
                 source_layers: list[int] | None = None, num_new: int | None = None, init: str = "copy",
                 seed: int = 0) -> dict[str, ParamSource]:
     """:func:`composer_growth.functional.growth.stack_layers` on a sharded model (no LoRA adapters), shard-locally."""
-    hf = unwrap_hf(model)
-    family = family_of(hf)
-    check(init in STACK_INITS, "init", init, f"one of {', '.join(STACK_INITS)}")
-    check_int(seed, "seed", allowed="an int")
-    old_blocks = list(get_path(hf, family.layers))
-    plan = _stack_plan(mode, len(old_blocks), times, source_layers, num_new)
+    hf, family, old_blocks, plan = stack_start(model, mode, times, source_layers, num_new, init, seed)
 
     before = {id(p): name for name, p in model.named_parameters()}
     blocks, fresh = [], []

@@ -124,6 +124,18 @@ def _stack_plan(mode: str, n_layers: int, times: Any, source_layers: Any,
     return [(src, src in sources[:pos]) for pos, src in enumerate(sources)]
 
 
+def stack_start(model: nn.Module, mode: str, times: Any, source_layers: Any, num_new: Any, init: str,
+                seed: Any) -> tuple[nn.Module, Any, list[nn.Module], list[tuple[int, bool]]]:
+    """The checks and the layer plan every stack starts with: the HF model, its family, its blocks and
+    ``(source block, is new)`` for each block of the grown model."""
+    hf = unwrap_hf(model)
+    family = family_of(hf)
+    check(init in STACK_INITS, "init", init, f"one of {', '.join(STACK_INITS)}")
+    check_int(seed, "seed", allowed="an int")
+    old_blocks = list(get_path(hf, family.layers))
+    return hf, family, old_blocks, _stack_plan(mode, len(old_blocks), times, source_layers, num_new)
+
+
 def _zeroed(rel_name: str, family: Family) -> bool:
     """Is this block parameter part of a residual output projection (zeroed to preserve the function)?"""
     return any(rel_name.startswith(path + ".") for path in family.residual_out)
@@ -212,13 +224,7 @@ def stack_layers(model: nn.Module, mode: str = "repeat", times: int = 2,
     Updates the config's layer count, ``config.layer_types`` when it is a list, and every
     layer index attribute inside each block (``family.layer_index_attrs``: the KV cache is indexed by it).
     """
-    hf = unwrap_hf(model)
-    family = family_of(hf)
-    check(init in STACK_INITS, "init", init, f"one of {', '.join(STACK_INITS)}")
-    check_int(seed, "seed", allowed="an int")
-    old_blocks = list(get_path(hf, family.layers))
-    plan = _stack_plan(mode, len(old_blocks), times, source_layers, num_new)
-
+    hf, family, old_blocks, plan = stack_start(model, mode, times, source_layers, num_new, init, seed)
     before = {id(p): name for p, name in param_names(model).items()}
     made: dict[int, ParamSource] = {}
     blocks, fresh = [], []
