@@ -4,8 +4,8 @@ Every variant ends as the baseline's model (by default the llama of ``tokens_to_
 128, MLP 512, tied embeddings, 1.31M parameters) and trains with a real Composer ``Trainer``, as
 ``tokens_to_loss.fit`` builds it (DecoupledAdamW, cosine with a 5% warmup to 10% of the peak), on the
 same data in the same order within a seed. The seed sets both the model's init and the data order.
-The growth variants start from half the layers and stack them x2 (``StackLayers``, ``repeat``,
-``function_preserving``) at a time each picks in its own way:
+The growth variants start from ``1 / --factor`` of the layers and stack them x ``--factor`` (``StackLayers``,
+``repeat``, ``function_preserving``) at a time each picks in its own way:
 
 - ``baseline``: the final model from scratch.
 - ``fixed@F``: at ``F`` of the run (``--fixed``, shares of the run, e.g. ``0.3,0.6``).
@@ -57,8 +57,8 @@ from common import (build_recipe_parts, describe_device, ensure_data, fixed_eval
 KINDS = ("baseline", "fixed", "loss", "plateau", "guide")
 SCHEDULES = ("plain", "wc")
 #: the settings a resumed file must share (a run's result depends on them)
-SAME = ("data", "steps", "batch_size", "eval_interval", "eval_batches", "lr", "hidden", "layers", "mlp", "heads",
-        "threshold", "plateau_window", "plateau_min_delta", "latest")
+SAME = ("data", "factor", "steps", "batch_size", "eval_interval", "eval_batches", "lr", "hidden", "layers", "mlp",
+        "heads", "threshold", "plateau_window", "plateau_min_delta", "latest")
 
 
 class StudyCounter(ttl.Counter):
@@ -105,7 +105,7 @@ def make_algorithms(name: str, args, guide: dict[str, Any]) -> list[Any]:
 
     kind, wc = name.removesuffix("+wc"), name.endswith("+wc")
     algorithms = [ttl.context_schedule(), ttl.seq_warmup(ttl.SEQ // 2)] if wc else []
-    stack = dict(mode="repeat", times=2, init="function_preserving")
+    stack = dict(mode="repeat", times=args.factor, init="function_preserving")
     if kind.startswith("fixed@"):
         algorithms.append(StackLayers(at=f"{kind[6:]}dur", **stack))
     elif kind == "plateau":
@@ -116,7 +116,7 @@ def make_algorithms(name: str, args, guide: dict[str, Any]) -> list[Any]:
     elif kind == "loss":
         threshold = args.threshold[1 if wc and len(args.threshold) > 1 else 0]
         algorithms.append(Orchestrator(schedule=[{
-            "name": "stack_layers", "value": 2, "trigger_loss": threshold,
+            "name": "stack_layers", "value": args.factor, "trigger_loss": threshold,
             "max_wait_iters": int(args.latest * args.steps), "args": {"init": "function_preserving"}}], verbose=False))
     return algorithms
 
@@ -141,7 +141,7 @@ def growth_record(algorithms: list[Any]) -> dict[str, Any] | None:
 def run_one(name: str, seed: int, args, tokenizer, eval_loader, guide: dict[str, Any]) -> dict[str, Any]:
     config = dict(ttl.FINAL)
     if not name.startswith("baseline"):
-        config["num_hidden_layers"] //= 2
+        config["num_hidden_layers"] //= args.factor
     if name.endswith("+wc"):
         config["max_position_embeddings"] = ttl.SEQ // 2
     algorithms = make_algorithms(name, args, guide)
@@ -230,7 +230,9 @@ def parse(argv: list[str] | None):
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--hidden", type=int, default=ttl.FINAL["hidden_size"])
-    p.add_argument("--layers", type=int, default=ttl.FINAL["num_hidden_layers"], help="the final layer count (even)")
+    p.add_argument("--layers", type=int, default=ttl.FINAL["num_hidden_layers"],
+                   help="the final layer count (a multiple of --factor)")
+    p.add_argument("--factor", type=int, default=2, help="the growth factor: layers at the start x factor = final")
     p.add_argument("--mlp", type=int, default=ttl.FINAL["intermediate_size"])
     p.add_argument("--heads", type=int, default=ttl.FINAL["num_attention_heads"])
     p.add_argument("--include", help="an earlier --out (or partial one) whose runs this one keeps (same settings)")
@@ -248,8 +250,10 @@ def parse(argv: list[str] | None):
         p.error("--variants: every comparison is with the baseline; include it")
     if "loss" in args.variants and not args.threshold:
         p.error("--threshold: the loss variant needs one (e.g. 6.0, picked from a pilot run)")
-    if args.layers % 2 or args.hidden % args.heads or not all(0 < f < 1 for f in args.fixed):
-        p.error("--layers must be even, --hidden a multiple of --heads, --fixed shares in (0, 1)")
+    if (args.factor < 2 or args.layers % args.factor or args.hidden % args.heads
+            or not all(0 < f < 1 for f in args.fixed)):
+        p.error("--factor at least 2, --layers a multiple of it, --hidden a multiple of --heads, "
+                "--fixed shares in (0, 1)")
     if args.resume and args.include is None and os.path.exists(args.out):
         args.include = args.out
     return args

@@ -1,4 +1,4 @@
-"""benchmarks/growth_timing.py at a toy size: a baseline and a plateau-triggered growth, one seed, 8 batches."""
+"""benchmarks/growth_timing.py at a toy size: a baseline and a plateau-triggered growth x4, one seed, 8 batches."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def test_study_records_plateau_growth_and_ratios_from_its_evals(data_128, tmp_pa
     out = str(tmp_path / "study.json")
     argv = ["--data", data_128, "--seeds", "1", "--variants", "baseline,plateau", "--schedules", "plain",
             "--steps", "8", "--eval-interval", "2", "--eval-batches", "1", "--batch-size", "4", "--hidden", "32",
-            "--mlp", "64", "--heads", "2", "--layers", "2", "--latest", "0.9", "--plateau-window", "2ba",
+            "--mlp", "64", "--heads", "2", "--layers", "4", "--factor", "4", "--latest", "0.9", "--plateau-window", "2ba",
             "--plateau-min-delta", "100", "--out", out]
     result = growth_timing.main(argv)
     base, grown = result["runs"]["baseline"]["1"], result["runs"]["plateau"]["1"]
@@ -44,7 +44,7 @@ def test_study_records_plateau_growth_and_ratios_from_its_evals(data_128, tmp_pa
     assert [e["params"] for e in grown["evals"]] == [grown["params_start"]] * 2 + [base["params_start"]] * 2
     assert result["growth_table"].splitlines()[2] == "| plateau | 5 (plateau, eval 4) |"
 
-    # FLOPs: five batches of the 1-layer model, three of the 2-layer one
+    # FLOPs: five batches of the 1-layer model, three of the 4-layer one (stacked x4)
     small = dict(ttl.FINAL, num_hidden_layers=1)
     from transformers import LlamaConfig
 
