@@ -445,6 +445,16 @@ def test_full_rank_conflicts_fail_before_training(tiny_recipe, change, match):
     assert "\n" not in str(err.value)
 
 
+def test_modules_to_save_with_adapters_added_mid_run_fails_before_training(tiny_recipe):
+    recipe = _relora(tiny_recipe, start_at="2ba", full_rank=[])
+    recipe["model"]["peft"]["modules_to_save"] = ["lm_head"]
+    with pytest.raises(ConfigError, match=r"^model.peft.modules_to_save=\['lm_head'\]: .*lora_merge.full_rank$") as err:
+        validate(recipe)
+    assert "\n" not in str(err.value)
+    recipe["model"]["peft"]["modules_to_save"] = []
+    validate(recipe)
+
+
 def test_lora_merge_under_fsdp2_rejects_activation_checkpointing_before_training(tiny_recipe):
     recipe = _relora(tiny_recipe)
     recipe["parallelism"] = {"fsdp": {"version": 2, "activation_checkpointing": True}}

@@ -188,6 +188,10 @@ class LoraMergeRestart(SuiteAlgorithm):
             raise ConfigError("start_at", None, "the model has no LoRA adapters: give model.peft, or start_at to add "
                                                 "them after a full-rank warm start")
         if self.start_at is not None and peft is not None:
+            if peft.get("modules_to_save"):
+                raise ConfigError("model.peft.modules_to_save", peft["modules_to_save"],
+                                  "empty with lora_merge.start_at (the adapters it adds carry no modules_to_save "
+                                  "copies): train those modules with lora_merge.full_rank")
             self.defers_peft = True  # the recipe's block describes the adapters added at start_at
             if self.rank is None:
                 self.rank = peft.get("r", 8)
