@@ -52,14 +52,23 @@ def _tps(run: dict[str, Any]) -> float | None:
     return run["tokens"] / run["train_time_s"] if run.get("train_time_s") else None
 
 
-def warmup_figures(d: dict[str, Any], wanted: tuple[str, ...] = ("baseline", "ours-reshape-tokens")) -> tuple[str, dict]:
-    runs = d["runs"]
+def _picked(runs: dict[str, Any], wanted: tuple[str, ...]) -> dict[str, Any]:
+    """The ``wanted`` runs of a results file; a missing one fails the row."""
     missing = [r for r in wanted if r not in runs]
     if missing:
         raise ValueError(f"runs missing: {missing}")
-    fig = {name: {"tokens_per_s": _tps(r), "s_per_step": r["train_time_s"] / len(r["step_times"]),
-                  "peak_memory_bytes": r["peak_memory"], "final_eval_loss": r["evals"][-1]["loss"],
-                  "speedup_to_baseline_loss": r.get("speedup")} for name, r in ((n, runs[n]) for n in wanted)}
+    return {name: runs[name] for name in wanted}
+
+
+def _timed(r: dict[str, Any]) -> dict[str, Any]:
+    """The figures every timed run of ``seq_length_warmup.py`` and ``growth.py`` gives."""
+    return {"tokens_per_s": _tps(r), "s_per_step": r["train_time_s"] / len(r["step_times"]),
+            "peak_memory_bytes": r["peak_memory"], "final_eval_loss": r["evals"][-1]["loss"]}
+
+
+def warmup_figures(d: dict[str, Any], wanted: tuple[str, ...] = ("baseline", "ours-reshape-tokens")) -> tuple[str, dict]:
+    fig = {name: {**_timed(r), "speedup_to_baseline_loss": r.get("speedup")}
+           for name, r in _picked(d["runs"], wanted).items()}
     b, o = fig[wanted[0]], fig[wanted[1]]
     text = (f"{wanted[1]} vs baseline: speedup to baseline's loss {_f(o['speedup_to_baseline_loss'], '.2f', 'not reached')}"
             f"{'x' if o['speedup_to_baseline_loss'] else ''}, tokens/s {_f(o['tokens_per_s'], ',.0f')} vs "
@@ -72,22 +81,16 @@ def warmup_figures(d: dict[str, Any], wanted: tuple[str, ...] = ("baseline", "ou
 def growth_figures(d: dict[str, Any], wanted: tuple[str, ...] = ("scratch", "gstack-fp")) -> tuple[str, dict]:
     if "surgery" not in d or "gstack" not in d:
         raise ValueError("surgery or gstack part missing")
-    runs = d["gstack"]["runs"]
-    missing = [r for r in wanted if r not in runs]
-    if missing:
-        raise ValueError(f"runs missing: {missing}")
+    runs = _picked(d["gstack"]["runs"], wanted)
     surgery = {r["ops"]: {"seconds": r["op_s"] + r["transfer_s"], "params_before": r["params_before"],
                           "params_after": r["params_after"], "max_abs_logits_diff": r["max_abs_logits_diff"],
                           "extra_peak_bytes": None if r["memory_peak"] is None or r["memory_before"] is None
                           else r["memory_peak"] - r["memory_before"]} for r in d["surgery"]["rows"]}
     fig = {"surgery": surgery, "gstack": {}}
-    for name in wanted:
-        r = runs[name]
-        fig["gstack"][name] = {"speedup_to_scratch_loss": r.get("speedup"), "tokens_per_s": _tps(r),
+    for name, r in runs.items():
+        fig["gstack"][name] = {"speedup_to_scratch_loss": r.get("speedup"), **_timed(r),
                                "mean_step_ms_before_growth": r.get("mean_step_ms_before"),
-                               "mean_step_ms_after_growth": r.get("mean_step_ms_after"),
-                               "s_per_step": r["train_time_s"] / len(r["step_times"]),
-                               "peak_memory_bytes": r["peak_memory"], "final_eval_loss": r["evals"][-1]["loss"]}
+                               "mean_step_ms_after_growth": r.get("mean_step_ms_after")}
     s, g = fig["gstack"][wanted[0]], fig["gstack"][wanted[1]]
     ops = ", ".join(f"{k} {v['seconds']:.3f} s (+{_gib(v['extra_peak_bytes'])} GiB, logits diff "
                     f"{v['max_abs_logits_diff']:.1e})" for k, v in surgery.items())
@@ -100,14 +103,10 @@ def growth_figures(d: dict[str, Any], wanted: tuple[str, ...] = ("scratch", "gst
 
 
 def combined_figures(d: dict[str, Any], wanted: tuple[str, ...] = ("baseline", "combined")) -> tuple[str, dict]:
-    runs = d["runs"]
-    missing = [r for r in wanted if r not in runs]
-    if missing:
-        raise ValueError(f"runs missing: {missing}")
     fig = {name: {k: r.get(k) for k in ("tokens_to_target", "flops_to_target", "time_to_target_s", "speedup",
                                         "s_per_step", "tokens_per_s", "peak_memory", "tokens", "flops")}
            | {"final_eval_loss": r["evals"][-1]["loss"], "params_start": r["params_start"]}
-           for name, r in ((n, runs[n]) for n in wanted)}
+           for name, r in _picked(d["runs"], wanted).items()}
     b, c = fig[wanted[0]], fig[wanted[1]]
     reached = c["tokens_to_target"] is not None
     to_loss = (f"tokens to baseline's loss {_ratio(c['tokens_to_target'], b['tokens_to_target'])}, FLOPs "
