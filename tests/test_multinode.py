@@ -78,23 +78,28 @@ def test_separate_data_folders_then_a_local_save_folder_with_autoresume(tiny_rec
                 "share (or a remote URI)") in _logs(proc), _logs(proc)[-3000:]
 
 
+def _fsdp_runs_on_two_nodes(tmp_path, recipe: dict, resume: str) -> list[tuple[dict, dict, dict]]:
+    """``tests/scripts/fsdp_runs.py`` on two nodes of one rank each: ``recipe`` under DDP, under FSDP2, and
+    under FSDP2 resumed from the sharded checkpoint ``resume``. Each rank's (ddp, sharded, resumed) results."""
+    import json
+
+    nodes, path = _nodes(tmp_path, recipe)
+    runs = ["ddp", "sharded", resume]
+    procs = launch_nodes(os.path.join(ROOT, "tests", "scripts", "fsdp_runs.py"),
+                         [path, str(tmp_path / "p{rank}.json"), *runs], nodes)
+    assert [p.returncode for p in procs] == [0, 0], [p.err[-3000:] for p in procs]
+    results = [json.loads((tmp_path / f"p{rank}.json").read_text()) for rank in (0, 1)]
+    return [tuple(r[name] for name in runs) for r in results]
+
+
 @pytest.mark.launcher
 def test_growth_under_fsdp2_on_two_nodes_matches_ddp_and_resumes(tiny_recipe, tmp_path):
     """Two nodes of one rank each, a shared folder for checkpoints: G_stack at batch 3 under FSDP2
     trains what DDP trains, and a run resumed from the sharded checkpoint after it goes on exactly."""
-    import json
-
     tiny_recipe["algorithms"] = {"stack_layers": {"at": "3ba", "times": 2}}
     tiny_recipe.update(max_duration="6ba", eval_first=False, eval_interval="6ba", save_interval="4ba",
                        summary_file=None)
-    nodes, path = _nodes(tmp_path, tiny_recipe)
-    runs = ["ddp", "sharded", "sharded@ep0-ba4"]
-    procs = launch_nodes(os.path.join(ROOT, "tests", "scripts", "fsdp_runs.py"),
-                         [path, str(tmp_path / "p{rank}.json"), *runs], nodes)
-    assert [p.returncode for p in procs] == [0, 0], [p.err[-3000:] for p in procs]
-    for rank in (0, 1):
-        results = json.loads((tmp_path / f"p{rank}.json").read_text())
-        ddp, fsdp, resumed = (results[r] for r in runs)
+    for ddp, fsdp, resumed in _fsdp_runs_on_two_nodes(tmp_path, tiny_recipe, "sharded@ep0-ba4"):
         assert fsdp["fsdp"] and fsdp["units"] == resumed["units"] == 4 + 1 and resumed["layers"] == 4
         assert fsdp["losses"] == pytest.approx(ddp["losses"], abs=1e-5)
         assert resumed["losses"] == pytest.approx(fsdp["losses"][4:], abs=1e-6)
@@ -108,8 +113,6 @@ def test_every_algorithm_on_two_nodes_under_fsdp2_matches_ddp_and_resumes(tiny_r
     the first node), ReLoRA merges, and orchestrator ops (G_stack and a LoRA alpha change, by timeout).
     Both train the same losses and lengths, and a run resumed from the sharded checkpoint after the growth
     and a merge goes on exactly."""
-    import json
-
     tiny_recipe["model"]["peft"] = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
     long_data = str(tmp_path / "data32")
     tiny_recipe["algorithms"] = {
@@ -126,15 +129,9 @@ def test_every_algorithm_on_two_nodes_under_fsdp2_matches_ddp_and_resumes(tiny_r
     }
     tiny_recipe.update(max_duration="8ba", eval_first=False, eval_interval="8ba", save_interval="5ba",
                        summary_file=None)
-    nodes, path = _nodes(tmp_path, tiny_recipe)
-    runs = ["ddp", "sharded", "sharded@ep0-ba5"]
-    procs = launch_nodes(os.path.join(ROOT, "tests", "scripts", "fsdp_runs.py"),
-                         [path, str(tmp_path / "p{rank}.json"), *runs], nodes)
-    assert [p.returncode for p in procs] == [0, 0], [p.err[-3000:] for p in procs]
+    per_rank = _fsdp_runs_on_two_nodes(tmp_path, tiny_recipe, "sharded@ep0-ba5")
     assert (tmp_path / "data32" / "manifest.json").exists()
-    for rank in (0, 1):
-        results = json.loads((tmp_path / f"p{rank}.json").read_text())
-        ddp, fsdp, resumed = (results[r] for r in runs)
+    for ddp, fsdp, resumed in per_rank:
         assert fsdp["fsdp"] and not ddp["fsdp"] and fsdp["layers"] == resumed["layers"] == 4
         assert fsdp["lengths"] == ddp["lengths"] == [8, 8, 16, 16, 32, 32, 32, 32]
         assert resumed["lengths"] == fsdp["lengths"][5:]
