@@ -535,8 +535,9 @@ def test_architecture_op_on_a_family_outside_the_table_is_named():
         Trainer(model=model, algorithms=[alg], max_duration="2ba")
 
 
-def _script_trainer(scheduler, orchestrator):
-    """A Composer script's Trainer (no recipe): a tiny llama, 8 batches, the given scheduler."""
+def _script_trainer(scheduler, orchestrator, **kwargs):
+    """A Composer script's Trainer (no recipe): a tiny llama, 8 batches, the given scheduler (or
+    orchestrators, a list), ``kwargs`` for the Trainer."""
     import torch
     from composer import Trainer
     from composer.models import HuggingFaceModel
@@ -551,7 +552,8 @@ def _script_trainer(scheduler, orchestrator):
     model = HuggingFaceModel(hf, use_logits=True, shift_labels=True)
     return Trainer(model=model, train_dataloader=DataLoader(rows, batch_size=4), max_duration="8ba",
                    optimizers=torch.optim.AdamW(model.parameters(), lr=1e-2), schedulers=scheduler,
-                   algorithms=[orchestrator], progress_bar=False)
+                   algorithms=orchestrator if isinstance(orchestrator, list) else [orchestrator], progress_bar=False,
+                   **kwargs)
 
 
 def test_lr_restart_in_a_composer_script_needs_a_restartable_schedule():
@@ -574,6 +576,34 @@ def test_lr_restart_in_a_composer_script_needs_a_restartable_schedule():
     assert orchestrator.fired[0]["status"] == "applied" and orchestrator.fired[0]["batch"] == 4
     # from batch 4 the schedule runs again over the 4 batches left: the lrs of batches 0-3 once more
     assert lrs[:4] == pytest.approx([0.0, 0.0, 5e-3, 1e-2]) and lrs[4:] == pytest.approx(lrs[:4])
+
+
+def test_two_orchestrators_in_a_script_each_resume_their_own_state(tmp_path):
+    """Composer keys a checkpoint's algorithm states by class name (the last instance's wins); each of
+    two orchestrators gets its own back, so the one that fired before the checkpoint does not fire again."""
+    from composer.optim import ConstantScheduler
+
+    def orchestrators():
+        return [Orchestrator(verbose=False, schedule=[_op("change_lr", 0.5, trigger_loss=None, max_wait_iters=2)]),
+                Orchestrator(verbose=False, schedule=[_op("change_lr", 0.25, trigger_loss=None, max_wait_iters=6)])]
+
+    def lrs_of(trainer):
+        seen = []
+        trainer.state.callbacks.append(type("LR", (Callback,), {"batch_start": lambda self, state, logger: seen.append(
+            state.optimizers[0].param_groups[0]["lr"])})())
+        return seen
+
+    whole = orchestrators()
+    trainer = _script_trainer(ConstantScheduler(), whole, save_folder=str(tmp_path / "ckpt"), save_interval="4ba")
+    lrs = lrs_of(trainer)
+    trainer.fit()
+    assert [[f["batch"] for f in o.fired] for o in whole] == [[2], [6]]
+    resumed = orchestrators()
+    trainer = _script_trainer(ConstantScheduler(), resumed, load_path=str(tmp_path / "ckpt" / "ep0-ba4-rank0.pt"))
+    after = lrs_of(trainer)
+    trainer.fit()
+    assert [[f["batch"] for f in o.fired] for o in resumed] == [[2], [6]]
+    assert after == pytest.approx(lrs[4:]) and lrs[4:] == pytest.approx([5e-3, 5e-3, 1.25e-3, 1.25e-3])
 
 
 def test_change_lr_on_a_merge_batch_reports_the_schedule_and_the_ramp(tiny_recipe, one_thread):

@@ -10,6 +10,7 @@ algorithm, through this class and nothing else:
 ``run_events``         the events that changed the run, for the summary
 ``run_summary``        an optional section of the summary of the algorithm's own
 ``replay``             redo recorded architecture changes before a checkpoint's weights load
+``restore``            take back the instance's own ``state_dict`` from a checkpoint
 ``length_rank``        where this algorithm sets a batch's length (``None``: it sets none) ...
 ``set_batch_length``   ... and the step that sets it, run in rank order once per batch
 ``plan_*``             the algorithm's schedule walked without a Trainer, for ``plan``
@@ -73,6 +74,16 @@ class SuiteAlgorithm(Algorithm):
     def set_batch_length(self, state: State, logger: Logger) -> None:
         """Set the length of ``state.batch`` (only for an algorithm with a :attr:`length_rank`)."""
         raise NotImplementedError(f"{type(self).__name__} sets no batch length")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Composer's hook: :meth:`restore` with this instance's own saved state (:attr:`checkpoint_state`
+        where set: Composer hands two instances of one class the same state)."""
+        if self.checkpoint_state is not None:
+            state, self.checkpoint_state = self.checkpoint_state, None
+        self.restore(state)
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take back what :meth:`state_dict` saved (this instance's own state)."""
 
     def replay(self, state: State, saved: dict[str, Any]) -> None:
         """Before a checkpoint's weights load: redo the architecture changes that ``saved`` (this

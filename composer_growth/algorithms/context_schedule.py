@@ -584,7 +584,7 @@ class ContextLengthSchedule(PhaseDatasets, SuiteAlgorithm):
     def run_events(self) -> list[dict[str, Any]]:
         return [dict(e) for e in self._changes]
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def restore(self, state: dict[str, Any]) -> None:
         self._phase = int(state.get("phase", 0))
         if state.get("original") is not None:
             self._original = copy.deepcopy(state["original"])

@@ -244,9 +244,7 @@ class _Growth(SuiteAlgorithm):
             out.update(plateau=self.plateau.state_dict(), pending=self.pending)
         return out
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.checkpoint_state is not None:  # this instance's own (two of a class share Composer's key)
-            state, self.checkpoint_state = self.checkpoint_state, None
+    def restore(self, state: dict[str, Any]) -> None:
         self.applied = bool(state.get("applied", False))
         self.record = {k: v for k, v in state.items() if k not in ("applied", "repr", "plateau", "pending")}
         if self.plateau is not None:

@@ -399,7 +399,7 @@ class LoraMergeRestart(SuiteAlgorithm):
                 "merges": self.merges, "last_merge": self.last_merge, "history": [dict(h) for h in self.history],
                 "start_event": self.start_event}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def restore(self, state: dict[str, Any]) -> None:
         self.started = bool(state.get("started", self.start_at is None))
         self.start_point = float(state.get("start_point", 0.0))
         self.merges = int(state.get("merges", 0))

@@ -389,7 +389,7 @@ class SeqLengthWarmup(SuiteAlgorithm):
         out["over_batch"] = self.over_batch
         return out
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def restore(self, state: dict[str, Any]) -> None:
         self.seq_len = int(state.get("seq_len", self.min_seq_length))
         self.over_batch = state.get("over_batch")
 

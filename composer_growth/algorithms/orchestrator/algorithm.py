@@ -433,7 +433,7 @@ class Orchestrator(SuiteAlgorithm):
                    loader=self._rows_loader.state_dict() if self._rows_loader is not None else self._loader_state)
         return out
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def restore(self, state: dict[str, Any]) -> None:
         self.fired = [dict(r) for r in state.get("fired", [])]
         self.anchor = dict(state.get("anchor", self.anchor))
         self.settings = copy.deepcopy(state.get("settings", {}))
