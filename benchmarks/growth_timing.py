@@ -13,6 +13,8 @@ The growth variants start from ``1 / --factor`` of the layers and stack them x `
   ``trigger_loss``; ``max_wait_iters`` the latest time, ``--latest``).
 - ``plateau``: ``StackLayers`` ``trigger_plateau: {window: --plateau-window, min_delta: --plateau-min-delta}``
   with ``at: --latest`` (the latest time).
+- ``plateau-share``: the same with ``min_delta: --plateau-share`` (e.g. ``10%``): the improvement over the
+  window below that share of the largest improvement over one window so far.
 - ``guide``: at G_stack's growth timing (``composer_growth.suggest.growth_timing``) for the final
   model's N and C = 6 N D (D: the run's tokens); clamped to the last batch of the run when the formula's
   time falls past it (the JSON's ``guide`` says whether it was).
@@ -54,11 +56,11 @@ import tokens_to_loss as ttl  # noqa: E402
 from common import (build_recipe_parts, describe_device, ensure_data, fixed_eval_loader, loss_at,  # noqa: E402
                     markdown_table, time_to_loss, write_json)
 
-KINDS = ("baseline", "fixed", "loss", "plateau", "guide")
+KINDS = ("baseline", "fixed", "loss", "plateau", "plateau-share", "guide")
 SCHEDULES = ("plain", "wc")
 #: the settings a resumed file must share (a run's result depends on them)
 SAME = ("data", "factor", "steps", "batch_size", "eval_interval", "eval_batches", "lr", "hidden", "layers", "mlp",
-        "heads", "threshold", "plateau_window", "plateau_min_delta", "latest")
+        "heads", "threshold", "plateau_window", "plateau_min_delta", "plateau_share", "latest")
 
 
 class StudyCounter(ttl.Counter):
@@ -108,9 +110,10 @@ def make_algorithms(name: str, args, guide: dict[str, Any]) -> list[Any]:
     stack = dict(mode="repeat", times=args.factor, init="function_preserving")
     if kind.startswith("fixed@"):
         algorithms.append(StackLayers(at=f"{kind[6:]}dur", **stack))
-    elif kind == "plateau":
+    elif kind.startswith("plateau"):
+        delta = args.plateau_share if kind == "plateau-share" else args.plateau_min_delta
         algorithms.append(StackLayers(at=f"{args.latest:g}dur", **stack, trigger_plateau={
-            "window": args.plateau_window, "min_delta": args.plateau_min_delta}))
+            "window": args.plateau_window, "min_delta": delta}))
     elif kind == "guide":
         algorithms.append(StackLayers(at=f"{guide['batch']}ba", **stack))
     elif kind == "loss":
@@ -221,7 +224,9 @@ def parse(argv: list[str] | None):
     p.add_argument("--fixed", default="0.3,0.6", help="the fixed growth times, shares of the run")
     p.add_argument("--threshold", help="the loss variant's eval-loss threshold; 'A,B': A plain, B with +wc")
     p.add_argument("--plateau-window", default="0.1dur")
-    p.add_argument("--plateau-min-delta", type=float, default=0.01)
+    p.add_argument("--plateau-min-delta", type=float, default=0.01, help="the plateau variant's, in nats")
+    p.add_argument("--plateau-share", default="10%", help="the plateau-share variant's min_delta: a share of the "
+                   "largest improvement over one window so far")
     p.add_argument("--latest", type=float, default=0.5, help="latest growth of the loss and plateau variants")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=16)
@@ -279,7 +284,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.include:
         with open(args.include) as f:
             earlier = json.load(f)
-        diff = {k: (v, earlier["settings"].get(k)) for k, v in settings.items() if earlier["settings"].get(k) != v}
+        # a setting a file from before it existed lacks concerns only variants that file does not hold
+        diff = {k: (v, earlier["settings"][k]) for k, v in settings.items()
+                if k in earlier["settings"] and earlier["settings"][k] != v}
         if diff:
             raise SystemExit(f"--include {args.include}: settings differ (now, then): {diff}")
         runs, before = earlier["runs"], earlier.get("wall_s", 0.0)

@@ -33,11 +33,18 @@ class EvalLosses(Callback):
         self.losses.append((int(state.timestamp.batch), float(state.eval_metric_values["LanguageCrossEntropy"])))
 
 
-def first_plateau(losses: list[tuple[int, float]], window: int, min_delta: float) -> int | None:
-    """The first eval batch t where min(loss at or before t - window) - min(loss at or before t) < min_delta."""
+def first_plateau(losses: list[tuple[int, float]], window: int, min_delta: float | str) -> int | None:
+    """The first eval batch t where gain(t) = min(loss at or before t - window) - min(loss at or before t) is
+    below ``min_delta`` nats, or for a share ``"P%"`` below P% of the largest gain(s) of any eval s <= t."""
+    steepest = 0.0
     for t, _ in losses:
         past = [loss for s, loss in losses if s <= t - window]
-        if past and min(past) - min(loss for s, loss in losses if s <= t) < min_delta:
+        if not past:
+            continue
+        gain = min(past) - min(loss for s, loss in losses if s <= t)
+        steepest = max(steepest, gain)
+        limit = float(min_delta[:-1]) / 100 * steepest if isinstance(min_delta, str) else min_delta
+        if gain < limit:
             return t
     return None
 
@@ -94,12 +101,13 @@ def test_orchestrator_op_fires_at_the_first_plateau_and_resumes_exactly(plateau_
     assert [e["loss"] for e in after["evals"]] == pytest.approx([e["loss"] for e in summary["evals"]], rel=1e-5)
 
 
+@pytest.mark.parametrize("min_delta", [0.05, "20%"])
 def test_stack_layers_grows_after_the_eval_that_finds_the_plateau_and_resumes_exactly(plateau_recipe, one_thread,
-                                                                                     tmp_path):
-    plateau_recipe["algorithms"] = {"stack_layers": {"trigger_plateau": PLATEAU, "times": 2,
-                                                     "init": "function_preserving"}}
+                                                                                     tmp_path, min_delta):
+    plateau_recipe["algorithms"] = {"stack_layers": {"trigger_plateau": {"window": "4ba", "min_delta": min_delta},
+                                                     "times": 2, "init": "function_preserving"}}
     trainer, probe = _run(plateau_recipe)
-    expected = first_plateau(probe.losses, 4, 0.05)
+    expected = first_plateau(probe.losses, 4, min_delta)
     assert expected is not None and expected > 4
     stack = _stack(trainer)
     # judged at the eval of batch `expected`, grown at the next batch end, the same on every rank
@@ -131,6 +139,29 @@ def test_plateau_rule_on_a_made_up_history():
     assert fresh.history == rule.history and fresh.reached()
 
 
+def test_relative_plateau_rule_on_a_made_up_history():
+    """``min_delta: "10%"``: below a tenth of the largest improvement over one window so far, whatever the loss's scale."""
+    for scale in (1.0, 0.01):
+        rule = Plateau.parse({"window": "2ba", "min_delta": "10%"})
+        assert rule.describe() == "window 2ba, min_delta 10%"
+        gains = []
+        for t, loss in [(0, 8.0), (2, 6.0), (4, 5.0), (6, 4.7), (8, 4.55), (10, 4.45), (12, 4.4)]:
+            rule.observe(t, 4.0 + scale * (loss - 4.0))
+            gains.append((rule.improvement(), rule.reached()))
+        assert [g is None for g, _ in gains] == [True] + [False] * 6
+        assert rule.steepest == pytest.approx(2.0 * scale)  # 8.0 -> 6.0 over the first window
+        # improvements over each window: 2, 1, 0.3, 0.15, 0.1, 0.05 (x scale); below 10% of 2 from 0.15 on
+        assert [round(g / scale, 6) for g, _ in gains[1:]] == [2.0, 1.0, 0.3, 0.15, 0.1, 0.05]
+        assert [r for _, r in gains[1:]] == [False, False, False, True, True, True]
+        saved = rule.state_dict()
+        fresh = Plateau.parse({"window": "2ba", "min_delta": "10%"})
+        fresh.load_state_dict(saved)
+        assert fresh.steepest == rule.steepest and fresh.history == rule.history and fresh.reached()
+    old = Plateau.parse({"window": "2ba", "min_delta": 0.1})
+    old.load_state_dict([[0.0, 6.0], [2.0, 5.95]])  # a history saved before the largest improvement was kept
+    assert old.reached() and old.steepest == 0.0
+
+
 def test_at_is_the_latest_time_with_a_plateau(plateau_recipe, one_thread):
     plateau_recipe.update(max_duration="8ba", save_folder=None)
     plateau_recipe["algorithms"] = {"stack_layers": {"trigger_plateau": {"window": "2ba", "min_delta": 1e-9},
@@ -149,6 +180,10 @@ def test_at_is_the_latest_time_with_a_plateau(plateau_recipe, one_thread):
     ({"trigger_plateau": {"window": "soon", "min_delta": 0.1}}, "schedule[0].trigger_plateau.window", "Composer time"),
     ({"trigger_plateau": {"window": "4ba", "min_delta": 0}}, "schedule[0].trigger_plateau.min_delta", "a number > 0"),
     ({"trigger_plateau": {"window": "4ba"}}, "schedule[0].trigger_plateau.min_delta", "a number > 0"),
+    ({"trigger_plateau": {"window": "4ba", "min_delta": "0%"}}, "schedule[0].trigger_plateau.min_delta", "'1%' to '99%'"),
+    ({"trigger_plateau": {"window": "4ba", "min_delta": "100%"}}, "schedule[0].trigger_plateau.min_delta", "'99%'"),
+    ({"trigger_plateau": {"window": "4ba", "min_delta": "ten%"}}, "schedule[0].trigger_plateau.min_delta", "share"),
+    ({"trigger_plateau": {"window": "4ba", "min_delta": "0.1"}}, "schedule[0].trigger_plateau.min_delta", "nats"),
     ({"trigger_plateau": {"window": "4ba", "min_delta": 0.1, "patience": 3}}, "schedule[0].trigger_plateau.patience",
      "unknown key; allowed: window, min_delta"),
 ])
@@ -182,7 +217,7 @@ def test_plan_says_on_plateau_at_the_latest_by(tiny_recipe, tmp_path):
                                                                                              "min_delta": 0.01},
                                        "max_wait_iters": 6}]},
         "stack_layers": {"trigger_plateau": {"window": "0.25dur", "min_delta": 0.02}, "at": "10ba"},
-        "widen_mlp": {"trigger_plateau": {"window": "4ba", "min_delta": 0.03}, "at": None},
+        "widen_mlp": {"trigger_plateau": {"window": "4ba", "min_delta": "10%"}, "at": None},
     }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(tiny_recipe))
@@ -190,7 +225,7 @@ def test_plan_says_on_plateau_at_the_latest_by(tiny_recipe, tmp_path):
     assert "orchestrator change_lr(2): on plateau (window 200ba, min_delta 0.01), at the latest by batch 6" in text
     assert "stack_layers: layers 2 -> 4" in text
     assert "; on plateau (window 0.25dur, min_delta 0.02), at the latest by batch 10" in text
-    assert "widen_mlp: on plateau (window 4ba, min_delta 0.03), not by an `at` within the run" in text
+    assert "widen_mlp: on plateau (window 4ba, min_delta 10%), not by an `at` within the run" in text
 
 
 @pytest.mark.launcher

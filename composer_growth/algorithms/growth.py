@@ -281,7 +281,8 @@ class StackLayers(_Growth):
         seed: seed of ``random`` init.
         probe_loss: log the loss on the last batch right before and right after the growth.
         trigger_plateau: ``{window, min_delta}``: grow at the batch end after the eval where the eval
-            loss improved by less than ``min_delta`` over the last ``window`` (see
+            loss improved by less than ``min_delta`` over the last ``window`` (nats, or a share like
+            ``"10%"`` of the largest improvement over one window so far; see
             :mod:`composer_growth.algorithms.plateau`).
         monitor: the eval metric the plateau is judged on (default ``metrics/eval/LanguageCrossEntropy``).
     """

@@ -78,7 +78,8 @@ class Orchestrator(SuiteAlgorithm):
             mapping: ``name`` (a key of :data:`OPS`), ``value``, ``trigger_loss`` (fire when the
             monitored loss drops below it; null: only a timeout), ``trigger_plateau``
             (``{window, min_delta}``: fire when the loss improved by less than ``min_delta`` over the
-            last ``window``), ``max_wait_iters`` (batches) or
+            last ``window``; ``min_delta`` in nats or a share like ``"10%"`` of the largest improvement
+            over one window so far), ``max_wait_iters`` (batches) or
             ``max_wait`` (a Composer time: ``"2000ba"``, ``"0.1dur"``, ``"5e7tok"``) since the last
             operation fired, ``reevaluate`` (measure the loss again right after the operation and
             judge the next trigger on it) and ``args`` (the operation's other options).
