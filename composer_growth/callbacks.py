@@ -125,3 +125,25 @@ class RunSummary(Callback):
         self.evals = [dict(e) for e in state.get("evals", [])]
         self.wall_seconds = float(state.get("wall_seconds", 0.0))
         self._t0 = None
+
+
+@register_callback("resume_rng")
+class ResumeRng(Callback):
+    """A run resumed mid-epoch draws the random numbers (dropout's masks) the run it resumes drew.
+
+    Composer restores a checkpoint's RNG states at an epoch's start or while it spins the train loader,
+    not when the train dataset resumes itself mid-epoch (a ``StreamingDataset``): this callback loads
+    them there, right before the first batch is drawn
+    (:func:`~composer_growth.algorithms.composer_hooks.restore_skipped_rng`). Recipe runs have one;
+    the suite's algorithms add one to a Trainer that has none.
+    """
+
+    def init(self, state: State, logger: Logger) -> None:
+        from composer_growth.algorithms.composer_hooks import keep_checkpoint_rng
+
+        keep_checkpoint_rng(state)
+
+    def before_dataloader(self, state: State, logger: Logger) -> None:
+        from composer_growth.algorithms.composer_hooks import restore_skipped_rng
+
+        restore_skipped_rng(state)

@@ -316,18 +316,51 @@ def test_start_at_full_rank_subset_freezes_the_rest_and_resumes_with_dropout(tin
     assert all(layer.lora_dropout["default"].p == 0.2 for layer in lora_targets(unwrap_hf(resumed.state.model)).values())
 
 
+class RngAtBatchStart(Callback):
+    """torch's global RNG state at the start of every batch (the one dropout draws its masks from)."""
+
+    def __init__(self):
+        self.states: dict[int, torch.Tensor] = {}
+
+    def batch_start(self, state, logger):
+        self.states[int(state.timestamp.batch)] = torch.get_rng_state()
+
+
+def _resumes_exactly(full, checkpoint, tmp_path):
+    """Run ``full`` and a run resumed from ``checkpoint`` (mid-epoch: the StreamingDataset resumes itself);
+    both draw the same random numbers batch by batch and end with the same train and eval losses."""
+    rng_full = RngAtBatchStart()
+    plan = validate(full)
+    plan.callbacks.append(rng_full)
+    run(plan)
+    uninterrupted = read_summary(full["summary_file"])
+    rng_resumed = RngAtBatchStart()
+    trainer, after = resume_from(full, checkpoint, tmp_path, callbacks=[rng_resumed])
+    assert int(trainer.state.timestamp.batch_in_epoch) > 0 and trainer.state.dataset_resumption.get("train")
+    assert sorted(rng_resumed.states) == [b for b in sorted(rng_full.states) if b >= min(rng_resumed.states)]
+    assert all(torch.equal(rng_resumed.states[b], rng_full.states[b]) for b in rng_resumed.states)
+    assert after["train_loss"] == pytest.approx(uninterrupted["train_loss"], rel=1e-6)
+    assert [e["loss"] for e in after["evals"]] == pytest.approx([e["loss"] for e in uninterrupted["evals"]], rel=1e-6)
+    return trainer
+
+
 def test_resume_right_after_a_merge_with_full_rank_and_dropout(tiny_recipe, tmp_path):
+    """model.peft adapters with dropout, resumed mid-epoch right after the second merge (batch 6): the
+    checkpoint's RNG states are loaded before the first batch, so the dropout masks are the run's."""
     full = _relora(tiny_recipe)
     full["model"]["peft"]["lora_dropout"] = 0.1
-    run(validate(full))
-    uninterrupted = read_summary(full["summary_file"])
-    trainer, after = resume_from(full, "ep0-ba6-rank0.pt", tmp_path)  # the second merge is at batch 6
+    trainer = _resumes_exactly(full, "ep0-ba6-rank0.pt", tmp_path)  # the second merge is at batch 6
     assert trainer.state.algorithms[0].merges == 2
-    assert after["train_loss"] == pytest.approx(uninterrupted["train_loss"], rel=1e-6)
-    # with dropout on a model.peft model the resumed run's last eval is off by up to 2e-6 (relative): a draw
-    # from torch's global RNG between the checkpoint and the next batch differs, not found yet (the data
-    # loaders' own is gone: their generators). The same resume without dropout is exact (tests above).
-    assert [e["loss"] for e in after["evals"]] == pytest.approx([e["loss"] for e in uninterrupted["evals"]], rel=5e-6)
+
+
+def test_adapters_added_mid_run_with_dropout_resume_from_the_first_merge(tiny_recipe, tmp_path):
+    """start_at with lora_merge's own dropout: a run resumed from the checkpoint written at the first merge
+    (batch 4, four batches of dropout ahead) draws the uninterrupted run's masks and ends with its losses."""
+    full = _relora(tiny_recipe, start_at="2ba", interval="2ba", restart_warmup="1ba", dropout=0.2)
+    trainer = _resumes_exactly(full, "ep0-ba4-rank0.pt", tmp_path)
+    alg = trainer.state.algorithms[0]
+    assert [h["batch"] for h in alg.history] == [4, 6, 8]
+    assert all(layer.lora_dropout["default"].p == 0.2 for layer in lora_targets(unwrap_hf(trainer.state.model)).values())
 
 
 @pytest.mark.launcher

@@ -1,9 +1,11 @@
 """Every hook into Composer's private machinery, in one place, each with why no public hook serves.
 
-Composer's public surface is its ``Event``s, ``Algorithm``, ``Callback`` and ``State``. Two things
+Composer's public surface is its ``Event``s, ``Algorithm``, ``Callback`` and ``State``. These things
 this suite does are not reachable through it:
 
 * replaying an architecture change before a checkpoint's weights load (:func:`install_replay_hook`);
+* restoring the RNG state of a checkpoint a run resumes from mid-epoch, which Composer leaves unloaded
+  when the train dataset resumes itself (:func:`keep_checkpoint_rng`, :func:`restore_skipped_rng`);
 * running the length step of every length algorithm once per batch, whichever calls first
   (:func:`first_call_this_batch`): this one needs no private hook, only per-State bookkeeping,
   kept here beside the other per-State record;
@@ -27,6 +29,10 @@ from composer_growth.algorithms.base import SuiteAlgorithm
 
 #: the States whose checkpoint loading replays recorded architecture changes
 _REPLAYING: weakref.WeakSet[State] = weakref.WeakSet()
+#: per State, the RNG states of the checkpoint it loaded, until the first batch of its fit
+_CHECKPOINT_RNG: weakref.WeakKeyDictionary[State, Any] = weakref.WeakKeyDictionary()
+#: the States whose checkpoint loading keeps the checkpoint's RNG states in ``_CHECKPOINT_RNG``
+_KEEPING_RNG: weakref.WeakSet[State] = weakref.WeakSet()
 #: per State, the timestamp of the batch whose length step has run (a reference: its id cannot come back)
 _LENGTH_PASS: weakref.WeakKeyDictionary[State, Any] = weakref.WeakKeyDictionary()
 
@@ -95,6 +101,59 @@ def install_replay_hook(state: State) -> None:
     state.load_model_state = load_model_state
     _REPLAYING.add(state)
     _replay_before_sharded_load()
+    keep_checkpoint_rng(state)
+    from composer_growth.callbacks import ResumeRng
+
+    if not any(isinstance(c, ResumeRng) for c in state.callbacks):  # a Trainer the recipe did not build
+        state.callbacks.append(ResumeRng())
+
+
+def keep_checkpoint_rng(state: State) -> None:
+    """Keep the RNG states of the checkpoint ``state``'s Trainer loads, for :func:`restore_skipped_rng`.
+
+    Hook 3: Composer's ``checkpoint.load_checkpoint`` is wrapped (once per process). Why no public hook
+    serves: the checkpoint's RNG states (its ``rng`` entry, beside ``state``) reach only the Trainer's
+    private ``_rng_state``, the value ``load_checkpoint`` returns; no event or ``State`` field carries them.
+    Call it at ``Event.INIT`` (the Trainer loads the checkpoint after that event).
+    """
+    from composer.utils import checkpoint
+
+    _KEEPING_RNG.add(state)
+    original = checkpoint.load_checkpoint
+    if getattr(original, "_growth_rng", False):
+        return
+
+    def load_checkpoint(*args: Any, **kwargs: Any):
+        rng = original(*args, **kwargs)
+        loaded = inspect.signature(original).bind(*args, **kwargs).arguments["state"]
+        if loaded in _KEEPING_RNG and rng is not None:
+            _CHECKPOINT_RNG[loaded] = rng
+        return rng
+
+    load_checkpoint._growth_rng = True
+    checkpoint.load_checkpoint = load_checkpoint
+
+
+def restore_skipped_rng(state: State) -> bool:
+    """Load the kept RNG states of the checkpoint ``state`` resumed from where Composer leaves them
+    unloaded; call it right before a batch is drawn (``Event.BEFORE_DATALOADER``). Returns whether it loaded them.
+
+    Composer loads them at the start of ``fit`` when the checkpoint is at an epoch's start, or while it
+    spins a train loader to the checkpoint's batch (``Trainer._train_loop``, composer/trainer/trainer.py
+    lines 2401 and 2435 in 0.32.1); with a train dataset that resumes itself (``state.dataset_resumption``:
+    a ``StreamingDataset``) and a checkpoint mid-epoch it never loads them, so the resumed run goes on
+    with the RNG as the Trainer seeded it (``seed_all`` after ``Event.AFTER_LOAD``), and draws other
+    dropout masks than the run it resumes. They are loaded here right before the first batch is drawn,
+    where Composer's spinning loads them. Only the first call after a load does anything.
+    """
+    from composer.utils import reproducibility
+
+    rng = _CHECKPOINT_RNG.pop(state, None)
+    skipped = int(state.timestamp.batch_in_epoch) > 0 and bool(state.dataset_resumption.get("train"))
+    if rng is None or not skipped:
+        return False
+    reproducibility.load_rng_state(rng)
+    return True
 
 
 def _saved_algorithm_states(path: str, object_store: Any = None, device_mesh: Any = None) -> Any:

@@ -475,7 +475,7 @@ def build_trainer(valid: ValidRecipe):
     from composer.core import Evaluator
     from composer.utils import reproducibility
 
-    from composer_growth.callbacks import RunSummary
+    from composer_growth.callbacks import ResumeRng, RunSummary
     from composer_growth.data.loaders import build_lm_dataloader
 
     r = valid.recipe
@@ -503,6 +503,8 @@ def build_trainer(valid: ValidRecipe):
     callbacks = list(valid.callbacks)
     if not any(isinstance(c, RunSummary) for c in callbacks):
         callbacks.append(RunSummary(path=r.summary_file))
+    if not any(isinstance(c, ResumeRng) for c in callbacks):  # a resume mid-epoch draws what the run drew
+        callbacks.append(ResumeRng())
     trainer = Trainer(
         run_name=r.run_name,
         model=model,
