@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import os
 import sys
@@ -190,7 +189,8 @@ def fit(args, tokenizer, config: dict[str, Any], algorithms: list[Any], counter:
     from composer.core import Evaluator
     from composer.utils import reproducibility
 
-    from composer_growth.data.loaders import build_lm_dataloader
+    from composer_growth.algorithms.composer_hooks import release_finished_trainers
+    from composer_growth.data.loaders import build_lm_dataloader, release_shared_memory
     from composer_growth.recipe.build import build_model, build_optimizer, build_scheduler
 
     recipe = build_recipe_parts("llama", config, args.lr, t_warmup="0.05dur")
@@ -212,7 +212,8 @@ def fit(args, tokenizer, config: dict[str, Any], algorithms: list[Any], counter:
     memory = peak_memory(args.device)
     trainer.close()
     del trainer, model
-    gc.collect()
+    release_finished_trainers()  # a study trains dozens of runs in one process
+    release_shared_memory()
     return {"wall_s": wall, "peak_memory": memory}
 
 

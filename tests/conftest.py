@@ -88,9 +88,12 @@ def _end_abandoned_streaming_epochs() -> None:
     """A StreamingDataset iterated only part way (a run that stops mid-epoch, an eval subset) keeps two
     threads polling every 7 ms until its next epoch starts; a test's datasets never start another, and
     hundreds of such threads over a session starve the interpreter. End their epochs once the test is over."""
-    from composer_growth.data.loaders import end_open_epochs
+    from composer_growth.algorithms.composer_hooks import release_finished_trainers
+    from composer_growth.data.loaders import end_open_epochs, release_shared_memory
 
     end_open_epochs()
+    release_finished_trainers()  # else every test's State stays, with its datasets
+    release_shared_memory()  # else their shared memory stays open: past the open-file limit in a session
 
 
 def _require_launcher_mark() -> None:

@@ -190,3 +190,37 @@ def test_prepare_once_builds_a_missing_dataset_or_stops_with_one_line(tmp_path):
     assert prepare_once(path, build, "phases[2].dataset", "unused") is True
     assert prepare_once(path, build, "phases[2].dataset", "unused") is False  # there now: nothing to do
     assert calls == [path]
+
+
+def test_runs_in_turn_release_their_trainers_and_shared_memory(tiny_recipe):
+    """Composer's atexit registration keeps a closed Trainer's State, and streaming's keeps each
+    dataset's shared memory open, until the process exits; released, a second run leaves no more open
+    files than the first, and a live dataset keeps its blocks."""
+    from composer.core import State
+
+    from composer_growth.algorithms.composer_hooks import release_finished_trainers
+    from composer_growth.data.loaders import build_lm_dataloader, release_shared_memory
+    from composer_growth.recipe import run, validate
+
+    def open_files() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    tiny_recipe.update(max_duration="2ba", eval_interval="2ba", save_folder=None, summary_file=None)
+    counts = []
+    for _ in range(3):
+        run(validate(tiny_recipe)).close()
+        counts.append(open_files())
+    assert counts[2] > counts[1] > counts[0]  # unreleased, every run keeps its files
+    release_finished_trainers()
+    assert release_shared_memory() > 0
+    assert not [o for o in __import__("gc").get_objects() if isinstance(o, State)]
+    after = open_files()
+    assert after < counts[0]
+
+    live = build_lm_dataloader(tiny_recipe["data"]["path"], "train", 2)
+    next(iter(live))
+    run(validate(tiny_recipe)).close()
+    release_finished_trainers()
+    release_shared_memory()
+    assert open_files() <= after + (counts[1] - counts[0])  # only the live dataset's files remain
+    assert len(next(iter(live))["input_ids"]) == 2  # its shared memory still works

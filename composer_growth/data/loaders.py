@@ -37,6 +37,36 @@ def end_open_epochs() -> int:
     return ended
 
 
+def release_shared_memory() -> int:
+    """Close and unlink the shared memory of every ``StreamingDataset`` of this process that is gone;
+    for a process that trains many runs in turn (a benchmark's, a test session), between runs: it ends
+    the open epochs first (:func:`end_open_epochs`: their threads hold the datasets). Returns how many
+    blocks it released.
+
+    ``streaming``'s ``SharedMemory`` registers ``atexit.register(self.cleanup)``, so a block (and its
+    open file) outlives its dataset until the process exits: about 40 files a run, past the open-file
+    limit over a few hundred runs. A block belongs to a dataset by its name's prefix (``000003_...``);
+    the blocks whose prefix no live dataset holds are released, as exit would release them.
+    """
+    import atexit
+    import gc
+
+    from streaming import StreamingDataset
+    from streaming.base.shared.memory import SharedMemory
+
+    end_open_epochs()
+    gc.collect()  # a finished run's State and datasets sit in reference cycles
+    objects = gc.get_objects()
+    live = {f"{o._shm_prefix_int:06}_" for o in objects
+            if isinstance(o, StreamingDataset) and getattr(o, "_shm_prefix_int", None) is not None}
+    gone = [o for o in objects if isinstance(o, SharedMemory) and o.shm.name.lstrip("/")[:7] not in live]
+    del objects
+    for block in gone:
+        atexit.unregister(block.cleanup)
+        block.cleanup()
+    return len(gone)
+
+
 def build_lm_dataloader(path: str, split: str, device_batch_size: int, shuffle: bool = True, seed: int = 17,
                         num_workers: int = 0, remote: str | None = None, drop_last: bool = True,
                         cache_dir: str | None = None) -> DataLoader:
